@@ -1,0 +1,31 @@
+# Lyra: two commands matter on a fresh machine, `make demo` and `make test`.
+# Both run `make setup` first (idempotent: it only installs what is missing).
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.lyra-setup-done
+
+.PHONY: setup test demo clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip wheel setuptools
+	# CPU torch first: a bare `torch` would pull a multi-GB CUDA build.
+	$(PIP) install -q torch==2.13.0
+	DS_BUILD_OPS=0 $(PIP) install -q -e '.[dev]'
+	# openai-whisper's only other requirement is triton (GPU only): skip it.
+	$(PIP) install -q --no-deps openai-whisper==20250625
+	# A real 30 s two-speaker recording with a transcript, used by tests (never imported).
+	$(PIP) install -q --no-deps pyannote.audio==4.0.7
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest tests
+
+demo: setup
+	$(PY) -m lyra.demo
+
+clean-venv:
+	rm -rf $(VENV)
