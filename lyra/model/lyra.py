@@ -247,7 +247,8 @@ class LyraForConditionalGeneration(nn.Module):
         try:
             with open(staging / CONFIG_FILE, "w") as f:
                 json.dump({"model_type": MODEL_TYPE, "lyra": self.config.to_dict()}, f, indent=2)
-            save_torch_state_dict(self.state_dict(), staging, max_shard_size=max_shard_size)
+            state = {k: v for k, v in self.state_dict().items() if k not in self.tied_keys()}
+            save_torch_state_dict(state, staging, max_shard_size=max_shard_size)
             _replace_directory(staging, directory)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -281,6 +282,7 @@ class LyraForConditionalGeneration(nn.Module):
         return model.to(device)
 
     def tied_keys(self) -> set[str]:
+        """Keys that alias another parameter; saved once, under the input embedding's name."""
         return {"backbone.lm_head.weight"} if self.config.text.tie_word_embeddings else set()
 
     def load_full_state_dict(self, state: dict[str, torch.Tensor], source: str) -> None:

@@ -1,0 +1,136 @@
+"""Images and video for the Qwen2-VL vision tower, without torchvision.
+
+Images go through transformers' `Qwen2VLImageProcessorPil` (PIL + numpy). Video
+frames are decoded with PyAV, sampled by fps, resized with the same smart-resize rule
+(sides multiple of 28, pixel budget) and cut into the same patch layout the vision
+tower expects, with `temporal_patch_size` consecutive frames per patch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil, smart_resize
+
+PIXELS_PER_TOKEN = 28 * 28  # one merged 2x2 group of 14-pixel patches
+
+
+@dataclass
+class VisionLimits:
+    """Pixel and frame budgets (Qwen2-VL's defaults; lower them for small models)."""
+
+    image_min_pixels: int = 4 * PIXELS_PER_TOKEN
+    image_max_pixels: int = 1280 * PIXELS_PER_TOKEN
+    video_fps: float = 2.0
+    video_min_frames: int = 4
+    video_max_frames: int = 768
+    video_min_pixels: int = 128 * PIXELS_PER_TOKEN
+    video_max_pixels: int = 768 * PIXELS_PER_TOKEN
+    video_total_pixels: int = 24576 * PIXELS_PER_TOKEN  # whole-video budget, shared by the frames
+
+
+class VisionError(ValueError):
+    """An image or video that cannot be used; the message names the file and the fix."""
+
+
+def load_image(source: str | Path | Image.Image) -> Image.Image:
+    if isinstance(source, Image.Image):
+        return source.convert("RGB")
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"image file not found: {path}")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except Exception as error:
+        raise VisionError(f"cannot decode image {path}: {error}; use PNG, JPEG or WebP") from error
+
+
+def sample_frame_indices(num_frames: int, native_fps: float, limits: VisionLimits, temporal_patch: int) -> list[int]:
+    """Evenly spaced frame indices at `limits.video_fps`, an even count within limits."""
+    duration = num_frames / native_fps
+    wanted = round(duration * limits.video_fps / temporal_patch) * temporal_patch
+    wanted = max(limits.video_min_frames, min(limits.video_max_frames, wanted))
+    available = max(temporal_patch, num_frames - num_frames % temporal_patch)
+    wanted = min(wanted, available)  # a short clip repeats no frame more than needed
+    return np.linspace(0, num_frames - 1, wanted).round().astype(int).tolist()
+
+
+def load_video_frames(path: str | Path, limits: VisionLimits, temporal_patch: int = 2) -> list[Image.Image]:
+    """Decode a video with PyAV and return frames sampled at `limits.video_fps`."""
+    import av
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"video file not found: {path}")
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise VisionError(f"{path} has no video stream; pass it as audio (--audio-only-video) instead")
+            stream = container.streams.video[0]
+            frames = [frame.to_image() for frame in container.decode(stream)]
+            native_fps = float(stream.average_rate or stream.guessed_rate or 25)
+    except VisionError:
+        raise
+    except Exception as error:
+        raise VisionError(f"cannot decode video {path}: {error}; re-encode it as H.264 MP4") from error
+    if not frames:
+        raise VisionError(f"video {path} holds no frames")
+    indices = sample_frame_indices(len(frames), native_fps, limits, temporal_patch)
+    return [frames[i] for i in indices]
+
+
+class VisionProcessor:
+    """Images -> (pixel_values, image_grid_thw); frame lists -> (pixel_values_videos, video_grid_thw)."""
+
+    def __init__(self, limits: VisionLimits, patch_size: int = 14, merge_size: int = 2, temporal_patch_size: int = 2):
+        self.limits = limits
+        self.patch_size = patch_size
+        self.merge_size = merge_size
+        self.temporal_patch_size = temporal_patch_size
+        self.image_processor = Qwen2VLImageProcessorPil(
+            min_pixels=limits.image_min_pixels,
+            max_pixels=limits.image_max_pixels,
+            patch_size=patch_size,
+            merge_size=merge_size,
+            temporal_patch_size=temporal_patch_size,
+        )
+
+    def tokens_for_grid(self, grid_thw: torch.Tensor) -> int:
+        return int(grid_thw.prod()) // self.merge_size**2
+
+    def images(self, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.image_processor(images=images, return_tensors="pt")
+        return out["pixel_values"], out["image_grid_thw"]
+
+    def video(self, frames: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`frames` (even count) -> `[t*h*w, C*tp*p*p]` patches and grid `[1, 3]`."""
+        limits = self.limits
+        factor = self.patch_size * self.merge_size
+        width, height = frames[0].size
+        per_frame_budget = min(limits.video_max_pixels, limits.video_total_pixels / len(frames) * self.temporal_patch_size)
+        max_pixels = max(per_frame_budget, int(limits.video_min_pixels * 1.05))
+        h, w = smart_resize(height, width, factor=factor, min_pixels=limits.video_min_pixels, max_pixels=max_pixels)
+        pixels = np.stack([np.asarray(f.convert("RGB").resize((w, h), Image.BICUBIC), dtype=np.float32) for f in frames])
+        pixels = (pixels / 255.0 - np.array(OPENAI_CLIP_MEAN, np.float32)) / np.array(OPENAI_CLIP_STD, np.float32)
+        return self.patchify(torch.from_numpy(pixels).permute(0, 3, 1, 2))
+
+    def patchify(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`[T, C, H, W]` normalised frames -> (`[T/tp * H/p * W/p, C*tp*p*p]`, grid `[1, 3]`),
+        in the order of Qwen2-VL's image patches (merge groups contiguous)."""
+        tp, p, m = self.temporal_patch_size, self.patch_size, self.merge_size
+        if frames.shape[0] % tp:  # repeat the last frame to fill the temporal patch
+            pad = tp - frames.shape[0] % tp
+            frames = torch.cat([frames, frames[-1:].expand(pad, -1, -1, -1)])
+        t, c, height, width = frames.shape
+        gt, gh, gw = t // tp, height // p, width // p
+        patches = frames.reshape(gt, tp, c, gh // m, m, p, gw // m, m, p)
+        patches = patches.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # (gt, gh/m, gw/m, m, m, C, tp, p, p)
+        flat = patches.reshape(gt * gh * gw, c * tp * p * p)
+        return flat, torch.tensor([[gt, gh, gw]])
+

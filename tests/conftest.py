@@ -1,0 +1,53 @@
+"""Shared fixtures: the tiny random model and its tiny tokenizer."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lyra.config import load_config
+from lyra.model.lyra import LyraForConditionalGeneration
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Keep tests from writing to the user's cache, but share one across the session."""
+    import os
+
+    os.environ.setdefault("LYRA_CACHE_DIR", str(tmp_path_factory.mktemp("lyra-cache")))
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    return load_config("tiny")
+
+
+@pytest.fixture()
+def tiny_model(tiny_config):
+    torch.manual_seed(0)
+    return LyraForConditionalGeneration.from_config(tiny_config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from lyra.tokenizer import build_tiny_tokenizer
+
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def pyannote_sample() -> Path:
+    """The real 30 s 16 kHz two-speaker call shipped by pyannote.audio (never imported)."""
+    spec = importlib.util.find_spec("pyannote.audio")
+    if spec is None:
+        pytest.fail("pyannote.audio is not installed; run `make setup`")
+    return Path(spec.submodule_search_locations[0]) / "sample" / "sample.wav"
+
+
+def tone(seconds: float, sample_rate: int = 16000, freq: float = 440.0) -> np.ndarray:
+    t = np.arange(int(seconds * sample_rate)) / sample_rate
+    return (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
