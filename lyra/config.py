@@ -11,6 +11,7 @@ merged in strict mode: an unknown key is an error that names the key and the fil
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,12 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PRESET_DIR = REPO_ROOT / "configs" / "model"
+
+
+def default_cache_dir() -> Path:
+    """Where converted assets are cached: `$LYRA_CACHE_DIR` if set, else `~/.cache/lyra`."""
+    env = os.environ.get("LYRA_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "lyra"
 
 
 @dataclass

