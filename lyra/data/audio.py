@@ -7,6 +7,7 @@ phone calls, stereo podcasts and 44.1 kHz music alike.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -65,7 +66,9 @@ def _decode_with_librosa(path: Path, soundfile_error: Exception) -> tuple[np.nda
     import librosa
 
     try:
-        samples, sample_rate = librosa.load(str(path), sr=None, mono=False)
+        with warnings.catch_warnings():  # librosa warns about the soundfile failure we already handle
+            warnings.simplefilter("ignore", (UserWarning, FutureWarning))
+            samples, sample_rate = librosa.load(str(path), sr=None, mono=False)
     except Exception as error:
         raise AudioError(
             f"cannot decode audio file {path}: {soundfile_error}; "
