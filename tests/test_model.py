@@ -224,3 +224,18 @@ def test_hf_whisper_directory_maps_onto_openai_names(tmp_path):
     mel = torch.randn(1, 80, 3000)
     with torch.no_grad():
         assert torch.allclose(ours(mel), hf.encoder(mel).last_hidden_state, atol=1e-5)
+
+
+def test_sound_uses_its_own_projector_and_placeholder(tiny_model):
+    config = tiny_model.config
+    sound, speech = torch.from_numpy(tone(4.0, freq=900.0)), torch.from_numpy(tone(2.0))
+    n = config.speech_tokens_per_clip
+    ids = torch.cat([torch.full((n,), config.tokens.sound), torch.randint(0, 900, (3,)),
+                     torch.full((n,), config.tokens.speech)])[None]
+    with torch.no_grad():
+        embeds = tiny_model.embed_inputs(ids, speech=[speech], sound=[sound])
+        frames = tiny_model.speech_encoder(log_mel(torch.nn.functional.pad(sound, (0, CLIP_SAMPLES - sound.shape[0]))[None], 80))
+        expected_sound = tiny_model.sound_projector(frames)[0]
+    assert torch.allclose(embeds[0, :n], expected_sound, atol=1e-6)
+    assert torch.allclose(embeds[0, -n:], tiny_model.encode_speech([speech]), atol=1e-6)
+    assert not torch.allclose(tiny_model.speech_projector(frames)[0], expected_sound)
