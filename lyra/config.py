@@ -128,6 +128,40 @@ class TokenIds:
 
 
 @dataclass
+class LMMEConfig:
+    """Latent multi-modality extractor: prune context tokens between LLM layer blocks."""
+
+    enabled: bool = False
+    blocks: int = 4  # n: the LLM's layers split into this many equal blocks
+    keep: float = 0.7  # rho: fraction of context tokens kept after each block but the last
+    min_keep: int = 32  # never keep fewer (all of them when there are fewer)
+
+
+@dataclass
+class LCMRConfig:
+    """Latent cross-modality regulariser: soft-DTW between speech tokens and transcript."""
+
+    weight: float = 0.5  # lambda; 0 turns the loss off
+    tau: float = 0.06  # softmax temperature of the cost
+    gamma: float = 0.1  # soft-min smoothing
+    normalize: str = "speech"  # divide R[L, S] by L ("speech", the reference) or L + S ("sum", the paper)
+    embedding_grad: bool = True  # whether the embedding table gets gradient from this loss
+
+
+@dataclass
+class SpeechGeneratorConfig:
+    """CTC speech-unit generator on the LLM's hidden states (after LLaMA-Omni)."""
+
+    enabled: bool = False
+    upsample: int = 25  # each text hidden state is repeated this many times
+    hidden_size: int = 4096
+    num_layers: int = 2
+    num_heads: int = 32
+    intermediate_size: int = 11008
+    num_units: int = 1000  # k-means units; the CTC blank is id num_units
+
+
+@dataclass
 class LyraConfig:
     name: str = "custom"
     text: TextConfig = field(default_factory=TextConfig)
@@ -135,6 +169,9 @@ class LyraConfig:
     speech: SpeechConfig = field(default_factory=SpeechConfig)
     sound: SoundConfig = field(default_factory=SoundConfig)
     tokens: TokenIds = field(default_factory=TokenIds)
+    lmme: LMMEConfig = field(default_factory=LMMEConfig)
+    lcmr: LCMRConfig = field(default_factory=LCMRConfig)
+    speech_generator: SpeechGeneratorConfig = field(default_factory=SpeechGeneratorConfig)
     # null: the real Qwen2 tokenizer built offline; "tiny": the unit-test BPE; or a local dir.
     tokenizer: str | None = None
     # eager | sdpa | flash_attention_2
@@ -157,6 +194,10 @@ class LyraConfig:
         for name, token_id in dataclasses.asdict(self.tokens).items():
             if not 0 <= token_id < text.vocab_size:
                 raise ValueError(f"tokens.{name} = {token_id} is outside the vocabulary (size {text.vocab_size})")
+        if not 0 < self.lmme.keep <= 1 or self.lmme.blocks < 1:
+            raise ValueError(f"lmme: keep must be in (0, 1] and blocks >= 1, got {self.lmme}")
+        if self.lcmr.normalize not in ("speech", "sum"):
+            raise ValueError(f"lcmr.normalize must be 'speech' or 'sum', got {self.lcmr.normalize!r}")
         if self.speech.encoder.n_audio_ctx % self.speech.projector.frames_per_token:
             raise ValueError("speech.encoder.n_audio_ctx must be divisible by speech.projector.frames_per_token")
 
