@@ -97,7 +97,7 @@ def test_long_speech_equals_clipwise_encoding(tiny_model):
 
 def test_audio_count_mismatch_is_an_error(tiny_model):
     ids = torch.full((1, 10), tiny_model.config.tokens.speech)
-    with pytest.raises(ValueError, match="300 tokens but input_ids hold 10"):
+    with pytest.raises(ValueError, match="300 feature tokens but input_ids hold 10"):
         tiny_model(ids, speech=[torch.from_numpy(tone(1.0))])
     with pytest.raises(ValueError, match="no speech audio"):
         tiny_model(ids)

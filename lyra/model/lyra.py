@@ -18,14 +18,17 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+from transformers import DynamicCache, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+from transformers.utils import ModelOutput
 
-from lyra.config import AudioEncoderConfig, LyraConfig
+from lyra.config import AudioEncoderConfig, LMMEConfig, LyraConfig
+from lyra.model.lmme import RetentionRecord, context_types, lmme_decode, lmme_prefill
 from lyra.model.projector import FrameConcatProjector
 from lyra.model.speech import WhisperEncoder, encode_audio, waveform_tensor
 
@@ -184,13 +187,45 @@ class LyraForConditionalGeneration(nn.Module):
                     raise ValueError(f"input_ids hold {n_slots} {name} tokens but no {name} audio was given")
                 continue
             features = encode(list(waveforms))
-            if features.shape[0] != n_slots:
-                raise ValueError(
-                    f"{name}: the audio gives {features.shape[0]} tokens but input_ids hold {n_slots} "
-                    f"<|{name}_pad|> tokens; build inputs with LyraProcessor so the counts agree"
-                )
-            embeds = embeds.masked_scatter(mask.unsqueeze(-1), features.to(embeds.dtype))
+            embeds = _scatter(embeds, mask, features, name)
         return embeds
+
+    def prepare_inputs(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        speech: list[torch.Tensor] | None = None,
+        sound: list[torch.Tensor] | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.LongTensor | None = None,
+        mm_token_type_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Everything before the LLM layers: `[B, L, d]` input embeddings with image, video,
+        speech and sound features spliced in, and `[3, B, L]` M-RoPE position ids (padding
+        excluded; speech and sound count as text)."""
+        embeds = self.embed_inputs(input_ids, speech, sound)
+        vision = self.backbone.model
+        if pixel_values is not None:
+            features = torch.cat(vision.get_image_features(pixel_values, image_grid_thw, return_dict=True).pooler_output)
+            embeds = _scatter(embeds, input_ids == self.config.tokens.image, features, "image")
+        if pixel_values_videos is not None:
+            features = torch.cat(
+                vision.get_video_features(pixel_values_videos, video_grid_thw, return_dict=True).pooler_output
+            )
+            embeds = _scatter(embeds, input_ids == self.config.tokens.video, features, "video")
+        if mm_token_type_ids is None:
+            mm_token_type_ids = torch.zeros_like(input_ids, dtype=torch.int)
+        position_ids, _ = vision.get_rope_index(
+            input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw, attention_mask=attention_mask
+        )
+        return embeds, position_ids
+
+    def lmme_settings(self, lmme: LMMEConfig | None) -> LMMEConfig | None:
+        """The LMME configuration in force: the per-call one, else the model's if enabled."""
+        chosen = lmme if lmme is not None else self.config.lmme
+        return chosen if chosen.enabled else None
 
     def forward(
         self,
@@ -199,21 +234,39 @@ class LyraForConditionalGeneration(nn.Module):
         labels: torch.LongTensor | None = None,
         speech: list[torch.Tensor] | None = None,
         sound: list[torch.Tensor] | None = None,
-        **backbone_kwargs: Any,
-    ):
-        """Run the model; `backbone_kwargs` are Qwen2-VL's (pixel_values, image_grid_thw,
-        pixel_values_videos, video_grid_thw, mm_token_type_ids, position_ids, cache, ...).
+        lmme: LMMEConfig | None = None,
+        **media: Any,
+    ) -> LyraOutput:
+        """Run the model.
 
-        Returns the backbone's `MultimodalCausalLMOutputWithPast` (`loss` when labels given).
+        Args:
+            input_ids, attention_mask, labels: `[B, L]` (labels -100 where not trained).
+            speech, sound: 16 kHz waveforms `[T_i]`, one per pad run, in order.
+            lmme: per-call LMME settings (default: the model config's).
+            media: pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
+                mm_token_type_ids (as the processor returns them).
+
+        Returns:
+            `LyraOutput`; with LMME the logits cover the kept rows only (`kept_index`).
         """
-        inputs_embeds = self.embed_inputs(input_ids, speech, sound)
-        return self.backbone(
-            input_ids=input_ids,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            labels=labels,
-            **backbone_kwargs,
-        )
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        embeds, position_ids = self.prepare_inputs(input_ids, attention_mask, speech, sound, **media)
+        settings = self.lmme_settings(lmme)
+        if settings is None:
+            out = self.backbone(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                                labels=labels)
+            return LyraOutput(loss=out.loss, logits=out.logits)
+        types = context_types(input_ids, self.config.tokens)
+        result = lmme_prefill(self.backbone.model.language_model, embeds, position_ids, attention_mask, types,
+                              settings, labels=labels)
+        logits = self.backbone.lm_head(result.hidden_states)
+        loss = None
+        if labels is not None:
+            loss = nn.functional.cross_entropy(
+                logits.flatten(0, 1).float(), result.shifted_labels.flatten(), ignore_index=-100
+            )
+        return LyraOutput(loss=loss, logits=logits, kept_index=result.kept_index, retention=result.retention)
 
     @torch.no_grad()
     def generate(
@@ -222,19 +275,43 @@ class LyraForConditionalGeneration(nn.Module):
         attention_mask: torch.Tensor | None = None,
         speech: list[torch.Tensor] | None = None,
         sound: list[torch.Tensor] | None = None,
-        **generate_kwargs: Any,
+        lmme: LMMEConfig | None = None,
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        **media: Any,
     ) -> torch.LongTensor:
-        """Generate with the backbone's `generate`; returns only the new tokens `[B, new]`."""
-        inputs_embeds = self.embed_inputs(input_ids, speech, sound)
-        sequences = self.backbone.generate(
-            input_ids=input_ids,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            pad_token_id=self.config.tokens.pad,
-            eos_token_id=self.config.tokens.eos,
-            **generate_kwargs,
-        )
-        return sequences[:, input_ids.shape[1]:]
+        """Generate; returns only the new tokens `[B, new]` (pad after each sample's eos).
+
+        Prompts must be left-padded. Without LMME this is the backbone's own `generate`;
+        with LMME, a prefill that prunes and a decode loop over the pruned caches.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if not bool(attention_mask[:, -1].all()):
+            raise ValueError("generation needs left-padded prompts: use collate(..., padding_side='left')")
+        settings = self.lmme_settings(lmme)
+        sampling = {"do_sample": do_sample, "max_new_tokens": max_new_tokens}
+        if do_sample:
+            sampling.update(temperature=temperature, top_k=top_k, top_p=top_p)
+        if settings is None:
+            inputs_embeds = self.embed_inputs(input_ids, speech, sound)
+            sequences = self.backbone.generate(
+                input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                pad_token_id=self.config.tokens.pad, eos_token_id=self.config.tokens.eos, **sampling, **media,
+            )
+            return sequences[:, input_ids.shape[1]:]
+        embeds, position_ids = self.prepare_inputs(input_ids, attention_mask, speech, sound, **media)
+        language_model = self.backbone.model.language_model
+        cache = DynamicCache(config=self.backbone.config.text_config)
+        types = context_types(input_ids, self.config.tokens)
+        prefill = lmme_prefill(language_model, embeds, position_ids, attention_mask, types, settings, cache=cache)
+        self.last_retention = prefill.retention
+        logits = self.backbone.lm_head(prefill.hidden_states[:, -1])
+        processors = _logits_processors(do_sample, temperature, top_k, top_p)
+        return _decode_loop(self, logits, prefill.state, cache, input_ids, processors, max_new_tokens, do_sample)
 
     # ------------------------------------------------------------------ saving
     def save_pretrained(self, directory: str | Path, max_shard_size: str = "5GB") -> None:
@@ -372,3 +449,66 @@ def _encoder_config_from_state(state: dict[str, torch.Tensor], source: str) -> A
         n_audio_layer=n_layer,
         checkpoint=source,
     )
+
+
+@dataclass
+class LyraOutput(ModelOutput):
+    """Model outputs; with LMME, `logits` rows are the kept tokens, at `kept_index`."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    kept_index: torch.Tensor | None = None
+    retention: RetentionRecord | None = None
+
+
+def _scatter(embeds: torch.Tensor, mask: torch.Tensor, features: torch.Tensor, name: str) -> torch.Tensor:
+    """Write `features` `[n, d]` into the rows of `embeds` where `mask` is set (in order)."""
+    n_slots = int(mask.sum())
+    if features.shape[0] != n_slots:
+        raise ValueError(
+            f"{name}: the inputs give {features.shape[0]} feature tokens but input_ids hold {n_slots} "
+            f"{name} pad tokens; build inputs with LyraProcessor so the counts agree"
+        )
+    return embeds.masked_scatter(mask.unsqueeze(-1), features.to(embeds.dtype))
+
+
+def _logits_processors(do_sample: bool, temperature: float, top_k: int | None, top_p: float | None):
+    from transformers.generation.logits_process import (
+        LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
+    )
+
+    processors = LogitsProcessorList()
+    if do_sample:
+        if temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(temperature))
+        if top_k:
+            processors.append(TopKLogitsWarper(top_k))
+        if top_p is not None and top_p < 1.0:
+            processors.append(TopPLogitsWarper(top_p))
+    return processors
+
+
+def _decode_loop(model: LyraForConditionalGeneration, logits: torch.Tensor, state, cache, prompt: torch.Tensor,
+                 processors, max_new_tokens: int, do_sample: bool) -> torch.LongTensor:
+    """Greedy or sampled decoding over an LMME prefill; `[B, new]` with pad after eos."""
+    tokens = model.config.tokens
+    language_model = model.backbone.model.language_model
+    batch = prompt.shape[0]
+    finished = torch.zeros(batch, dtype=torch.bool, device=prompt.device)
+    sequence = prompt
+    new = []
+    for step in range(max_new_tokens):
+        scores = processors(sequence, logits.float())
+        if do_sample:
+            next_token = torch.multinomial(scores.softmax(-1), 1).squeeze(1)
+        else:
+            next_token = scores.argmax(-1)
+        next_token = torch.where(finished, torch.full_like(next_token, tokens.pad), next_token)
+        new.append(next_token)
+        sequence = torch.cat([sequence, next_token[:, None]], dim=1)
+        finished |= next_token == tokens.eos
+        if bool(finished.all()) or step == max_new_tokens - 1:
+            break
+        hidden = lmme_decode(language_model, language_model.embed_tokens(next_token[:, None]), state, cache)
+        logits = model.backbone.lm_head(hidden[:, -1])
+    return torch.stack(new, dim=1)
