@@ -136,6 +136,20 @@ class LMMEConfig:
     keep: float = 0.7  # rho: fraction of context tokens kept after each block but the last
     min_keep: int = 32  # never keep fewer (all of them when there are fewer)
 
+    @classmethod
+    def parse(cls, text: str) -> "LMMEConfig":
+        """`"4,0.7"` (blocks, keep) or `"off"` -> a config, as the `--lmme` flags take it."""
+        if text.strip().lower() in ("off", "none", "0"):
+            return cls(enabled=False)
+        try:
+            blocks, keep = text.split(",")
+            config = cls(enabled=True, blocks=int(blocks), keep=float(keep))
+        except ValueError:
+            raise ValueError(f"--lmme expects BLOCKS,KEEP such as 4,0.7 (or 'off'), got {text!r}") from None
+        if not 0 < config.keep <= 1 or config.blocks < 1:
+            raise ValueError(f"--lmme {text}: KEEP must be in (0, 1] and BLOCKS >= 1")
+        return config
+
 
 @dataclass
 class LCMRConfig:

@@ -180,3 +180,37 @@ def test_retention_record_round_trip(tmp_path, model, processor):
     assert loaded == record
     kinds = [run[0] for run in record.context[0]]
     assert kinds == ["image", "speech"]
+
+
+def test_lmme_flag_parsing():
+    assert LMMEConfig.parse("4,0.7") == LMMEConfig(enabled=True, blocks=4, keep=0.7)
+    assert not LMMEConfig.parse("off").enabled
+    for bad in ("4", "4,1.5", "x,0.5"):
+        with pytest.raises(ValueError, match="--lmme"):
+            LMMEConfig.parse(bad)
+
+
+def test_retention_pictures(model, processor):
+    import numpy as np
+
+    from lyra.eval.retention import image_overlay, timeline
+
+    sample = samples(processor)[3]
+    batch = collate([sample], model.config.tokens.pad)
+    with torch.no_grad():
+        record = model(**batch, lmme=LMMEConfig(enabled=True, blocks=2, keep=0.5, min_keep=4)).retention
+    grid = tuple(sample.image_grid_thw[0].tolist())
+    picture = np.asarray(image_overlay(_image(2), grid, record, run=0)).astype(int)
+    original = np.asarray(_image(2).resize((picture.shape[1], picture.shape[0]))).astype(int)
+    _, start, end = record.context[0][0]
+    cols = grid[2] // 2
+    kept = set(record.kept[-1][0])
+    for index in range(start, end):
+        r, c = divmod(index - start, cols)
+        patch = (slice(r * 28, r * 28 + 28), slice(c * 28, c * 28 + 28))
+        same = np.array_equal(picture[patch], original[patch])
+        assert same == (index in kept)
+    strip = timeline(record)
+    assert strip.size[0] == 1200 and strip.size[1] > 16
+    with pytest.raises(ValueError, match="is speech, not an image"):
+        image_overlay(_image(2), grid, record, run=1)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -184,6 +185,7 @@ class LMMEOutput:
     shifted_labels: torch.Tensor | None  # [B, N'] next-token targets of the kept rows
     retention: RetentionRecord
     state: DecodeState | None
+    scoring_seconds: float = 0.0  # only measured with time_scoring=True
 
 
 def _layer_mask(language_model: nn.Module, hidden: torch.Tensor, key_mask: torch.Tensor,
@@ -216,6 +218,7 @@ def lmme_prefill(
     config: LMMEConfig,
     labels: torch.Tensor | None = None,
     cache: Cache | None = None,
+    time_scoring: bool = False,
 ) -> LMMEOutput:
     """Forward through `language_model` (a `Qwen2VLTextModel`) with pruning between blocks.
 
@@ -224,6 +227,7 @@ def lmme_prefill(
         attention_mask: `[B, N]` 1 for real tokens; types: `[B, N]` from `context_types`;
         labels: `[B, N]` (training) — answer tokens; they also mark what is not instruction;
         cache: a DynamicCache to fill for decoding (each layer keeps only what it saw).
+        time_scoring: measure the seconds spent scoring (synchronising the device; benchmarks).
     """
     batch, length, _ = inputs_embeds.shape
     device = inputs_embeds.device
@@ -243,14 +247,17 @@ def lmme_prefill(
     index = torch.where(valid, positions[None, :].expand(batch, -1), -1)  # original position of each row
     hidden, key_mask = inputs_embeds, attention_mask
     key_masks = []
+    scoring_seconds = 0.0
     for block_number, block in enumerate(blocks):
         key_masks.append(key_mask)
         if block_number == len(blocks) - 1:
             hidden = _run_block(language_model, block, hidden, key_mask, cos, sin, cache)
             break
         hidden, layer_input = _run_block(language_model, block, hidden, key_mask, cos, sin, cache, last_input=True)
+        started = _clock(time_scoring, hidden.device)
         keep = _select(language_model.layers[block.stop - 1], layer_input, cos, sin, key_mask.bool(),
                        is_context, instruction, config)
+        scoring_seconds += _clock(time_scoring, hidden.device) - started
         rows = _repad(keep, key_mask)
         hidden, cos, sin = _gather(hidden, rows), _gather(cos, rows), _gather(sin, rows)
         is_context, instruction = _gather(is_context, rows, False), _gather(instruction, rows, False)
@@ -266,7 +273,15 @@ def lmme_prefill(
     if cache is not None:
         next_positions = torch.where(valid, position_ids.amax(0), -1).amax(1) + 1
         state = DecodeState(blocks, key_masks, next_positions)
-    return LMMEOutput(hidden, index, key_mask, shifted, retention, state)
+    return LMMEOutput(hidden, index, key_mask, shifted, retention, state, scoring_seconds)
+
+
+def _clock(enabled: bool, device: torch.device) -> float:
+    if not enabled:
+        return 0.0
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def _select(layer, layer_input, cos, sin, key_valid, is_context, instruction, config) -> list[torch.Tensor]:
