@@ -97,6 +97,7 @@ class SpeechConfig:
     clip_seconds: int = 30
     max_seconds: float = 7200.0  # two hours: 240 clips -> 72,000 tokens
     encode_batch_clips: int = 8  # clips encoded at once; bounds activation memory
+    long_speech_seconds: float = 30.0  # longer audio uses the "long_speech" adapter when present
 
 
 @dataclass

@@ -28,6 +28,7 @@ from transformers import DynamicCache, Qwen2VLConfig, Qwen2VLForConditionalGener
 from transformers.utils import ModelOutput
 
 from lyra.config import AudioEncoderConfig, LMMEConfig, LyraConfig
+from lyra.model import mlora
 from lyra.model.lmme import RetentionRecord, context_types, lmme_decode, lmme_prefill
 from lyra.model.projector import FrameConcatProjector
 from lyra.model.speech import WhisperEncoder, encode_audio, waveform_tensor
@@ -103,6 +104,10 @@ class LyraForConditionalGeneration(nn.Module):
             self.sound_encoder = WhisperEncoder(sound.encoder)
             sound_width = self.sound_encoder.width
         self.sound_projector = FrameConcatProjector(sound_width, llm_width, sound.projector)
+        # MLoRA state (lyra.model.mlora): projector weights per adapter, and the adapter in use.
+        self.adapter_configs: dict[str, Any] = {}  # name -> peft LoraConfig
+        self.adapter_projectors: dict[str, dict[str, torch.Tensor]] = {}
+        self.active_adapter: str | None = None
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -324,8 +329,10 @@ class LyraForConditionalGeneration(nn.Module):
         try:
             with open(staging / CONFIG_FILE, "w") as f:
                 json.dump({"model_type": MODEL_TYPE, "lyra": self.config.to_dict()}, f, indent=2)
-            state = {k: v for k, v in self.state_dict().items() if k not in self.tied_keys()}
+            state = {k: v for k, v in mlora.base_state_dict(self).items() if k not in self.tied_keys()}
             save_torch_state_dict(state, staging, max_shard_size=max_shard_size)
+            for name in mlora.adapter_names(self):
+                mlora.save_adapter(self, name, staging)
             _replace_directory(staging, directory)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -354,6 +361,7 @@ class LyraForConditionalGeneration(nn.Module):
                 raise FileNotFoundError(f"{directory / name} is missing; the checkpoint is incomplete")
             state.update(load_state_dict_from_file(directory / name, map_location="cpu"))
         model.load_full_state_dict(state, source=str(directory))
+        mlora.load_adapters(model, directory)
         if dtype is not None:
             model = model.to(dtype)
         return model.to(device)
