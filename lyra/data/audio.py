@@ -77,3 +77,29 @@ def _decode_with_librosa(path: Path, soundfile_error: Exception) -> tuple[np.nda
     if samples.ndim == 2:  # librosa gives [C, T]
         samples = samples.T
     return samples, int(sample_rate)
+
+
+def load_video_audio(path: str | Path) -> np.ndarray:
+    """The audio track of a video file (PyAV) as 16 kHz mono float32 `[T]`."""
+    import av
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"video file not found: {path}")
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.audio:
+                raise AudioError(f"{path} has no audio track; ask about its frames with --video instead")
+            stream = container.streams.audio[0]
+            # Resample only; channels are averaged below, as load_audio does.
+            resampler = av.AudioResampler(format="fltp", rate=SAMPLE_RATE)
+            chunks = []
+            for frame in container.decode(stream):
+                chunks.extend(c.to_ndarray().mean(axis=0) for c in resampler.resample(frame))
+            chunks.extend(c.to_ndarray().mean(axis=0) for c in resampler.resample(None))  # flush
+    except AudioError:
+        raise
+    except Exception as error:
+        raise AudioError(f"cannot decode the audio track of {path}: {error}") from error
+    samples = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+    return to_mono_16k(samples, SAMPLE_RATE, source=str(path))

@@ -108,6 +108,7 @@ class LyraForConditionalGeneration(nn.Module):
         self.adapter_configs: dict[str, Any] = {}  # name -> peft LoraConfig
         self.adapter_projectors: dict[str, dict[str, torch.Tensor]] = {}
         self.active_adapter: str | None = None
+        self.last_retention: RetentionRecord | None = None  # set by generate with LMME
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -178,11 +179,13 @@ class LyraForConditionalGeneration(nn.Module):
         input_ids: torch.LongTensor,
         speech: list[torch.Tensor] | None = None,
         sound: list[torch.Tensor] | None = None,
+        progress: bool = False,
     ) -> torch.Tensor:
-        """Token embeddings `[B, L, d]` with speech/sound features at their pad tokens."""
+        """Token embeddings `[B, L, d]` with speech/sound features at their pad tokens
+        (`progress`: a progress bar while encoding long speech)."""
         embeds = self.backbone.get_input_embeddings()(input_ids)
         for name, waveforms, token_id, encode in (
-            ("speech", speech, self.config.tokens.speech, self.encode_speech),
+            ("speech", speech, self.config.tokens.speech, lambda w: self.encode_speech(w, progress)),
             ("sound", sound, self.config.tokens.sound, self.encode_sound),
         ):
             mask = input_ids == token_id
@@ -206,11 +209,12 @@ class LyraForConditionalGeneration(nn.Module):
         pixel_values_videos: torch.Tensor | None = None,
         video_grid_thw: torch.LongTensor | None = None,
         mm_token_type_ids: torch.Tensor | None = None,
+        progress: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Everything before the LLM layers: `[B, L, d]` input embeddings with image, video,
         speech and sound features spliced in, and `[3, B, L]` M-RoPE position ids (padding
         excluded; speech and sound count as text)."""
-        embeds = self.embed_inputs(input_ids, speech, sound)
+        embeds = self.embed_inputs(input_ids, speech, sound, progress)
         vision = self.backbone.model
         if pixel_values is not None:
             features = torch.cat(vision.get_image_features(pixel_values, image_grid_thw, return_dict=True).pooler_output)
@@ -286,12 +290,16 @@ class LyraForConditionalGeneration(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = None,
         top_p: float | None = None,
+        streamer=None,
+        progress: bool = False,
         **media: Any,
     ) -> torch.LongTensor:
         """Generate; returns only the new tokens `[B, new]` (pad after each sample's eos).
 
         Prompts must be left-padded. Without LMME this is the backbone's own `generate`;
         with LMME, a prefill that prunes and a decode loop over the pruned caches.
+        `streamer` follows transformers' streamer protocol (`put` gets the prompt first,
+        then each new token; `end` at the end).
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -302,13 +310,14 @@ class LyraForConditionalGeneration(nn.Module):
         if do_sample:
             sampling.update(temperature=temperature, top_k=top_k, top_p=top_p)
         if settings is None:
-            inputs_embeds = self.embed_inputs(input_ids, speech, sound)
+            inputs_embeds = self.embed_inputs(input_ids, speech, sound, progress)
             sequences = self.backbone.generate(
                 input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                pad_token_id=self.config.tokens.pad, eos_token_id=self.config.tokens.eos, **sampling, **media,
+                pad_token_id=self.config.tokens.pad, eos_token_id=self.config.tokens.eos, streamer=streamer,
+                **sampling, **media,
             )
             return sequences[:, input_ids.shape[1]:]
-        embeds, position_ids = self.prepare_inputs(input_ids, attention_mask, speech, sound, **media)
+        embeds, position_ids = self.prepare_inputs(input_ids, attention_mask, speech, sound, progress=progress, **media)
         language_model = self.backbone.model.language_model
         cache = DynamicCache(config=self.backbone.config.text_config)
         types = context_types(input_ids, self.config.tokens)
@@ -316,7 +325,8 @@ class LyraForConditionalGeneration(nn.Module):
         self.last_retention = prefill.retention
         logits = self.backbone.lm_head(prefill.hidden_states[:, -1])
         processors = _logits_processors(do_sample, temperature, top_k, top_p)
-        return _decode_loop(self, logits, prefill.state, cache, input_ids, processors, max_new_tokens, do_sample)
+        return _decode_loop(self, logits, prefill.state, cache, input_ids, processors, max_new_tokens, do_sample,
+                            streamer)
 
     # ------------------------------------------------------------------ saving
     def save_pretrained(self, directory: str | Path, max_shard_size: str = "5GB") -> None:
@@ -497,7 +507,7 @@ def _logits_processors(do_sample: bool, temperature: float, top_k: int | None, t
 
 
 def _decode_loop(model: LyraForConditionalGeneration, logits: torch.Tensor, state, cache, prompt: torch.Tensor,
-                 processors, max_new_tokens: int, do_sample: bool) -> torch.LongTensor:
+                 processors, max_new_tokens: int, do_sample: bool, streamer=None) -> torch.LongTensor:
     """Greedy or sampled decoding over an LMME prefill; `[B, new]` with pad after eos."""
     tokens = model.config.tokens
     language_model = model.backbone.model.language_model
@@ -505,6 +515,8 @@ def _decode_loop(model: LyraForConditionalGeneration, logits: torch.Tensor, stat
     finished = torch.zeros(batch, dtype=torch.bool, device=prompt.device)
     sequence = prompt
     new = []
+    if streamer is not None:
+        streamer.put(prompt)
     for step in range(max_new_tokens):
         scores = processors(sequence, logits.float())
         if do_sample:
@@ -513,10 +525,14 @@ def _decode_loop(model: LyraForConditionalGeneration, logits: torch.Tensor, stat
             next_token = scores.argmax(-1)
         next_token = torch.where(finished, torch.full_like(next_token, tokens.pad), next_token)
         new.append(next_token)
+        if streamer is not None:
+            streamer.put(next_token)
         sequence = torch.cat([sequence, next_token[:, None]], dim=1)
         finished |= next_token == tokens.eos
         if bool(finished.all()) or step == max_new_tokens - 1:
             break
         hidden = lmme_decode(language_model, language_model.embed_tokens(next_token[:, None]), state, cache)
         logits = model.backbone.lm_head(hidden[:, -1])
+    if streamer is not None:
+        streamer.end()
     return torch.stack(new, dim=1)

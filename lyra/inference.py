@@ -1,0 +1,195 @@
+"""Loading a model by name or path, and answering one conversation turn.
+
+Shared by `python -m lyra.chat`, the web demo, the API server and the evaluation
+scripts, so every entry point routes adapters, LMME and streaming the same way.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from lyra.config import REPO_ROOT, LMMEConfig, available_presets, load_config
+from lyra.data.audio import SAMPLE_RATE
+from lyra.data.vision import VisionLimits
+from lyra.model import mlora
+from lyra.model.lyra import LyraForConditionalGeneration, read_checkpoint_config
+from lyra.processing import LyraProcessor, collate
+from lyra.tokenizer import load_tokenizer
+
+# Where `make demo` leaves the trained nano model; used by default when present.
+DEFAULT_CHECKPOINT = REPO_ROOT / "outputs" / "nano" / "model"
+
+
+def default_model() -> str:
+    return str(DEFAULT_CHECKPOINT) if DEFAULT_CHECKPOINT.is_dir() else "nano"
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    choices = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in choices:
+        raise ValueError(f"unknown dtype {dtype!r}; choose from auto, {', '.join(choices)}")
+    if dtype == "fp16" and device.type == "cpu":
+        raise ValueError("fp16 is not supported on CPU; use fp32 or bf16")
+    return choices[dtype]
+
+
+def load_model(spec: str | None = None, device: str = "auto", dtype: str = "auto"):
+    """A model and its tokenizer from a checkpoint directory or a preset name.
+
+    A preset builds an untrained model (random LLM, ViT and projectors), which is only
+    useful to try the pipeline; `untrained` in the returned info says so.
+    """
+    spec = spec or default_model()
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    path = Path(spec)
+    if path.is_dir():
+        read_checkpoint_config(path)  # a clear error for a directory that is not a Lyra checkpoint
+        model = LyraForConditionalGeneration.from_pretrained(path, dtype=torch_dtype, device=torch_device)
+        tokenizer = load_tokenizer(path if (path / "tokenizer.json").is_file() else model.config.tokenizer)
+        untrained = False
+    elif spec in available_presets():
+        model = LyraForConditionalGeneration.from_config(load_config(spec)).to(torch_device, torch_dtype)
+        tokenizer = load_tokenizer(model.config.tokenizer)
+        untrained = True
+    else:
+        raise FileNotFoundError(
+            f"--model {spec!r} is neither a checkpoint directory nor a preset ({', '.join(available_presets())})"
+        )
+    return model.eval(), tokenizer, {"model": spec, "untrained": untrained, "device": str(torch_device),
+                                     "dtype": str(torch_dtype).removeprefix("torch.")}
+
+
+@dataclass
+class GenerationOptions:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0: greedy
+    top_p: float | None = None
+    top_k: int | None = None
+    lmme: LMMEConfig | None = None
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        sampling = self.temperature > 0
+        return {"max_new_tokens": self.max_new_tokens, "do_sample": sampling,
+                "temperature": self.temperature if sampling else 1.0, "top_p": self.top_p, "top_k": self.top_k,
+                "lmme": self.lmme}
+
+
+@dataclass
+class Media:
+    images: list = field(default_factory=list)
+    videos: list = field(default_factory=list)
+    speech: list = field(default_factory=list)
+    sound: list = field(default_factory=list)
+
+
+@dataclass
+class Reply:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    adapter: str | None
+    timings: dict[str, float]
+    kept_fraction: list[float] | None
+    speech_seconds: list[float]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"answer": self.text, "prompt_tokens": self.prompt_tokens, "new_tokens": len(self.token_ids),
+                "adapter": self.adapter, "timings": self.timings, "kept_fraction": self.kept_fraction,
+                "speech_seconds": self.speech_seconds}
+
+
+class _TextStreamer:
+    """transformers streamer protocol -> text deltas (decoded as a whole so multi-byte
+    characters never split), and the time of the first new token."""
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None] | None, started: float):
+        self.tokenizer, self.on_text, self.started = tokenizer, on_text, started
+        self.tokens: list[int] = []
+        self.text = ""
+        self.first_token_s: float | None = None
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # the first call carries the prompt
+            self.prompt_seen = True
+            return
+        if self.first_token_s is None:
+            self.first_token_s = time.perf_counter() - self.started
+        self.tokens.extend(value.reshape(-1).tolist())
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if self.on_text is not None and len(text) > len(self.text) and not text.endswith("\ufffd"):
+            self.on_text(text[len(self.text):])
+            self.text = text
+
+    def end(self) -> None:
+        pass
+
+
+class Assistant:
+    """A loaded model that answers conversations with media attached."""
+
+    def __init__(self, model: LyraForConditionalGeneration, tokenizer, limits: VisionLimits | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.processor = LyraProcessor(tokenizer, model.config, limits)
+
+    def reply(self, messages: list[dict[str, str]], media: Media | None = None,
+              options: GenerationOptions | None = None, on_text: Callable[[str], None] | None = None,
+              progress: bool = False) -> Reply:
+        """Answer the last user turn of `messages` (placeholders in turn text, files in `media`)."""
+        media = media or Media()
+        options = options or GenerationOptions()
+        started = time.perf_counter()
+        sample = self.processor(messages, images=media.images, videos=media.videos, speech=media.speech,
+                                sound=media.sound)
+        speech_seconds = [round(w.shape[0] / SAMPLE_RATE, 2) for w in sample.speech]
+        adapter = mlora.adapter_for_audio(self.model, speech_seconds)
+        if mlora.adapter_names(self.model):
+            mlora.use_adapter(self.model, adapter)
+        batch = _to_device(collate([sample], self.model.config.tokens.pad, padding_side="left"), self.model.device)
+        prepared = time.perf_counter()
+        streamer = _TextStreamer(self.tokenizer, on_text, started)
+        self.model.last_retention = None
+        new = self.model.generate(**batch, streamer=streamer, progress=progress, **options.generate_kwargs())[0]
+        tokens = [t for t in new.tolist() if t != self.model.config.tokens.pad]
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        if on_text is not None and len(text) > len(streamer.text.strip()):
+            on_text(text[len(streamer.text.strip()):])
+        finished = time.perf_counter()
+        retention = getattr(self.model, "last_retention", None)
+        return Reply(
+            text=text, token_ids=tokens, prompt_tokens=int(sample.input_ids.shape[0]), adapter=adapter,
+            timings={"prepare_s": round(prepared - started, 4),
+                     "first_token_s": round(streamer.first_token_s or finished - started, 4),
+                     "total_s": round(finished - started, 4)},
+            kept_fraction=retention.kept_fraction() if retention is not None else None,
+            speech_seconds=speech_seconds,
+        )
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    moved = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            moved[key] = value.to(device)
+        elif isinstance(value, list):
+            moved[key] = [v.to(device) for v in value]
+        else:
+            moved[key] = value
+    return moved
