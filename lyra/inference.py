@@ -64,7 +64,10 @@ def load_model(spec: str | None = None, device: str = "auto", dtype: str = "auto
         tokenizer = load_tokenizer(path if (path / "tokenizer.json").is_file() else model.config.tokenizer)
         untrained = False
     elif spec in available_presets():
-        model = LyraForConditionalGeneration.from_config(load_config(spec)).to(torch_device, torch_dtype)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # an untrained preset is at least the same every run
+            model = LyraForConditionalGeneration.from_config(load_config(spec))
+        model = model.to(torch_device, torch_dtype)
         tokenizer = load_tokenizer(model.config.tokenizer)
         untrained = True
     else:
