@@ -46,7 +46,7 @@ def measure(minutes: float, preset: str) -> dict:
     baseline = status_mib("VmRSS")
     start = time.perf_counter()
     with torch.inference_mode():
-        tokens = model.encode_speech([waveform], progress=True)
+        tokens, = model.encode_speech([waveform], progress=True)
     seconds = time.perf_counter() - start
     peak = status_mib("VmHWM")
     output_mib = tokens.numel() * tokens.element_size() / 2**20

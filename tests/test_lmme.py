@@ -134,7 +134,7 @@ def test_instruction_scores_equal_eager_attention(processor):
     eager = LyraForConditionalGeneration.from_config(config).eval()
     batch = collate(samples(processor)[3:], config.tokens.pad)
     with torch.no_grad():
-        embeds, positions = eager.prepare_inputs(**{k: v for k, v in batch.items()})
+        embeds, positions, _ = eager.prepare_inputs(**{k: v for k, v in batch.items()})
         language_model = eager.backbone.model.language_model
         out = language_model(inputs_embeds=embeds, position_ids=positions, output_attentions=True,
                              output_hidden_states=True)

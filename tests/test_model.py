@@ -82,7 +82,7 @@ def test_speech_is_spliced_at_pad_tokens_with_text_positions(tiny_model):
 
 
 def test_speech_token_count_95s_is_four_clips(tiny_model):
-    tokens = tiny_model.encode_speech([torch.from_numpy(tone(95.0))])
+    tokens, = tiny_model.encode_speech([torch.from_numpy(tone(95.0))])
     assert tokens.shape == (4 * 300, tiny_model.config.text.hidden_size)
 
 
@@ -90,8 +90,8 @@ def test_long_speech_equals_clipwise_encoding(tiny_model):
     """Batched chunked encoding == each 30 s clip encoded alone, in order."""
     audio = torch.from_numpy(tone(100.0, freq=220.0)) * torch.linspace(0.1, 1.0, 1_600_000)
     with torch.no_grad():
-        whole = tiny_model.encode_speech([audio])
-        pieces = [tiny_model.encode_speech([audio[i : i + CLIP_SAMPLES]]) for i in range(0, audio.shape[0], CLIP_SAMPLES)]
+        whole, = tiny_model.encode_speech([audio])
+        pieces = [tiny_model.encode_speech([audio[i : i + CLIP_SAMPLES]])[0] for i in range(0, audio.shape[0], CLIP_SAMPLES)]
     assert torch.allclose(whole, torch.cat(pieces), atol=1e-5)
 
 
@@ -159,7 +159,7 @@ def test_save_and_load_round_trip(tmp_path, tied):
     speech = [torch.from_numpy(tone(2.0))]
     with torch.no_grad():
         assert torch.equal(model(ids).logits, loaded(ids).logits)
-        assert torch.equal(model.encode_speech(speech), loaded.encode_speech(speech))
+        assert torch.equal(model.encode_speech(speech)[0], loaded.encode_speech(speech)[0])
     model.save_pretrained(tmp_path / "ckpt")  # overwriting an existing checkpoint works too
     assert LyraForConditionalGeneration.from_pretrained(tmp_path / "ckpt") is not None
 
@@ -233,9 +233,9 @@ def test_sound_uses_its_own_projector_and_placeholder(tiny_model):
     ids = torch.cat([torch.full((n,), config.tokens.sound), torch.randint(0, 900, (3,)),
                      torch.full((n,), config.tokens.speech)])[None]
     with torch.no_grad():
-        embeds = tiny_model.embed_inputs(ids, speech=[speech], sound=[sound])
+        embeds, _ = tiny_model.embed_inputs(ids, speech=[speech], sound=[sound])
         frames = tiny_model.speech_encoder(log_mel(torch.nn.functional.pad(sound, (0, CLIP_SAMPLES - sound.shape[0]))[None], 80))
         expected_sound = tiny_model.sound_projector(frames)[0]
     assert torch.allclose(embeds[0, :n], expected_sound, atol=1e-6)
-    assert torch.allclose(embeds[0, -n:], tiny_model.encode_speech([speech]), atol=1e-6)
+    assert torch.allclose(embeds[0, -n:], tiny_model.encode_speech([speech])[0], atol=1e-6)
     assert not torch.allclose(tiny_model.speech_projector(frames)[0], expected_sound)

@@ -161,18 +161,17 @@ class LyraForConditionalGeneration(nn.Module):
     def device(self) -> torch.device:
         return self.backbone.lm_head.weight.device
 
-    def encode_speech(self, waveforms: list[torch.Tensor], progress: bool = False) -> torch.Tensor:
-        """Project a list of `[T_i]` 16 kHz waveforms; returns `[sum_i tokens_i, d_llm]`."""
+    def encode_speech(self, waveforms: list[torch.Tensor], progress: bool = False) -> list[torch.Tensor]:
+        """Project `[T_i]` 16 kHz waveforms; returns one `[tokens_i, d_llm]` tensor each."""
         return self._encode(waveforms, self.speech_encoder, self.speech_projector, progress)
 
-    def encode_sound(self, waveforms: list[torch.Tensor]) -> torch.Tensor:
+    def encode_sound(self, waveforms: list[torch.Tensor]) -> list[torch.Tensor]:
         encoder = self.sound_encoder if self.sound_encoder is not None else self.speech_encoder
         return self._encode(waveforms, encoder, self.sound_projector, progress=False)
 
-    def _encode(self, waveforms, encoder: WhisperEncoder, projector: nn.Module, progress: bool) -> torch.Tensor:
+    def _encode(self, waveforms, encoder: WhisperEncoder, projector: nn.Module, progress: bool) -> list[torch.Tensor]:
         batch = self.config.speech.encode_batch_clips
-        tokens = [encode_audio(waveform_tensor(w), encoder, projector, batch, progress) for w in waveforms]
-        return torch.cat(tokens) if len(tokens) > 1 else tokens[0]
+        return [encode_audio(waveform_tensor(w), encoder, projector, batch, progress) for w in waveforms]
 
     def embed_inputs(
         self,
@@ -180,23 +179,23 @@ class LyraForConditionalGeneration(nn.Module):
         speech: list[torch.Tensor] | None = None,
         sound: list[torch.Tensor] | None = None,
         progress: bool = False,
-    ) -> torch.Tensor:
-        """Token embeddings `[B, L, d]` with speech/sound features at their pad tokens
-        (`progress`: a progress bar while encoding long speech)."""
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Token embeddings `[B, L, d]` with speech/sound features at their pad tokens, and the
+        projected speech tokens of each waveform (for LCMR). `progress`: a bar while encoding."""
         embeds = self.backbone.get_input_embeddings()(input_ids)
-        for name, waveforms, token_id, encode in (
-            ("speech", speech, self.config.tokens.speech, lambda w: self.encode_speech(w, progress)),
-            ("sound", sound, self.config.tokens.sound, self.encode_sound),
-        ):
+        speech_features: list[torch.Tensor] = []
+        for name, waveforms, token_id in (("speech", speech, self.config.tokens.speech),
+                                          ("sound", sound, self.config.tokens.sound)):
             mask = input_ids == token_id
-            n_slots = int(mask.sum())
             if not waveforms:
-                if n_slots:
-                    raise ValueError(f"input_ids hold {n_slots} {name} tokens but no {name} audio was given")
+                if mask.any():
+                    raise ValueError(f"input_ids hold {int(mask.sum())} {name} tokens but no {name} audio was given")
                 continue
-            features = encode(list(waveforms))
-            embeds = _scatter(embeds, mask, features, name)
-        return embeds
+            features = self.encode_speech(waveforms, progress) if name == "speech" else self.encode_sound(waveforms)
+            if name == "speech":
+                speech_features = features
+            embeds = _scatter(embeds, mask, torch.cat(features), name)
+        return embeds, speech_features
 
     def prepare_inputs(
         self,
@@ -210,11 +209,11 @@ class LyraForConditionalGeneration(nn.Module):
         video_grid_thw: torch.LongTensor | None = None,
         mm_token_type_ids: torch.Tensor | None = None,
         progress: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """Everything before the LLM layers: `[B, L, d]` input embeddings with image, video,
-        speech and sound features spliced in, and `[3, B, L]` M-RoPE position ids (padding
-        excluded; speech and sound count as text)."""
-        embeds = self.embed_inputs(input_ids, speech, sound, progress)
+        speech and sound features spliced in, `[3, B, L]` M-RoPE position ids (padding
+        excluded; speech and sound count as text), and each speech input's projected tokens."""
+        embeds, speech_features = self.embed_inputs(input_ids, speech, sound, progress)
         vision = self.backbone.model
         if pixel_values is not None:
             features = torch.cat(vision.get_image_features(pixel_values, image_grid_thw, return_dict=True).pooler_output)
@@ -229,7 +228,7 @@ class LyraForConditionalGeneration(nn.Module):
         position_ids, _ = vision.get_rope_index(
             input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw, attention_mask=attention_mask
         )
-        return embeds, position_ids
+        return embeds, position_ids, speech_features
 
     def lmme_settings(self, lmme: LMMEConfig | None) -> LMMEConfig | None:
         """The LMME configuration in force: the per-call one, else the model's if enabled."""
@@ -244,6 +243,8 @@ class LyraForConditionalGeneration(nn.Module):
         speech: list[torch.Tensor] | None = None,
         sound: list[torch.Tensor] | None = None,
         lmme: LMMEConfig | None = None,
+        transcript_ids: list[torch.Tensor] | None = None,
+        transcript_speech_index: torch.Tensor | None = None,
         **media: Any,
     ) -> LyraOutput:
         """Run the model.
@@ -252,6 +253,9 @@ class LyraForConditionalGeneration(nn.Module):
             input_ids, attention_mask, labels: `[B, L]` (labels -100 where not trained).
             speech, sound: 16 kHz waveforms `[T_i]`, one per pad run, in order.
             lmme: per-call LMME settings (default: the model config's).
+            transcript_ids, transcript_speech_index: transcripts of some speech inputs
+                (`transcript_ids[k]` is the text of `speech[transcript_speech_index[k]]`); with
+                labels, they add lambda * LCMR to the loss.
             media: pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
                 mm_token_type_ids (as the processor returns them).
 
@@ -260,22 +264,42 @@ class LyraForConditionalGeneration(nn.Module):
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        embeds, position_ids = self.prepare_inputs(input_ids, attention_mask, speech, sound, **media)
+        embeds, position_ids, speech_features = self.prepare_inputs(input_ids, attention_mask, speech, sound, **media)
         settings = self.lmme_settings(lmme)
         if settings is None:
             out = self.backbone(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
                                 labels=labels)
-            return LyraOutput(loss=out.loss, logits=out.logits)
-        types = context_types(input_ids, self.config.tokens)
-        result = lmme_prefill(self.backbone.model.language_model, embeds, position_ids, attention_mask, types,
-                              settings, labels=labels)
-        logits = self.backbone.lm_head(result.hidden_states)
-        loss = None
-        if labels is not None:
-            loss = nn.functional.cross_entropy(
-                logits.flatten(0, 1).float(), result.shifted_labels.flatten(), ignore_index=-100
-            )
-        return LyraOutput(loss=loss, logits=logits, kept_index=result.kept_index, retention=result.retention)
+            output = LyraOutput(loss=out.loss, logits=out.logits)
+        else:
+            types = context_types(input_ids, self.config.tokens)
+            result = lmme_prefill(self.backbone.model.language_model, embeds, position_ids, attention_mask, types,
+                                  settings, labels=labels)
+            logits = self.backbone.lm_head(result.hidden_states)
+            loss = None
+            if labels is not None:
+                loss = nn.functional.cross_entropy(
+                    logits.flatten(0, 1).float(), result.shifted_labels.flatten(), ignore_index=-100
+                )
+            output = LyraOutput(loss=loss, logits=logits, kept_index=result.kept_index, retention=result.retention)
+        if output.loss is not None:
+            output.ce_loss = output.loss.detach()
+            if transcript_ids and self.config.lcmr.weight > 0:
+                output.lcmr_loss = self.lcmr(speech_features, transcript_ids, transcript_speech_index)
+                output.loss = output.loss + self.config.lcmr.weight * output.lcmr_loss
+        return output
+
+    def lcmr(self, speech_features: list[torch.Tensor], transcript_ids: list[torch.Tensor],
+             transcript_speech_index: torch.Tensor) -> torch.Tensor:
+        """LCMR between the projected tokens of the transcribed speech inputs and the LLM's
+        embeddings of their transcripts (soft-DTW; lyra.losses.lcmr)."""
+        from lyra.losses.lcmr import lcmr_loss
+
+        if transcript_speech_index is None or len(transcript_speech_index) != len(transcript_ids):
+            raise ValueError("transcript_speech_index must give the speech input of every transcript")
+        table = self.backbone.get_input_embeddings()
+        speech_tokens = [speech_features[int(i)] for i in transcript_speech_index]
+        transcripts = [table(ids.to(table.weight.device)) for ids in transcript_ids]
+        return lcmr_loss(speech_tokens, transcripts, self.config.lcmr)
 
     @torch.no_grad()
     def generate(
@@ -310,14 +334,15 @@ class LyraForConditionalGeneration(nn.Module):
         if do_sample:
             sampling.update(temperature=temperature, top_k=top_k, top_p=top_p)
         if settings is None:
-            inputs_embeds = self.embed_inputs(input_ids, speech, sound, progress)
+            inputs_embeds, _ = self.embed_inputs(input_ids, speech, sound, progress)
             sequences = self.backbone.generate(
                 input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                 pad_token_id=self.config.tokens.pad, eos_token_id=self.config.tokens.eos, streamer=streamer,
                 **sampling, **media,
             )
             return sequences[:, input_ids.shape[1]:]
-        embeds, position_ids = self.prepare_inputs(input_ids, attention_mask, speech, sound, progress=progress, **media)
+        embeds, position_ids, _ = self.prepare_inputs(input_ids, attention_mask, speech, sound, progress=progress,
+                                                      **media)
         language_model = self.backbone.model.language_model
         cache = DynamicCache(config=self.backbone.config.text_config)
         types = context_types(input_ids, self.config.tokens)
@@ -475,6 +500,8 @@ class LyraOutput(ModelOutput):
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
+    ce_loss: torch.Tensor | None = None  # detached, for logging
+    lcmr_loss: torch.Tensor | None = None
     kept_index: torch.Tensor | None = None
     retention: RetentionRecord | None = None
 
