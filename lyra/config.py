@@ -225,10 +225,10 @@ class LyraConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> "LyraConfig":
-        return _build(cls, data, source, prefix="")
+        return dataclass_from_dict(cls, data, source, prefix="")
 
 
-def _build(cls: type, data: Any, source: str, prefix: str) -> Any:
+def dataclass_from_dict(cls: type, data: Any, source: str, prefix: str = "") -> Any:
     """Recursively build dataclass `cls` from a mapping, rejecting unknown keys."""
     if not isinstance(data, dict):
         raise ValueError(f"{source}: expected a mapping for '{prefix or 'config'}', got {type(data).__name__}")
@@ -242,7 +242,7 @@ def _build(cls: type, data: Any, source: str, prefix: str) -> Any:
     for key, value in data.items():
         target = _dataclass_in(hints[key])
         if target is not None and value is not None:
-            kwargs[key] = _build(target, value, source, f"{prefix}.{key}" if prefix else key)
+            kwargs[key] = dataclass_from_dict(target, value, source, f"{prefix}.{key}" if prefix else key)
         else:
             kwargs[key] = value
     return cls(**kwargs)

@@ -354,21 +354,37 @@ class LyraForConditionalGeneration(nn.Module):
                             streamer)
 
     # ------------------------------------------------------------------ saving
-    def save_pretrained(self, directory: str | Path, max_shard_size: str = "5GB") -> None:
-        """Write `config.json` + safetensors shards atomically (temp dir, then rename)."""
+    def save_pretrained(self, directory: str | Path, max_shard_size: str = "5GB",
+                        state_dict: dict[str, torch.Tensor] | None = None, replace: bool = True) -> None:
+        """Write `config.json`, safetensors shards and `adapters/<name>/`, never half-written:
+        everything goes to a temp dir first, which then replaces `directory` (`replace`) or
+        whose files are moved into the existing `directory` (a trainer's checkpoint folder).
+
+        `state_dict`: weights to save instead of the live ones (e.g. gathered ZeRO-3 shards).
+        """
         from huggingface_hub import save_torch_state_dict
 
         directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        parent = directory.parent if replace else directory
+        parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=parent))
         try:
             with open(staging / CONFIG_FILE, "w") as f:
                 json.dump({"model_type": MODEL_TYPE, "lyra": self.config.to_dict()}, f, indent=2)
-            state = {k: v for k, v in mlora.base_state_dict(self).items() if k not in self.tied_keys()}
+            base = mlora.base_state_dict(self, state_dict)
+            state = {k: v for k, v in base.items() if k not in self.tied_keys()}
             save_torch_state_dict(state, staging, max_shard_size=max_shard_size)
             for name in mlora.adapter_names(self):
-                mlora.save_adapter(self, name, staging)
-            _replace_directory(staging, directory)
+                mlora.save_adapter(self, name, staging, state_dict)
+            if replace:
+                _replace_directory(staging, directory)
+            else:
+                for entry in staging.iterdir():
+                    target = directory / entry.name
+                    if target.is_dir():
+                        shutil.rmtree(target)
+                    os.replace(entry, target)
+                staging.rmdir()
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -379,27 +395,27 @@ class LyraForConditionalGeneration(nn.Module):
     ) -> "LyraForConditionalGeneration":
         """Load a directory written by `save_pretrained` (safetensors only: no pickle)."""
         from accelerate import init_empty_weights
-        from huggingface_hub import load_state_dict_from_file
 
         config = read_checkpoint_config(directory)
         with init_empty_weights(include_buffers=False):
             model = cls(config)
-        directory = Path(directory)
-        index = directory / "model.safetensors.index.json"
-        if index.is_file():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        else:
-            files = ["model.safetensors"]
-        state: dict[str, torch.Tensor] = {}
-        for name in files:
-            if not (directory / name).is_file():
-                raise FileNotFoundError(f"{directory / name} is missing; the checkpoint is incomplete")
-            state.update(load_state_dict_from_file(directory / name, map_location="cpu"))
-        model.load_full_state_dict(state, source=str(directory))
+        model.load_full_state_dict(read_weights(directory), source=str(directory))
         mlora.load_adapters(model, directory)
         if dtype is not None:
             model = model.to(dtype)
         return model.to(device)
+
+    def load_checkpoint_weights(self, directory: str | Path) -> None:
+        """Load a checkpoint's weights into this model in place, adapters included (resuming)."""
+        state = read_weights(directory)
+        plain_to_live = {k.replace(".base_layer.", "."): k for k in self.state_dict() if ".lora_" not in k}
+        expected = set(plain_to_live) - self.tied_keys()
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - set(plain_to_live))
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {directory} does not match this model: missing {missing[:4]}, "
+                             f"unexpected {unexpected[:4]}")
+        self.load_state_dict({plain_to_live[k]: v for k, v in state.items()}, strict=False)
+        mlora.restore_adapters(self, directory)
 
     def tied_keys(self) -> set[str]:
         """Keys that alias another parameter; saved once, under the input embedding's name."""
@@ -420,6 +436,22 @@ class LyraForConditionalGeneration(nn.Module):
         self.load_state_dict(state, strict=False, assign=True)
         if self.config.text.tie_word_embeddings:
             self.backbone.lm_head.weight = self.backbone.get_input_embeddings().weight
+
+
+def read_weights(directory: str | Path) -> dict[str, torch.Tensor]:
+    """All safetensors weights of a checkpoint directory (one file or an index of shards)."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    index = directory / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [
+        "model.safetensors"]
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{directory / name} is missing; the checkpoint is incomplete")
+        state.update(load_file(str(directory / name)))
+    return state
 
 
 def read_checkpoint_config(directory: str | Path) -> LyraConfig:

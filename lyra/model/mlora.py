@@ -114,22 +114,29 @@ def _projector_state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.speech_projector.state_dict().items()}
 
 
-def save_adapter(model, name: str, directory: str | Path) -> Path:
-    """Write `directory/adapters/<name>/` (atomically: temp dir, then rename)."""
+def save_adapter(model, name: str, directory: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write `directory/adapters/<name>/` (atomically: temp dir, then rename).
+
+    `state`: the full model state dict to take the weights from (e.g. gathered from
+    ZeRO-3 shards); default the model's own."""
     from peft import get_peft_model_state_dict
 
-    if name == model.active_adapter:
-        model.adapter_projectors[name] = _projector_state(model)
+    state = state if state is not None else model.state_dict()
+    projector = model.adapter_projectors[name]
+    if name == model.active_adapter:  # it trained in place: the live projector is its own
+        projector = {k.removeprefix("speech_projector."): v for k, v in state.items()
+                     if k.startswith("speech_projector.")}
     target = Path(directory) / ADAPTER_DIR / name
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
     try:
         config = model.adapter_configs[name]
         (staging / "adapter_config.json").write_text(json.dumps(config.to_dict(), indent=2, default=list))
-        weights = get_peft_model_state_dict(model.backbone, adapter_name=name)
+        backbone_state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+        weights = get_peft_model_state_dict(model.backbone, state_dict=backbone_state, adapter_name=name)
         save_file({f"base_model.model.{k}": v.contiguous() for k, v in weights.items()},
                   str(staging / "adapter_model.safetensors"))
-        save_file({k: v.contiguous() for k, v in model.adapter_projectors[name].items()},
+        save_file({k: v.contiguous() for k, v in projector.items()},
                   str(staging / "projector.safetensors"))
         if target.exists():
             shutil.rmtree(target)
@@ -140,27 +147,51 @@ def save_adapter(model, name: str, directory: str | Path) -> Path:
     return target
 
 
-def load_adapters(model, directory: str | Path) -> list[str]:
-    """Load every `directory/adapters/<name>/`; returns the names (adapters stay off)."""
-    from peft import LoraConfig, set_peft_model_state_dict
-
+def _adapter_folders(directory: str | Path) -> list[Path]:
     root = Path(directory) / ADAPTER_DIR
-    names = []
-    for folder in sorted(p for p in root.glob("*") if p.is_dir() and not p.name.startswith(".")):
+    folders = sorted(p for p in root.glob("*") if p.is_dir() and not p.name.startswith("."))
+    for folder in folders:
         for required in ("adapter_config.json", "adapter_model.safetensors", "projector.safetensors"):
             if not (folder / required).is_file():
                 raise FileNotFoundError(f"adapter folder {folder} lacks {required}; re-save or re-convert it")
+    return folders
+
+
+def _load_adapter_weights(model, folder: Path) -> None:
+    from peft import set_peft_model_state_dict
+
+    weights = load_file(str(folder / "adapter_model.safetensors"))
+    weights = {k.removeprefix("base_model.model."): v for k, v in weights.items()}
+    result = set_peft_model_state_dict(model.backbone, weights, adapter_name=folder.name)
+    if result.unexpected_keys:
+        raise ValueError(f"{folder}: adapter weights do not fit this model, e.g. {result.unexpected_keys[:3]}")
+    model.adapter_projectors[folder.name] = load_file(str(folder / "projector.safetensors"))
+
+
+def load_adapters(model, directory: str | Path) -> list[str]:
+    """Add every `directory/adapters/<name>/` to the model; returns the names (adapters stay off).
+    Call right after loading the base weights (the live projector is then the base one)."""
+    from peft import LoraConfig
+
+    folders = _adapter_folders(directory)
+    for folder in folders:
         _inject(model, folder.name, LoraConfig.from_pretrained(str(folder)))
-        weights = load_file(str(folder / "adapter_model.safetensors"))
-        weights = {k.removeprefix("base_model.model."): v for k, v in weights.items()}
-        result = set_peft_model_state_dict(model.backbone, weights, adapter_name=folder.name)
-        if result.unexpected_keys:
-            raise ValueError(f"{folder}: adapter weights do not fit this model, e.g. {result.unexpected_keys[:3]}")
-        model.adapter_projectors[folder.name] = load_file(str(folder / "projector.safetensors"))
-        names.append(folder.name)
-    if names:
+        _load_adapter_weights(model, folder)
+    if folders:
         use_adapter(model, None)
-    return names
+    return [f.name for f in folders]
+
+
+def restore_adapters(model, directory: str | Path) -> None:
+    """Resume: load the saved weights of the adapters the model already has, keeping the
+    active one active. Call right after loading the base weights."""
+    saved = {f.name: f for f in _adapter_folders(directory)}
+    if set(saved) != set(adapter_names(model)):
+        raise ValueError(f"{directory} holds adapters {sorted(saved)} but the model has {adapter_names(model)}")
+    active, model.active_adapter = model.active_adapter, None  # the live projector is the base one now
+    for folder in saved.values():
+        _load_adapter_weights(model, folder)
+    use_adapter(model, active)
 
 
 def merge_adapter(model, name: str) -> None:
@@ -189,10 +220,11 @@ def _remove_lora_layers(model) -> None:
     model.adapter_configs.clear()
 
 
-def base_state_dict(model) -> dict[str, torch.Tensor]:
-    """The model's own weights without any LoRA tensor, under the plain (un-wrapped) names,
-    with the projector used while adapters are off."""
-    state = {k.replace(".base_layer.", "."): v for k, v in model.state_dict().items() if ".lora_" not in k}
+def base_state_dict(model, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The model's own weights (from `state`, default the model's) without any LoRA tensor,
+    under the plain (un-wrapped) names, with the projector used while adapters are off."""
+    state = state if state is not None else model.state_dict()
+    state = {k.replace(".base_layer.", "."): v for k, v in state.items() if ".lora_" not in k}
     if model.active_adapter is not None and BASE in model.adapter_projectors:
         for key, tensor in model.adapter_projectors[BASE].items():
             state[f"speech_projector.{key}"] = tensor

@@ -1,0 +1,186 @@
+"""`LyraTrainer`: transformers' Trainer with what Lyra's stages need and nothing more.
+
+- the loss is the model's (CE + lambda * LCMR); CE and LCMR are logged separately;
+- batches from `LyraCollator` carry bookkeeping (skipped bad samples, ids) that is
+  counted by a `BadSampleTracker` and never reaches the model;
+- projectors may have their own learning rate;
+- modality- and length-grouped batches;
+- checkpoints in the layout inference loads (`config.json`, safetensors, `adapters/`),
+  each marked complete only once every file of it is written.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from lyra.data.dataset import BadSampleTracker
+
+COMPLETE_MARKER = ".complete"
+MODEL_INPUT_KEYS = (
+    "input_ids", "attention_mask", "labels", "speech", "sound", "pixel_values", "image_grid_thw",
+    "pixel_values_videos", "video_grid_thw", "mm_token_type_ids", "transcript_ids", "transcript_speech_index",
+    "tgt_units",
+)
+
+
+class ModalityLengthGroupedSampler(torch.utils.data.Sampler):
+    """Batches of one modality and similar length, in a seeded random order per epoch.
+
+    Samples are split by modality, shuffled, cut into chunks of `50 * batch` sorted by
+    length (so padding is small), then cut into batches; the batch order is shuffled.
+    """
+
+    def __init__(self, lengths: list[int], modalities: list[str], batch: int, seed: int):
+        self.lengths, self.modalities, self.batch, self.seed = lengths, modalities, batch, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        batches = []
+        for modality in sorted(set(self.modalities)):
+            members = [i for i, m in enumerate(self.modalities) if m == modality]
+            order = [members[i] for i in torch.randperm(len(members), generator=generator).tolist()]
+            chunk = 50 * self.batch
+            for start in range(0, len(order), chunk):
+                ranked = sorted(order[start:start + chunk], key=lambda i: -self.lengths[i])
+                batches += [ranked[i:i + self.batch] for i in range(0, len(ranked), self.batch)]
+        for b in torch.randperm(len(batches), generator=generator).tolist():
+            yield from batches[b]
+
+
+class LyraTrainer(Trainer):
+    def __init__(self, *args, projector_lr: float | None = None, tracker: BadSampleTracker | None = None,
+                 group_by_modality_length: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.projector_lr = projector_lr
+        self.tracker = tracker or BadSampleTracker()
+        self.group_by_modality_length = group_by_modality_length
+        self._sums = {"ce_loss": 0.0, "lcmr_loss": 0.0, "speech_generator_loss": 0.0}
+        self._counts = {key: 0 for key in self._sums}
+
+    # ------------------------------------------------------------------ loss
+    def compute_loss(self, model, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch=None):
+        self.tracker.update(inputs)
+        if not inputs.get("num_samples", 1):  # every sample of the batch was bad: a zero step
+            zero = sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
+            return (zero, None) if return_outputs else zero
+        outputs = model(**{k: v for k, v in inputs.items() if k in MODEL_INPUT_KEYS})
+        for key in self._sums:
+            value = getattr(outputs, key, None)
+            if value is not None:
+                self._sums[key] += float(value.detach())
+                self._counts[key] += 1
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        for key in self._sums:
+            if self._counts[key]:
+                logs[key] = round(self._sums[key] / self._counts[key], 6)
+                self._sums[key], self._counts[key] = 0.0, 0
+        if "loss" in logs:
+            logs["bad_samples"] = self.tracker.skipped
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------------ optimiser
+    def create_optimizer(self, model=None):
+        if self.optimizer is not None:
+            return self.optimizer
+        model = model if model is not None else self.model
+        decay = set(self.get_decay_parameter_names(model))
+        groups: dict[tuple[bool, bool], list] = {}
+        for name, parameter in model.named_parameters():
+            if parameter.requires_grad:
+                groups.setdefault((name in decay, "_projector." in name), []).append(parameter)
+        optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+        param_groups = []
+        for (decays, projector), params in groups.items():
+            group = {"params": params, "weight_decay": self.args.weight_decay if decays else 0.0}
+            if projector and self.projector_lr is not None:
+                group["lr"] = self.projector_lr
+            param_groups.append(group)
+        self.optimizer = optimizer_cls(param_groups, **kwargs)
+        return self.optimizer
+
+    # ------------------------------------------------------------------ data
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if not self.group_by_modality_length or not hasattr(dataset, "sample_info"):
+            return super()._get_train_sampler(train_dataset)
+        info = dataset.sample_info()
+        batch = self.args.per_device_train_batch_size * self.args.world_size * self.args.gradient_accumulation_steps
+        return ModalityLengthGroupedSampler([i.length for i in info], [i.modality for i in info], batch,
+                                            self.args.seed)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        if self.args.should_save:
+            self.model.save_pretrained(output_dir, state_dict=state_dict, replace=False)
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+            (folder / COMPLETE_MARKER).write_text(f"{self.state.global_step}\n")
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        (model or self.model).load_checkpoint_weights(resume_from_checkpoint)
+
+
+def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest `checkpoint-N` that was fully written (an interrupted save is ignored)."""
+    folders = [p for p in Path(output_dir).glob("checkpoint-*") if (p / COMPLETE_MARKER).is_file()]
+    return max(folders, key=lambda p: int(p.name.rsplit("-", 1)[1]), default=None)
+
+
+def trainable_table(model: torch.nn.Module) -> str:
+    """Trainable / total parameters per component, as a markdown table."""
+    components = {
+        "vit": "backbone.model.visual.", "llm": "backbone.model.language_model.", "lm_head": "backbone.lm_head.",
+        "speech_encoder": "speech_encoder.", "sound_encoder": "sound_encoder.",
+        "speech_projector": "speech_projector.", "sound_projector": "sound_projector.",
+        "speech_generator": "speech_generator.",
+    }
+    rows = {name: [0, 0] for name in components}
+    rows["lora"] = [0, 0]
+    seen = set()
+    for name, parameter in model.named_parameters():
+        if id(parameter) in seen:
+            continue
+        seen.add(id(parameter))
+        key = "lora" if ".lora_" in name else next((c for c, p in components.items() if name.startswith(p)), None)
+        if key is None:
+            raise ValueError(f"parameter {name} belongs to no known component")
+        rows[key][1] += parameter.numel()
+        rows[key][0] += parameter.numel() if parameter.requires_grad else 0
+    lines = ["| component | trainable | total |", "|---|---|---|"]
+    for name, (trainable, total) in rows.items():
+        if total:
+            lines.append(f"| {name} | {trainable:,} | {total:,} |")
+    trainable = sum(r[0] for r in rows.values())
+    total = sum(r[1] for r in rows.values())
+    lines.append(f"| **all** | {trainable:,} ({100 * trainable / max(1, total):.2f} %) | {total:,} |")
+    return "\n".join(lines)
+
+
+def single_process_distributed_env() -> None:
+    """DeepSpeed in a plain `python` process needs a rendezvous; without these it falls
+    back to MPI discovery and fails. The launcher (`deepspeed ...`) sets them itself."""
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29511")
