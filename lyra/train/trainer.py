@@ -60,9 +60,10 @@ class ModalityLengthGroupedSampler(torch.utils.data.Sampler):
 
 
 class LyraTrainer(Trainer):
-    def __init__(self, *args, projector_lr: float | None = None, tracker: BadSampleTracker | None = None,
-                 group_by_modality_length: bool = False, **kwargs):
+    def __init__(self, *args, tokenizer=None, projector_lr: float | None = None,
+                 tracker: BadSampleTracker | None = None, group_by_modality_length: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
+        self.tokenizer_to_save = tokenizer  # not `processing_class`: the Trainer would edit the model config
         self.projector_lr = projector_lr
         self.tracker = tracker or BadSampleTracker()
         self.group_by_modality_length = group_by_modality_length
@@ -73,9 +74,11 @@ class LyraTrainer(Trainer):
     def compute_loss(self, model, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch=None):
         self.tracker.update(inputs)
         if not inputs.get("num_samples", 1):  # every sample of the batch was bad: a zero step
-            zero = sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
+            zero = _zero_loss(model)
             return (zero, None) if return_outputs else zero
         outputs = model(**{k: v for k, v in inputs.items() if k in MODEL_INPUT_KEYS})
+        if not outputs.loss.requires_grad:  # nothing trained is on this batch's path (e.g. text in stage 1)
+            outputs.loss = outputs.loss.detach() + _zero_loss(model)
         for key in self._sums:
             value = getattr(outputs, key, None)
             if value is not None:
@@ -126,9 +129,8 @@ class LyraTrainer(Trainer):
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir or self.args.output_dir
         if self.args.should_save:
-            self.model.save_pretrained(output_dir, state_dict=state_dict, replace=False)
-            if self.processing_class is not None:
-                self.processing_class.save_pretrained(output_dir)
+            self.model.save_pretrained(output_dir, state_dict=state_dict, replace=False,
+                                       tokenizer=self.tokenizer_to_save)
 
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)
@@ -138,6 +140,11 @@ class LyraTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         (model or self.model).load_checkpoint_weights(resume_from_checkpoint)
+
+
+def _zero_loss(model) -> torch.Tensor:
+    """A zero that depends on every trainable parameter, so every rank's backward matches."""
+    return sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
 
 
 def last_complete_checkpoint(output_dir: str | Path) -> Path | None:

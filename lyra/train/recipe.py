@@ -1,0 +1,207 @@
+"""The one training recipe behind `scripts/train_stage{1,2,3,4}.py`.
+
+    deepspeed scripts/train_stage2.py --config configs/train/stage2_base.yaml      # GPUs
+    deepspeed --num_gpus 2 scripts/train_stage2.py --config configs/train/stage2_tiny.yaml   # 2 CPU processes
+    python scripts/train_stage2.py --config configs/train/stage2_tiny.yaml --resume
+
+Stage k starts from stage k-1's `final/` (set `init_from`). The run writes
+`output_dir/checkpoint-N/` (resumable), `output_dir/final/` (what inference loads:
+config.json, safetensors, adapters/, tokenizer) and `output_dir/train_config.yaml`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+from lyra.config import LMMEConfig, load_config
+from lyra.data.dataset import BadSampleTracker, LyraCollator, LyraDataset
+from lyra.data.vision import VisionLimits
+from lyra.model import mlora
+from lyra.model.lyra import LyraForConditionalGeneration
+from lyra.processing import LyraProcessor
+from lyra.tokenizer import load_tokenizer
+from lyra.train.config import STAGES, TrainConfig, dump_train_config, load_train_config
+from lyra.train.trainer import (
+    LyraTrainer,
+    last_complete_checkpoint,
+    single_process_distributed_env,
+    trainable_table,
+)
+
+logger = logging.getLogger("lyra.train")
+
+
+def build_model(config: TrainConfig) -> LyraForConditionalGeneration:
+    """The model a stage starts from: the previous stage's output, a checkpoint, real
+    Qwen2-VL + Whisper weights, or a preset with random weights."""
+    source = config.init_from or (config.model if Path(config.model).is_dir() else None)
+    if source:
+        model = LyraForConditionalGeneration.from_pretrained(source)
+    elif config.qwen2vl:
+        if not config.whisper:
+            raise ValueError("qwen2vl is set but whisper is not: give the Whisper checkpoint too")
+        model = LyraForConditionalGeneration.from_qwen2vl(config.qwen2vl, config.whisper,
+                                                          base_config=load_config(config.model))
+    else:
+        torch.manual_seed(config.seed)
+        model = LyraForConditionalGeneration.from_config(load_config(config.model))
+    if config.lcmr_weight is not None:
+        model.config.lcmr.weight = config.lcmr_weight
+    if config.lmme:
+        model.config.lmme = LMMEConfig.parse(config.lmme)
+    return model
+
+
+def configure_trainable(model: LyraForConditionalGeneration, config: TrainConfig) -> None:
+    """Freeze everything, then unfreeze what the stage trains (paper Table 7)."""
+    model.requires_grad_(False)
+    wanted = config.trainable
+    if wanted.adapter:
+        if "speech" in mlora.adapter_names(model):
+            mlora.use_adapter(model, "speech")  # a new adapter's projector starts from the speech one
+        spec = mlora.AdapterSpec(wanted.adapter_r, wanted.adapter_alpha, wanted.adapter_dropout)
+        mlora.add_adapter(model, wanted.adapter, spec)  # LoRA from the base LLM, now the only active one
+        for name, parameter in model.named_parameters():
+            if f".lora_A.{wanted.adapter}." in name or f".lora_B.{wanted.adapter}." in name:
+                parameter.requires_grad_(True)
+    if wanted.speech_projector:
+        model.speech_projector.requires_grad_(True)
+    if wanted.sound_projector:
+        model.sound_projector.requires_grad_(True)
+    if wanted.llm:
+        model.backbone.model.language_model.requires_grad_(True)
+        model.backbone.lm_head.requires_grad_(True)
+    if wanted.speech_generator:
+        if getattr(model, "speech_generator", None) is None:
+            raise ValueError("trainable.speech_generator needs speech_generator.enabled in the model config")
+        model.speech_generator.requires_grad_(True)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("the config trains nothing: set something under `trainable`")
+
+
+def training_arguments(config: TrainConfig, report_to: str):
+    from transformers import TrainingArguments
+
+    optim = config.optim
+    return TrainingArguments(
+        output_dir=config.output_dir,
+        per_device_train_batch_size=optim.batch_size,
+        gradient_accumulation_steps=optim.grad_accum,
+        learning_rate=optim.lr,
+        weight_decay=optim.weight_decay,
+        warmup_steps=optim.warmup_ratio,  # a float below 1 is a ratio of the total steps
+        lr_scheduler_type=optim.scheduler,
+        num_train_epochs=optim.epochs,
+        max_steps=optim.max_steps,
+        max_grad_norm=optim.max_grad_norm,
+        logging_steps=config.logging_steps,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        bf16=config.precision == "bf16",
+        deepspeed=config.deepspeed,
+        report_to=[] if report_to == "none" else [report_to],
+        run_name=config.run_name or Path(config.output_dir).name,
+        seed=config.seed,
+        data_seed=config.seed,
+        dataloader_num_workers=config.data.workers,
+        remove_unused_columns=False,
+        use_cpu=not torch.cuda.is_available(),
+    )
+
+
+def parse_args(stage: int, argv: list[str] | None):
+    parser = argparse.ArgumentParser(prog=f"train_stage{stage}.py",
+                                     description=f"Lyra stage {stage}: {STAGES[stage]}. " + __doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--config", required=True, help="a configs/train/*.yaml")
+    parser.add_argument("--resume", nargs="?", const="auto", default=None,
+                        help="resume from the newest complete checkpoint in output_dir (or the one given)")
+    parser.add_argument("--report-to", default=None, help="wandb (offline by default) | tensorboard | none")
+    parser.add_argument("--output-dir", default=None)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set optim.max_steps=10 (YAML syntax)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
+    return parser.parse_args(argv)
+
+
+def run(stage: int, argv: list[str] | None = None) -> int:
+    args = parse_args(stage, argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        overrides[key] = yaml.safe_load(value)
+    if args.output_dir:
+        overrides["output_dir"] = args.output_dir
+    try:
+        config = load_train_config(args.config, overrides)
+        if config.stage != stage:
+            raise ValueError(f"{args.config} is a stage-{config.stage} config; run scripts/train_stage{config.stage}.py")
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    report_to = args.report_to or config.report_to
+    if report_to == "wandb":
+        os.environ.setdefault("WANDB_MODE", "offline")
+    if config.deepspeed and "RANK" not in os.environ:
+        single_process_distributed_env()
+    try:
+        trainer = build_trainer(config, report_to)
+    except (ValueError, FileNotFoundError) as error:  # bad config, data or checkpoint: say which and stop
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return train(trainer, config, args.resume)
+
+
+def build_trainer(config: TrainConfig, report_to: str = "none") -> LyraTrainer:
+    """Model, data and trainer for a stage, with the trainable-parameter table printed."""
+    output_dir = Path(config.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    dump_train_config(config, output_dir / "train_config.yaml")
+    model = build_model(config)
+    configure_trainable(model, config)
+    if config.gradient_checkpointing:
+        model.backbone.activation_checkpointing_enable({"use_reentrant": False})
+    tokenizer_source = config.init_from if config.init_from and (Path(config.init_from) / "tokenizer.json").is_file() \
+        else model.config.tokenizer
+    tokenizer = load_tokenizer(tokenizer_source)
+    data = config.data
+    limits = VisionLimits(image_max_pixels=data.image_max_pixels, video_max_pixels=data.video_max_pixels,
+                          video_min_pixels=min(VisionLimits().video_min_pixels, data.video_max_pixels))
+    processor = LyraProcessor(tokenizer, model.config, limits)
+    dataset = LyraDataset(data.path, processor, root=data.root, image_root=data.image_root,
+                          audio_root=data.audio_root, model_max_length=data.model_max_length,
+                          on_bad_sample=data.on_bad_sample)
+    print(f"Lyra stage {config.stage}: {STAGES[config.stage]}\n{trainable_table(model)}", flush=True)
+    return LyraTrainer(
+        model=model, args=training_arguments(config, report_to), train_dataset=dataset,
+        data_collator=LyraCollator.from_processor(processor), tokenizer=tokenizer,
+        projector_lr=config.optim.projector_lr, tracker=BadSampleTracker(max_fraction=data.max_bad_fraction),
+        group_by_modality_length=config.group_by_modality_length,
+    )
+
+
+def train(trainer: LyraTrainer, config: TrainConfig, resume: str | None = None) -> int:
+    """Train (optionally resuming) and write `output_dir/final/`."""
+    output_dir = Path(config.output_dir)
+    model = trainer.model
+    checkpoint = None
+    if resume == "auto":
+        checkpoint = last_complete_checkpoint(output_dir)
+        if checkpoint is None:
+            print(f"--resume: no complete checkpoint in {output_dir}; starting from scratch", flush=True)
+    elif resume:
+        checkpoint = Path(resume)
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if trainer.args.should_save:
+        model.save_pretrained(output_dir / "final", tokenizer=trainer.tokenizer_to_save)
+    print(f"{trainer.tracker.summary()}\nsaved {output_dir / 'final'}", flush=True)
+    return 0
