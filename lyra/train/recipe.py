@@ -50,7 +50,6 @@ def build_model(config: TrainConfig) -> LyraForConditionalGeneration:
         model = LyraForConditionalGeneration.from_qwen2vl(config.qwen2vl, config.whisper,
                                                           base_config=load_config(config.model))
     else:
-        torch.manual_seed(config.seed)
         model = LyraForConditionalGeneration.from_config(load_config(config.model))
     if config.lcmr_weight is not None:
         model.config.lcmr.weight = config.lcmr_weight
@@ -163,9 +162,12 @@ def run(stage: int, argv: list[str] | None = None) -> int:
 
 def build_trainer(config: TrainConfig, report_to: str = "none") -> LyraTrainer:
     """Model, data and trainer for a stage, with the trainable-parameter table printed."""
+    from transformers import set_seed
+
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     dump_train_config(config, output_dir / "train_config.yaml")
+    set_seed(config.seed)  # new weights (a preset, LoRA A matrices) are the same on every run
     model = build_model(config)
     configure_trainable(model, config)
     if config.gradient_checkpointing:
