@@ -245,6 +245,7 @@ class LyraForConditionalGeneration(nn.Module):
         lmme: LMMEConfig | None = None,
         transcript_ids: list[torch.Tensor] | None = None,
         transcript_speech_index: torch.Tensor | None = None,
+        return_logits: bool = True,
         **media: Any,
     ) -> LyraOutput:
         """Run the model.
@@ -256,6 +257,7 @@ class LyraForConditionalGeneration(nn.Module):
             transcript_ids, transcript_speech_index: transcripts of some speech inputs
                 (`transcript_ids[k]` is the text of `speech[transcript_speech_index[k]]`); with
                 labels, they add lambda * LCMR to the loss.
+            return_logits: False computes the LM head only where labels are (training).
             media: pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
                 mm_token_type_ids (as the processor returns them).
 
@@ -266,21 +268,27 @@ class LyraForConditionalGeneration(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         embeds, position_ids, speech_features = self.prepare_inputs(input_ids, attention_mask, speech, sound, **media)
         settings = self.lmme_settings(lmme)
+        shifted = None
+        if labels is not None:  # next-token targets, aligned with the rows that predict them
+            shifted = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
+        kept_index = retention = None
         if settings is None:
-            out = self.backbone(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                                labels=labels)
-            output = LyraOutput(loss=out.loss, logits=out.logits)
+            hidden = self.backbone.model(inputs_embeds=embeds, attention_mask=attention_mask,
+                                         position_ids=position_ids).last_hidden_state
         else:
-            types = context_types(input_ids, self.config.tokens)
-            result = lmme_prefill(self.backbone.model.language_model, embeds, position_ids, attention_mask, types,
-                                  settings, labels=labels)
-            logits = self.backbone.lm_head(result.hidden_states)
-            loss = None
-            if labels is not None:
-                loss = nn.functional.cross_entropy(
-                    logits.flatten(0, 1).float(), result.shifted_labels.flatten(), ignore_index=-100
-                )
-            output = LyraOutput(loss=loss, logits=logits, kept_index=result.kept_index, retention=result.retention)
+            result = lmme_prefill(self.backbone.model.language_model, embeds, position_ids, attention_mask,
+                                  context_types(input_ids, self.config.tokens), settings, labels=labels)
+            hidden, shifted = result.hidden_states, result.shifted_labels
+            kept_index, retention = result.kept_index, result.retention
+        output = LyraOutput(kept_index=kept_index, retention=retention)
+        if return_logits:
+            output.logits = self.backbone.lm_head(hidden)
+        if shifted is not None:
+            rows = shifted != -100
+            # Without logits to return, only the rows with a target go through the LM head:
+            # with a 152K vocabulary that head is most of a small model's compute.
+            logits = output.logits[rows] if return_logits else self.backbone.lm_head(hidden[rows])
+            output.loss = nn.functional.cross_entropy(logits.float(), shifted[rows])
         if output.loss is not None:
             output.ce_loss = output.loss.detach()
             if transcript_ids and self.config.lcmr.weight > 0:
@@ -355,12 +363,14 @@ class LyraForConditionalGeneration(nn.Module):
 
     # ------------------------------------------------------------------ saving
     def save_pretrained(self, directory: str | Path, max_shard_size: str = "5GB",
-                        state_dict: dict[str, torch.Tensor] | None = None, replace: bool = True) -> None:
+                        state_dict: dict[str, torch.Tensor] | None = None, replace: bool = True,
+                        tokenizer=None) -> None:
         """Write `config.json`, safetensors shards and `adapters/<name>/`, never half-written:
         everything goes to a temp dir first, which then replaces `directory` (`replace`) or
         whose files are moved into the existing `directory` (a trainer's checkpoint folder).
 
-        `state_dict`: weights to save instead of the live ones (e.g. gathered ZeRO-3 shards).
+        `state_dict`: weights to save instead of the live ones (e.g. gathered ZeRO-3 shards);
+        `tokenizer`: saved alongside, so the folder is complete for `lyra.chat`.
         """
         from huggingface_hub import save_torch_state_dict
 
@@ -376,6 +386,8 @@ class LyraForConditionalGeneration(nn.Module):
             save_torch_state_dict(state, staging, max_shard_size=max_shard_size)
             for name in mlora.adapter_names(self):
                 mlora.save_adapter(self, name, staging, state_dict)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(staging))
             if replace:
                 _replace_directory(staging, directory)
             else:

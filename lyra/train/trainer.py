@@ -76,7 +76,7 @@ class LyraTrainer(Trainer):
         if not inputs.get("num_samples", 1):  # every sample of the batch was bad: a zero step
             zero = _zero_loss(model)
             return (zero, None) if return_outputs else zero
-        outputs = model(**{k: v for k, v in inputs.items() if k in MODEL_INPUT_KEYS})
+        outputs = model(**{k: v for k, v in inputs.items() if k in MODEL_INPUT_KEYS}, return_logits=False)
         if not outputs.loss.requires_grad:  # nothing trained is on this batch's path (e.g. text in stage 1)
             outputs.loss = outputs.loss.detach() + _zero_loss(model)
         for key in self._sums:
