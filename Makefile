@@ -14,11 +14,20 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip wheel setuptools
 	# CPU torch first: a bare `torch` would pull a multi-GB CUDA build.
 	$(PIP) install -q torch==2.13.0
-	DS_BUILD_OPS=0 $(PIP) install -q -e '.[dev]'
+	DS_BUILD_OPS=0 $(PIP) install -q -e '.[dev,tts]'
 	# openai-whisper's only other requirement is triton (GPU only): skip it.
 	$(PIP) install -q --no-deps openai-whisper==20250625
 	# A real 30 s two-speaker recording with a transcript, used by tests (never imported).
 	$(PIP) install -q --no-deps pyannote.audio==4.0.7
+	# Speech-instruction TTS (lyra/data/tts.py): the espeak-ng backend and sox come from Debian;
+	# installed only when missing, and only as root (otherwise a note says how).
+	@if ! command -v espeak-ng >/dev/null 2>&1 || ! command -v sox >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng sox; \
+	  else \
+	    echo "note: espeak-ng/sox missing; run 'sudo apt-get install espeak-ng sox' for the espeak-ng TTS backend and its tests"; \
+	  fi; \
+	fi
 	touch $(STAMP)
 
 test: setup
