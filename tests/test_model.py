@@ -239,3 +239,21 @@ def test_sound_uses_its_own_projector_and_placeholder(tiny_model):
     assert torch.allclose(embeds[0, :n], expected_sound, atol=1e-6)
     assert torch.allclose(embeds[0, -n:], tiny_model.encode_speech([speech])[0], atol=1e-6)
     assert not torch.allclose(tiny_model.speech_projector(frames)[0], expected_sound)
+
+
+def test_frozen_encoder_cache_reuses_outputs(tiny_config):
+    config = load_config("tiny", overrides={"speech": {"frozen_encoder_cache_mib": 16}})
+    torch.manual_seed(0)
+    model = LyraForConditionalGeneration.from_config(config).eval()
+    model.speech_encoder.requires_grad_(False)
+    speech = torch.from_numpy(tone(3.0))
+    first, = model.encode_speech([speech])
+    calls = []
+    model.speech_encoder.register_forward_hook(lambda *args: calls.append(1))
+    again, = model.encode_speech([speech.clone()])
+    assert calls == [] and torch.equal(first, again)
+    model.encode_speech([speech * 0.5])
+    assert calls == [1]
+    model.speech_encoder.requires_grad_(True)  # a trainable encoder is never cached
+    model.encode_speech([speech])
+    assert calls == [1, 1]

@@ -31,7 +31,7 @@ from lyra.config import AudioEncoderConfig, LMMEConfig, LyraConfig
 from lyra.model import mlora
 from lyra.model.lmme import RetentionRecord, context_types, lmme_decode, lmme_prefill
 from lyra.model.projector import FrameConcatProjector
-from lyra.model.speech import WhisperEncoder, encode_audio, waveform_tensor
+from lyra.model.speech import FrameCache, WhisperEncoder, encode_audio, waveform_tensor
 
 CONFIG_FILE = "config.json"
 MODEL_TYPE = "lyra"
@@ -109,6 +109,8 @@ class LyraForConditionalGeneration(nn.Module):
         self.adapter_projectors: dict[str, dict[str, torch.Tensor]] = {}
         self.active_adapter: str | None = None
         self.last_retention: RetentionRecord | None = None  # set by generate with LMME
+        cache_mib = config.speech.frozen_encoder_cache_mib
+        self._frame_cache = FrameCache(cache_mib) if cache_mib > 0 else None
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -171,7 +173,8 @@ class LyraForConditionalGeneration(nn.Module):
 
     def _encode(self, waveforms, encoder: WhisperEncoder, projector: nn.Module, progress: bool) -> list[torch.Tensor]:
         batch = self.config.speech.encode_batch_clips
-        return [encode_audio(waveform_tensor(w), encoder, projector, batch, progress) for w in waveforms]
+        cache = self._frame_cache if not any(p.requires_grad for p in encoder.parameters()) else None
+        return [encode_audio(waveform_tensor(w), encoder, projector, batch, progress, cache) for w in waveforms]
 
     def embed_inputs(
         self,

@@ -7,7 +7,9 @@ the output tokens plus one batch of encoder activations, whatever the duration.
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -147,29 +149,64 @@ def _hf_whisper_encoder_state(directory: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+class FrameCache:
+    """Encoder outputs of audio already seen, for a frozen encoder (LRU, bounded in MiB).
+
+    Training sets that repeat the same recordings (the nano task's spoken questions, a
+    fixed instruction read by several voices) then pay for Whisper once per recording.
+    """
+
+    def __init__(self, max_mib: float):
+        self.max_bytes = int(max_mib * 2**20)
+        self.entries: OrderedDict[tuple[str, int, int], torch.Tensor] = OrderedDict()
+        self.size = 0
+
+    def frames(self, key: tuple[str, int, int], compute) -> torch.Tensor:
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            return self.entries[key]
+        value = compute().detach()
+        self.entries[key] = value
+        self.size += value.numel() * value.element_size()
+        while self.size > self.max_bytes and self.entries:
+            _, evicted = self.entries.popitem(last=False)
+            self.size -= evicted.numel() * evicted.element_size()
+        return value
+
+
+def audio_key(waveform: torch.Tensor) -> str:
+    return hashlib.sha1(waveform.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
 def encode_audio(
     waveform: torch.Tensor,
     encoder: WhisperEncoder,
     projector: nn.Module,
     batch_clips: int,
     progress: bool = False,
+    cache: FrameCache | None = None,
 ) -> torch.Tensor:
     """Encode audio of any length into LLM tokens.
 
     Args:
         waveform: `[T]` 16 kHz mono samples.
+        cache: reuse encoder outputs of audio seen before (only valid for a frozen encoder).
     Returns:
         `[num_clips * tokens_per_clip, d_llm]`, clips in order.
     """
     total_clips = num_clips(waveform.shape[0])
     device = encoder.whisper.conv1.weight.device
+    key = audio_key(waveform) if cache is not None else None
     output: torch.Tensor | None = None  # allocated once the token width is known
     position = 0
     starts = range(0, total_clips, batch_clips)
     for start in tqdm(starts, desc="encoding speech", unit="batch", disable=not progress):
         count = min(batch_clips, total_clips - start)
-        clips = clip_batch(waveform, start, count).to(device)
-        frames = encoder(log_mel(clips, encoder.config.n_mels))  # (n, 1500, d_enc)
+        def run_encoder(start=start, count=count):
+            clips = clip_batch(waveform, start, count).to(device)
+            return encoder(log_mel(clips, encoder.config.n_mels))  # (n, 1500, d_enc)
+
+        frames = cache.frames((key, start, count), run_encoder) if cache is not None else run_encoder()
         tokens = projector(frames).flatten(0, 1)  # (n * 300, d_llm)
         if output is None:
             per_clip = tokens.shape[0] // count
