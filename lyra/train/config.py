@@ -48,6 +48,7 @@ class TrainableSection:
     adapter_alpha: int = 16
     adapter_dropout: float = 0.05
     llm: bool = False  # full fine-tune of the LLM (the MLoRA ablation; not a paper stage)
+    vit: bool = False  # the vision tower (only for models trained from scratch, e.g. nano)
     speech_generator: bool = False
 
 

@@ -77,6 +77,8 @@ def configure_trainable(model: LyraForConditionalGeneration, config: TrainConfig
     if wanted.llm:
         model.backbone.model.language_model.requires_grad_(True)
         model.backbone.lm_head.requires_grad_(True)
+    if wanted.vit:
+        model.backbone.model.visual.requires_grad_(True)
     if wanted.speech_generator:
         if getattr(model, "speech_generator", None) is None:
             raise ValueError("trainable.speech_generator needs speech_generator.enabled in the model config")
