@@ -218,6 +218,11 @@ class LyraConfig:
             raise ValueError("speech.encoder.n_audio_ctx must be divisible by speech.projector.frames_per_token")
 
     @property
+    def hidden_size(self) -> int:
+        """The LLM width (DeepSpeed's "auto" bucket sizes read `model.config.hidden_size`)."""
+        return self.text.hidden_size
+
+    @property
     def speech_tokens_per_clip(self) -> int:
         return self.speech.encoder.n_audio_ctx // self.speech.projector.frames_per_token
 

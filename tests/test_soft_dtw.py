@@ -1,0 +1,249 @@
+"""soft_dtw against a float64 per-cell dynamic programme, and lcmr_loss against a hand computation."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lyra.config import LCMRConfig
+from lyra.losses.lcmr import lcmr_loss
+from lyra.losses.soft_dtw import soft_dtw
+
+
+def in_band(i: int, j: int, rows: int, cols: int, band: int | None) -> bool:
+    """soft_dtw's band, 1-based cells."""
+    return band is None or abs((i - 1) * (cols - 1) - (j - 1) * (rows - 1)) <= band * max(rows - 1, cols - 1)
+
+
+def brute_soft_dtw(cost: np.ndarray, gamma: float, band: int | None = None) -> tuple[float, np.ndarray]:
+    """R[L, S] and E = dR[L, S]/dC, one cell at a time in float64 (Cuturi & Blondel's E recursion)."""
+    rows, cols = cost.shape
+    r = np.full((rows + 2, cols + 2), math.inf)
+    r[0, 0] = 0.0
+    for i in range(1, rows + 1):
+        for j in range(1, cols + 1):
+            if not in_band(i, j, rows, cols, band):
+                continue
+            previous = [r[i - 1, j], r[i, j - 1], r[i - 1, j - 1]]
+            low = min(previous)
+            if low == math.inf:
+                continue
+            r[i, j] = cost[i - 1, j - 1] + low - gamma * math.log(sum(math.exp(-(p - low) / gamma) for p in previous))
+    e = np.zeros((rows + 2, cols + 2))
+    e[rows, cols] = 1.0
+    for i in range(rows, 0, -1):
+        for j in range(cols, 0, -1):
+            if (i, j) == (rows, cols) or r[i, j] == math.inf:
+                continue
+            total = 0.0
+            for si, sj in ((i + 1, j), (i, j + 1), (i + 1, j + 1)):
+                if si <= rows and sj <= cols and r[si, sj] < math.inf:
+                    # weight of (i, j) among the predecessors of (si, sj): exp((softmin - R[i, j]) / γ)
+                    softmin = r[si, sj] - cost[si - 1, sj - 1]
+                    total += e[si, sj] * math.exp((softmin - r[i, j]) / gamma)
+            e[i, j] = total
+    return float(r[rows, cols]), e[1 : rows + 1, 1 : cols + 1]
+
+
+def hard_dtw(cost: np.ndarray) -> tuple[float, np.ndarray]:
+    """Classic DTW value and its optimal path as a 0/1 matrix."""
+    rows, cols = cost.shape
+    r = np.full((rows + 1, cols + 1), math.inf)
+    r[0, 0] = 0.0
+    for i in range(1, rows + 1):
+        for j in range(1, cols + 1):
+            r[i, j] = cost[i - 1, j - 1] + min(r[i - 1, j], r[i, j - 1], r[i - 1, j - 1])
+    path = np.zeros_like(cost)
+    i, j = rows, cols
+    while (i, j) != (0, 0):
+        path[i - 1, j - 1] = 1.0
+        i, j = min(((i - 1, j), (i, j - 1), (i - 1, j - 1)), key=lambda c: r[c])
+    return float(r[rows, cols]), path
+
+
+def value_and_grad(cost: torch.Tensor, gamma: float, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    cost = cost.detach().clone().requires_grad_()
+    values = soft_dtw(cost, gamma, **kwargs)
+    (grad,) = torch.autograd.grad(values.sum(), cost)
+    return values.detach(), grad
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (2, 5, 3), (2, 3, 5), (3, 7, 7), (2, 1, 6), (2, 6, 1), (1, 9, 2)])
+@pytest.mark.parametrize("gamma", [0.1, 1.0])
+def test_matches_brute_force(shape, gamma):
+    cost = torch.rand(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 2
+    values, grad = value_and_grad(cost, gamma)
+    for b in range(shape[0]):
+        value, e = brute_soft_dtw(cost[b].numpy(), gamma)
+        torch.testing.assert_close(values[b].item(), value, rtol=1e-6, atol=0)
+        torch.testing.assert_close(grad[b], torch.from_numpy(e), rtol=1e-6, atol=1e-12)
+
+
+def test_float32_matches_brute_force():
+    cost = torch.rand(3, 40, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    values, grad = value_and_grad(cost.float(), 0.1)
+    assert values.dtype == grad.dtype == torch.float32
+    for b in range(3):
+        value, e = brute_soft_dtw(cost[b].numpy(), 0.1)
+        torch.testing.assert_close(values[b].double().item(), value, rtol=1e-5, atol=0)
+        torch.testing.assert_close(grad[b].double(), torch.from_numpy(e), rtol=1e-3, atol=1e-6)
+
+
+def test_upstream_gradient_of_any_sign():
+    cost = torch.rand(4, 6, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2)).requires_grad_()
+    weights = torch.tensor([2.5, -0.5, 0.0, 1e-3], dtype=torch.float64)
+    (grad,) = torch.autograd.grad((soft_dtw(cost, 0.3) * weights).sum(), cost)
+    for b in range(4):
+        _, e = brute_soft_dtw(cost[b].detach().numpy(), 0.3)
+        torch.testing.assert_close(grad[b], weights[b] * torch.from_numpy(e), rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_gradcheck(with_lengths):
+    cost = torch.rand(3, 5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3)).requires_grad_()
+    kwargs = {}
+    if with_lengths:
+        kwargs = {"lengths_l": torch.tensor([5, 2, 4]), "lengths_s": torch.tensor([4, 3, 1])}
+    assert torch.autograd.gradcheck(lambda c: soft_dtw(c, 0.5, **kwargs), (cost,))
+    transposed = cost.detach().transpose(1, 2).contiguous().requires_grad_()  # S > L: the other skew
+    assert torch.autograd.gradcheck(lambda c: soft_dtw(c, 0.5, band=1), (transposed,))
+
+
+def test_small_gamma_approaches_dtw():
+    cost = torch.rand(2, 12, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    gamma = 1e-3
+    values, grad = value_and_grad(cost, gamma)
+    for b in range(2):
+        hard, path = hard_dtw(cost[b].numpy())
+        # softmin ∈ [min - γ log 3, min] at every cell of the path.
+        assert hard - gamma * math.log(3) * (12 + 7) <= values[b].item() <= hard + 1e-12
+        assert abs(values[b].item() - hard) < 0.01
+        torch.testing.assert_close(grad[b], torch.from_numpy(path), rtol=0, atol=1e-3)  # E → the optimal path
+
+
+def test_padded_batch_equals_per_sample_calls():
+    generator = torch.Generator().manual_seed(5)
+    cost = torch.rand(4, 9, 6, dtype=torch.float64, generator=generator)
+    lengths_l, lengths_s = torch.tensor([9, 3, 7, 1]), torch.tensor([6, 6, 2, 4])
+    padding = torch.ones_like(cost, dtype=torch.bool)
+    for b in range(4):
+        padding[b, : lengths_l[b], : lengths_s[b]] = False
+    garbage = torch.tensor([math.nan, math.inf, -math.inf, 1e30], dtype=torch.float64)
+    cost[padding] = garbage[torch.arange(int(padding.sum())) % 4]  # padding is ignored, whatever it holds
+    values, grad = value_and_grad(cost, 0.2, lengths_l=lengths_l, lengths_s=lengths_s)
+    assert torch.isfinite(values).all() and torch.isfinite(grad).all()
+    assert (grad[padding] == 0).all()
+    for b in range(4):
+        own = cost[b : b + 1, : lengths_l[b], : lengths_s[b]]
+        value, own_grad = value_and_grad(own, 0.2)
+        torch.testing.assert_close(values[b], value[0], rtol=1e-12, atol=0)
+        torch.testing.assert_close(grad[b, : lengths_l[b], : lengths_s[b]], own_grad[0], rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("shape", [(2, 10, 6), (2, 6, 10), (1, 8, 8)])
+@pytest.mark.parametrize("band", [0, 1, 2])
+def test_band_matches_brute_force(shape, band):
+    cost = torch.rand(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    lengths_l = torch.tensor([shape[1], shape[1] - 2][: shape[0]])
+    lengths_s = torch.tensor([shape[2], shape[2] - 1][: shape[0]])
+    values, grad = value_and_grad(cost, 0.2, lengths_l=lengths_l, lengths_s=lengths_s, band=band)
+    for b in range(shape[0]):
+        rows, cols = int(lengths_l[b]), int(lengths_s[b])
+        value, e = brute_soft_dtw(cost[b, :rows, :cols].numpy(), 0.2, band=band)
+        if value == math.inf:  # band 0 leaves no path unless the sides are equal
+            assert values[b].item() == math.inf
+            continue
+        expected = torch.zeros(shape[1:], dtype=torch.float64)
+        expected[:rows, :cols] = torch.from_numpy(e)
+        torch.testing.assert_close(values[b].item(), value, rtol=1e-6, atol=0)
+        torch.testing.assert_close(grad[b], expected, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(1, 4096, 64), (1, 64, 4096)])
+def test_long_sequences(shape):
+    cost = torch.rand(shape, generator=torch.Generator().manual_seed(7))
+    values, grad = value_and_grad(cost, 0.1)
+    assert torch.isfinite(values).all() and torch.isfinite(grad).all()
+    # Every alignment starts at (1, 1) and ends at (L, S); each row is visited at least once.
+    values64, grad64 = value_and_grad(cost.double(), 0.1)
+    assert grad64[0, 0, 0].item() == pytest.approx(1.0, rel=1e-9)
+    assert grad64[0, -1, -1].item() == pytest.approx(1.0, rel=1e-9)
+    assert (grad64[0].sum(dim=1) >= 1 - 1e-9).all() and (grad64[0].sum(dim=0) >= 1 - 1e-9).all()
+    torch.testing.assert_close(values.double(), values64, rtol=1e-4, atol=0)
+
+
+def test_rejects_bad_arguments():
+    cost = torch.rand(2, 3, 4)
+    with pytest.raises(ValueError, match=r"\[B, L, S\]"):
+        soft_dtw(cost[0], 0.1)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        soft_dtw(cost.half(), 0.1)
+    with pytest.raises(ValueError, match="gamma"):
+        soft_dtw(cost, 0.0)
+    with pytest.raises(ValueError, match=r"lengths_l must have shape \(2,\)"):
+        soft_dtw(cost, 0.1, lengths_l=torch.tensor([3]))
+    with pytest.raises(ValueError, match=r"lengths_s must lie in \[1, 4\]"):
+        soft_dtw(cost, 0.1, lengths_s=torch.tensor([4, 5]))
+    with pytest.raises(ValueError, match="band"):
+        soft_dtw(cost, 0.1, band=-1)
+
+
+def hand_lcmr(xs: list[torch.Tensor], ys: list[torch.Tensor], config: LCMRConfig) -> float:
+    total = 0.0
+    for x, y in zip(xs, ys):
+        cost = -torch.log_softmax(x.double() @ y.double().T / config.tau, dim=-1)
+        value, _ = brute_soft_dtw(cost.detach().numpy(), config.gamma)
+        total += value / (len(x) if config.normalize == "speech" else len(x) + len(y))
+    return total / len(xs)
+
+
+def lcmr_inputs(dtype=torch.float32) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    generator = torch.Generator().manual_seed(8)
+    xs = [torch.randn(n, 6, dtype=dtype, generator=generator) * 0.3 for n in (7, 3, 11)]
+    ys = [torch.randn(n, 6, dtype=dtype, generator=generator) * 0.3 for n in (4, 3, 2)]
+    return xs, ys
+
+
+@pytest.mark.parametrize("normalize", ["speech", "sum"])
+def test_lcmr_matches_hand_computation(normalize):
+    config = LCMRConfig(normalize=normalize)
+    xs, ys = lcmr_inputs()
+    loss = lcmr_loss(xs, ys, config)
+    assert loss.dim() == 0 and loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(hand_lcmr(xs, ys, config), rel=1e-5)
+    half = lcmr_loss([x.bfloat16() for x in xs], [y.bfloat16() for y in ys], config)
+    assert half.dtype == torch.float32  # upcast, not computed in bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert lcmr_loss(xs, ys, config).item() == pytest.approx(loss.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("embedding_grad", [True, False])
+def test_lcmr_gradients(embedding_grad):
+    config = LCMRConfig(tau=0.5, gamma=0.3, embedding_grad=embedding_grad)
+    xs, ys = lcmr_inputs(torch.float64)
+    xs = [x.requires_grad_() for x in xs]
+    ys = [y.requires_grad_() for y in ys]
+    lcmr_loss(xs, ys, config).backward()
+    assert all(x.grad is not None and x.grad.abs().sum() > 0 for x in xs)
+    if embedding_grad:
+        assert all(y.grad is not None and y.grad.abs().sum() > 0 for y in ys)
+
+        def loss(*tensors: torch.Tensor) -> torch.Tensor:
+            return lcmr_loss(list(tensors[:3]), list(tensors[3:]), config)
+
+        assert torch.autograd.gradcheck(loss, (*xs, *ys), fast_mode=True)
+    else:
+        assert all(y.grad is None for y in ys)
+
+
+def test_lcmr_rejects_bad_inputs():
+    xs, ys = lcmr_inputs()
+    with pytest.raises(ValueError, match="at least one sample"):
+        lcmr_loss([], [], LCMRConfig())
+    with pytest.raises(ValueError, match="3 speech inputs and 2 transcripts"):
+        lcmr_loss(xs, ys[:2], LCMRConfig())
+    with pytest.raises(ValueError, match=r"sample 1: speech tokens \(3, 6\) and transcript embeddings \(3, 5\)"):
+        lcmr_loss(xs, [ys[0], ys[1][:, :5], ys[2]], LCMRConfig())
