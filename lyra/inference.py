@@ -17,7 +17,7 @@ from lyra.config import REPO_ROOT, LMMEConfig, available_presets, load_config
 from lyra.data.audio import SAMPLE_RATE
 from lyra.data.vision import VisionLimits
 from lyra.model import mlora
-from lyra.model.lyra import LyraForConditionalGeneration, read_checkpoint_config
+from lyra.model.lyra import LyraForConditionalGeneration, checkpoint_tokenizer_source, read_checkpoint_config
 from lyra.processing import LyraProcessor, collate
 from lyra.tokenizer import load_tokenizer
 
@@ -61,7 +61,7 @@ def load_model(spec: str | None = None, device: str = "auto", dtype: str = "auto
     if path.is_dir():
         read_checkpoint_config(path)  # a clear error for a directory that is not a Lyra checkpoint
         model = LyraForConditionalGeneration.from_pretrained(path, dtype=torch_dtype, device=torch_device)
-        tokenizer = load_tokenizer(path if (path / "tokenizer.json").is_file() else model.config.tokenizer)
+        tokenizer = load_tokenizer(checkpoint_tokenizer_source(path, model.config))
         untrained = False
     elif spec in available_presets():
         with torch.random.fork_rng(devices=[]):

@@ -34,6 +34,7 @@ from lyra.model.projector import FrameConcatProjector
 from lyra.model.speech import FrameCache, WhisperEncoder, encode_audio, waveform_tensor
 
 CONFIG_FILE = "config.json"
+TOKENIZER_DIR = "tokenizer"  # its own folder: HF tokenizer loading would misread our config.json
 MODEL_TYPE = "lyra"
 
 
@@ -390,7 +391,7 @@ class LyraForConditionalGeneration(nn.Module):
             for name in mlora.adapter_names(self):
                 mlora.save_adapter(self, name, staging, state_dict)
             if tokenizer is not None:
-                tokenizer.save_pretrained(str(staging))
+                tokenizer.save_pretrained(str(staging / TOKENIZER_DIR))
             if replace:
                 _replace_directory(staging, directory)
             else:
@@ -451,6 +452,12 @@ class LyraForConditionalGeneration(nn.Module):
         self.load_state_dict(state, strict=False, assign=True)
         if self.config.text.tie_word_embeddings:
             self.backbone.lm_head.weight = self.backbone.get_input_embeddings().weight
+
+
+def checkpoint_tokenizer_source(directory: str | Path, config: LyraConfig) -> str | None:
+    """What `load_tokenizer` should read for a checkpoint: its own copy, else the config's choice."""
+    folder = Path(directory) / TOKENIZER_DIR
+    return str(folder) if folder.is_dir() else config.tokenizer
 
 
 def read_weights(directory: str | Path) -> dict[str, torch.Tensor]:

@@ -24,7 +24,7 @@ from lyra.config import LMMEConfig, load_config
 from lyra.data.dataset import BadSampleTracker, LyraCollator, LyraDataset
 from lyra.data.vision import VisionLimits
 from lyra.model import mlora
-from lyra.model.lyra import LyraForConditionalGeneration
+from lyra.model.lyra import LyraForConditionalGeneration, checkpoint_tokenizer_source
 from lyra.processing import LyraProcessor
 from lyra.tokenizer import load_tokenizer
 from lyra.train.config import STAGES, TrainConfig, dump_train_config, load_train_config
@@ -174,8 +174,8 @@ def build_trainer(config: TrainConfig, report_to: str = "none") -> LyraTrainer:
     configure_trainable(model, config)
     if config.gradient_checkpointing:
         model.backbone.activation_checkpointing_enable({"use_reentrant": False})
-    tokenizer_source = config.init_from if config.init_from and (Path(config.init_from) / "tokenizer.json").is_file() \
-        else model.config.tokenizer
+    source = config.init_from or (config.model if Path(config.model).is_dir() else None)
+    tokenizer_source = checkpoint_tokenizer_source(source, model.config) if source else model.config.tokenizer
     tokenizer = load_tokenizer(tokenizer_source)
     data = config.data
     limits = VisionLimits(image_max_pixels=data.image_max_pixels, video_max_pixels=data.video_max_pixels,
