@@ -1,0 +1,126 @@
+#!/usr/bin/env python
+"""Needle in a long-speech haystack: retrieval over a grid of lengths x depths, and its heatmap.
+
+    python scripts/eval_needle.py --model outputs/base/model --haystack talk1.wav talk2.wav \\
+        --lengths 450 900 1800 3600 4500 --depths 0 0.25 0.5 0.75 1 --samples 5 --lmme 4,0.7 \\
+        --out runs/needle.json          # also runs/needle.heatmap.png (Fig. 6)
+
+The needle (question + the sentence answering it) is spoken with espeak-ng, or read from
+--needle-audio; the model hears the haystack and is asked the question in text. Trials are
+appended to a predictions JSONL next to --out; running again skips finished trials, so the
+grid can grow (more lengths, depths or samples) without redoing the old cells.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lyra.data.audio import SAMPLE_RATE, load_audio  # noqa: E402
+from lyra.eval.metrics import mean  # noqa: E402
+from lyra.eval.needle import (  # noqa: E402
+    DEFAULT_NEEDLE, Needle, build_haystack, draw_heatmap, grid_scores, load_background, retrieval_score,
+    synthesize_espeak, trial_id,
+)
+from lyra.eval.runner import (  # noqa: E402
+    PredictionLog, add_model_arguments, atomic_write_json, default_predictions_path, load_assistant, model_meta,
+    run_items,
+)
+from lyra.inference import Media  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--haystack", nargs="+", required=True, metavar="AUDIO", help="long background recordings")
+    parser.add_argument("--lengths", nargs="+", type=float, required=True, help="haystack lengths in seconds")
+    parser.add_argument("--depths", nargs="+", type=float, default=[0.0, 0.25, 0.5, 0.75, 1.0],
+                        help="needle positions as fractions of the haystack")
+    parser.add_argument("--samples", type=int, default=1, help="trials per cell, on different background stretches")
+    parser.add_argument("--stride", type=float, default=None,
+                        help="seconds between the background starts of a cell's trials (default: spread evenly)")
+    parser.add_argument("--question", default=DEFAULT_NEEDLE.question)
+    parser.add_argument("--answer", default=DEFAULT_NEEDLE.answer, help="what the reply must contain")
+    parser.add_argument("--answer-sentence", default=None, help="spoken after the question (default: the example's)")
+    parser.add_argument("--needle-audio", default=None, help="a recorded needle instead of espeak-ng")
+    parser.add_argument("--voice", default="en-us", help="espeak-ng voice")
+    parser.add_argument("--out", required=True, help="results JSON (written atomically)")
+    parser.add_argument("--heatmap", default=None, help="PNG (default: <out stem>.heatmap.png)")
+    parser.add_argument("--title", default=None, help="heatmap title")
+    parser.add_argument("--predictions", default=None, help="predictions JSONL (default: next to --out)")
+    add_model_arguments(parser, max_new_tokens=48)
+    return parser
+
+
+def make_needle(args: argparse.Namespace) -> Needle:
+    if args.answer_sentence:
+        return Needle.from_sentence(args.question, args.answer, args.answer_sentence)
+    if args.question == DEFAULT_NEEDLE.question and args.answer == DEFAULT_NEEDLE.answer:
+        return DEFAULT_NEEDLE
+    return Needle.from_sentence(args.question, args.answer, f"The answer is {args.answer}.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if any(not 0 <= d <= 1 for d in args.depths):
+            raise ValueError(f"--depths must be fractions in [0, 1], got {args.depths}")
+        needle = make_needle(args)
+        needle_audio = load_audio(args.needle_audio) if args.needle_audio else synthesize_espeak(needle.spoken, args.voice)
+        background = load_background(args.haystack)
+        assistant, options, info = load_assistant(args)
+    except (ValueError, FileNotFoundError, OSError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    background_seconds = len(background) / SAMPLE_RATE
+    stride = args.stride if args.stride is not None else background_seconds / max(args.samples, 1)
+    trials = [(length, depth, sample) for length in args.lengths for depth in args.depths
+              for sample in range(args.samples)]
+
+    def answer(trial: tuple[float, float, int]) -> dict:
+        length, depth, sample = trial
+        audio, needle_start = build_haystack(background, needle_audio, length, depth, offset_seconds=sample * stride)
+        reply = assistant.reply([{"role": "user", "content": f"<speech>\n{needle.question}"}],
+                                Media(speech=[audio]), options)
+        return {"length": length, "depth": depth, "sample": sample, "needle_start_s": round(needle_start, 2),
+                "response": reply.text, "score": retrieval_score(reply.text, needle.answer),
+                "prompt_tokens": reply.prompt_tokens, "seconds": reply.timings["total_s"]}
+
+    out = Path(args.out)
+    predictions = Path(args.predictions) if args.predictions else default_predictions_path(out)
+    meta = {"benchmark": "needle", "question": needle.question, "answer": needle.answer, "spoken": needle.spoken,
+            "needle_audio": args.needle_audio, "haystack": [str(p) for p in args.haystack], "stride": stride,
+            **model_meta(args, info)}
+    try:
+        log = PredictionLog(predictions, meta)
+    except ValueError as error:  # a predictions file of another run
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    with log:
+        summary = run_items(trials, log, answer, lambda t: trial_id(*t), desc="needle")
+        records = [log.records[trial_id(*t)] for t in trials]
+    grid = grid_scores(records, args.lengths, args.depths)
+    heatmap = Path(args.heatmap) if args.heatmap else out.with_name(out.stem + ".heatmap.png")
+    title = args.title or f"Needle in a speech haystack: {info['model']}"
+    heatmap.parent.mkdir(parents=True, exist_ok=True)
+    draw_heatmap(grid, args.lengths, args.depths, title).save(heatmap)
+    scored = [r for r in records if "score" in r]
+    results = {
+        "benchmark": "needle", "model": info["model"], "untrained": info["untrained"], "unit": "fraction",
+        "overall": mean([r["score"] for r in scored]), "lengths": args.lengths, "depths": args.depths,
+        "grid": grid, "grid_layout": "rows follow depths, columns follow lengths",
+        "by_length": {f"{length:g}": mean([r["score"] for r in scored if r["length"] == length])
+                      for length in args.lengths},
+        "trials": len(trials), "errors": sum("error" in r for r in records),
+        "heatmap": str(heatmap), "settings": meta, "predictions": str(predictions),
+        "run": {"computed": summary.computed, "skipped": summary.skipped, "failed": summary.failed},
+    }
+    atomic_write_json(out, results)
+    print(f"needle: {results['overall']} mean retrieval over {len(scored)} trials -> {out}, {heatmap}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
