@@ -16,6 +16,7 @@ import yaml
 from lyra.config import dataclass_from_dict
 
 STAGES = {
+    0: "base model from scratch (models without pretrained weights, e.g. nano): LLM + ViT on text/image data",
     1: "speech-text alignment: projector only (+ LCMR)",
     2: "multi-modal SFT: speech projector + LLM through the 'speech' MLoRA adapter (+ LCMR)",
     3: "long speech: a 'long_speech' adapter from the base LLM + its projector",

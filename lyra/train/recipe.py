@@ -154,6 +154,10 @@ def run(stage: int, argv: list[str] | None = None) -> int:
         os.environ.setdefault("WANDB_MODE", "offline")
     if config.deepspeed and "RANK" not in os.environ:
         single_process_distributed_env()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not config.group_by_modality_length:
+        print("error: with several processes set group_by_modality_length: true, so that every rank runs "
+              "the same modules in a step (gradient reduction depends on it)", file=sys.stderr)
+        return 2
     try:
         trainer = build_trainer(config, report_to)
     except (ValueError, FileNotFoundError) as error:  # bad config, data or checkpoint: say which and stop

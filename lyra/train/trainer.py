@@ -29,34 +29,42 @@ MODEL_INPUT_KEYS = (
 
 
 class ModalityLengthGroupedSampler(torch.utils.data.Sampler):
-    """Batches of one modality and similar length, in a seeded random order per epoch.
+    """Groups of `group` samples of one modality and similar length, in a seeded order per epoch.
 
-    Samples are split by modality, shuffled, cut into chunks of `50 * batch` sorted by
-    length (so padding is small), then cut into batches; the batch order is shuffled.
+    A group is one optimiser step across all ranks (per-device batch x ranks x accumulation),
+    so every rank runs the same modules in every step — which distributed gradient reduction
+    needs (ZeRO reduces gradients in the order backward produces them). A modality's last
+    group is filled up with repeats of its own samples, as DistributedSampler pads.
     """
 
-    def __init__(self, lengths: list[int], modalities: list[str], batch: int, seed: int):
-        self.lengths, self.modalities, self.batch, self.seed = lengths, modalities, batch, seed
+    def __init__(self, lengths: list[int], modalities: list[str], group: int, seed: int):
+        self.lengths, self.modalities, self.group, self.seed = lengths, modalities, group, seed
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def __iter__(self):
+    def _groups(self) -> list[list[int]]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        batches = []
+        groups = []
         for modality in sorted(set(self.modalities)):
             members = [i for i, m in enumerate(self.modalities) if m == modality]
             order = [members[i] for i in torch.randperm(len(members), generator=generator).tolist()]
-            chunk = 50 * self.batch
+            order += order[: (-len(order)) % self.group]  # fill the last group
+            while len(order) % self.group:  # fewer samples than one group
+                order += order[: self.group - len(order) % self.group]
+            chunk = 50 * self.group  # sort by length within chunks: little padding, still shuffled
             for start in range(0, len(order), chunk):
                 ranked = sorted(order[start:start + chunk], key=lambda i: -self.lengths[i])
-                batches += [ranked[i:i + self.batch] for i in range(0, len(ranked), self.batch)]
-        for b in torch.randperm(len(batches), generator=generator).tolist():
-            yield from batches[b]
+                groups += [ranked[i:i + self.group] for i in range(0, len(ranked), self.group)]
+        return [groups[g] for g in torch.randperm(len(groups), generator=generator).tolist()]
+
+    def __len__(self) -> int:
+        return sum(len(g) for g in self._groups())
+
+    def __iter__(self):
+        for group in self._groups():
+            yield from group
 
 
 class LyraTrainer(Trainer):
@@ -121,8 +129,8 @@ class LyraTrainer(Trainer):
         if not self.group_by_modality_length or not hasattr(dataset, "sample_info"):
             return super()._get_train_sampler(train_dataset)
         info = dataset.sample_info()
-        batch = self.args.per_device_train_batch_size * self.args.world_size * self.args.gradient_accumulation_steps
-        return ModalityLengthGroupedSampler([i.length for i in info], [i.modality for i in info], batch,
+        group = self.args.per_device_train_batch_size * self.args.world_size * self.args.gradient_accumulation_steps
+        return ModalityLengthGroupedSampler([i.length for i in info], [i.modality for i in info], group,
                                             self.args.seed)
 
     # ------------------------------------------------------------------ checkpoints

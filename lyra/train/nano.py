@@ -1,0 +1,179 @@
+"""Lyra-Nano's training pipeline: the nano task's data, then three phases through the one recipe.
+
+    phase  config                          trains                                  data
+    base   configs/train/nano_base.yaml    LLM + ViT (+ sound projector), scratch  text questions, sounds
+    stage1 configs/train/nano_stage1.yaml  speech projector (+ LCMR)               spoken questions
+    stage2 configs/train/nano_stage2.yaml  "speech" MLoRA adapter + projector      multi-turn, one spoken
+
+Each phase is `lyra.train.recipe.build_trainer` + `train` on its YAML, with the data path,
+output folder and the previous phase's `final/` filled in; every phase's model shares one
+frame cache, so the frozen Whisper encoder hears each recording once per process. The result
+is copied to `out/model` with `out/model/nano_build.json`, whose `hash` (of the task spec, the
+generated data, the model preset and the resolved training configs) decides whether a later
+run may reuse it instead of training again.
+
+    python -m lyra.train.nano [--out outputs/nano] [--seed 0] [--force]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lyra.config import PRESET_DIR, REPO_ROOT
+from lyra.data.nano_task import NanoTask, NanoTaskSpec, build_nano_task
+
+CONFIG_DIR = REPO_ROOT / "configs" / "train"
+PHASES = ("base", "stage1", "stage2")
+PHASE_CONFIGS = {phase: CONFIG_DIR / f"nano_{phase}.yaml" for phase in PHASES}
+BUILD_FILE = "nano_build.json"
+
+
+@dataclass
+class PhaseReport:
+    phase: str
+    seconds: float  # wall clock, building the trainer included
+    cpu_seconds: float  # this process's CPU time (all threads)
+    steps: int
+    samples: int
+    train_loss: float | None
+    last_logs: dict[str, float] = field(default_factory=dict)
+
+
+def phase_configs(task: NanoTask, runs_dir: Path, seed: int = 0, overrides: dict[str, dict[str, Any]] | None = None,
+                  phases: tuple[str, ...] = PHASES, init_from: str | None = None):
+    """The resolved `TrainConfig` of each phase: data, output and `init_from` filled in, then
+    `overrides[phase]` (dotted keys, as `--set` takes them) applied."""
+    from lyra.train.config import load_train_config
+
+    configs = {}
+    previous = init_from
+    for phase in phases:
+        values: dict[str, Any] = {"data.path": str(task.files[phase]), "output_dir": str(runs_dir / phase),
+                                  "seed": seed, "init_from": previous}
+        values.update((overrides or {}).get(phase, {}))
+        config = load_train_config(PHASE_CONFIGS[phase], values)
+        configs[phase] = config
+        previous = str(Path(config.output_dir) / "final")
+    return configs
+
+
+def build_hash(task: NanoTask, configs: dict[str, Any]) -> str:
+    """What decides whether a trained nano model can be reused: the task (spec and generated
+    data), the model preset file and every phase's resolved training config."""
+    blob = {
+        "task_spec": task.manifest["spec_hash"],
+        "task_data": task.manifest["data_hash"],
+        "model_preset": hashlib.sha256((PRESET_DIR / "nano.yaml").read_bytes()).hexdigest(),
+        "phases": {phase: dataclasses.asdict(config) for phase, config in configs.items()},
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cached_build(model_dir: Path, wanted_hash: str) -> dict[str, Any] | None:
+    """The build record of `model_dir` if it holds a complete model made with `wanted_hash`."""
+    record = model_dir / BUILD_FILE
+    if not record.is_file() or not (model_dir / "config.json").is_file():
+        return None
+    try:
+        data = json.loads(record.read_text())
+    except ValueError:
+        return None
+    return data if data.get("hash") == wanted_hash else None
+
+
+def run_phase(phase: str, config, frame_cache=None) -> PhaseReport:
+    """Train one phase with the recipe; the model shares `frame_cache` (frozen Whisper outputs)."""
+    from lyra.train.recipe import build_trainer, train
+
+    wall, cpu = time.perf_counter(), time.process_time()
+    print(f"\n==> nano {phase}: {PHASE_CONFIGS[phase].relative_to(REPO_ROOT)} -> {config.output_dir}", flush=True)
+    trainer = build_trainer(config)
+    if frame_cache is not None:
+        trainer.model.frame_cache = frame_cache
+    train(trainer, config)
+    history = [entry for entry in trainer.state.log_history if "loss" in entry]
+    summary = next((e for e in reversed(trainer.state.log_history) if "train_loss" in e), {})
+    return PhaseReport(
+        phase=phase, seconds=time.perf_counter() - wall, cpu_seconds=time.process_time() - cpu,
+        steps=trainer.state.global_step, samples=trainer.state.global_step * config.optim.batch_size,
+        train_loss=summary.get("train_loss"), last_logs=history[-1] if history else {},
+    )
+
+
+def shared_frame_cache():
+    """One frame cache for every phase of a process, sized by the nano preset."""
+    from lyra.config import load_config
+    from lyra.model.speech import FrameCache
+
+    mib = load_config("nano").speech.frozen_encoder_cache_mib
+    return FrameCache(mib) if mib > 0 else None
+
+
+def publish(final_dir: Path, model_dir: Path, record: dict[str, Any]) -> None:
+    """Copy a phase's `final/` to `model_dir` (replacing it whole) with its build record."""
+    staging = model_dir.with_name(f".{model_dir.name}.staging-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(final_dir, staging)
+    (staging / BUILD_FILE).write_text(json.dumps(record, indent=1) + "\n")
+    old = model_dir.with_name(f".{model_dir.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if model_dir.exists():
+        os.replace(model_dir, old)
+    os.replace(staging, model_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def train_nano(out: str | Path = REPO_ROOT / "outputs" / "nano", spec: NanoTaskSpec | None = None, seed: int = 0,
+               force: bool = False, frame_cache=None, progress: bool = True) -> tuple[Path, dict[str, Any], bool]:
+    """Generate the task and train every phase, unless `out/model` already holds this build.
+
+    Returns (model directory, build record, whether it was reused).
+    """
+    out = Path(out)
+    started = time.perf_counter()
+    task = build_nano_task(out / "data", spec or NanoTaskSpec(), progress=progress)
+    data_seconds = time.perf_counter() - started
+    configs = phase_configs(task, out / "runs", seed)
+    wanted = build_hash(task, configs)
+    model_dir = out / "model"
+    if not force:
+        record = cached_build(model_dir, wanted)
+        if record is not None:
+            return model_dir, record, True
+    cache = frame_cache if frame_cache is not None else shared_frame_cache()
+    reports = [run_phase(phase, configs[phase], cache) for phase in PHASES]
+    record = {
+        "hash": wanted, "seed": seed, "task": task.manifest,
+        "data_seconds": round(data_seconds, 1),
+        "phases": [dataclasses.asdict(r) for r in reports],
+        "configs": {phase: str(PHASE_CONFIGS[phase].relative_to(REPO_ROOT)) for phase in PHASES},
+        "trained_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    publish(Path(configs[PHASES[-1]].output_dir) / "final", model_dir, record)
+    return model_dir, record, False
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lyra.train.nano", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(REPO_ROOT / "outputs" / "nano"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--force", action="store_true", help="train again even if the build hash matches")
+    args = parser.parse_args(argv)
+    model_dir, record, reused = train_nano(args.out, seed=args.seed, force=args.force)
+    print(f"{'reused' if reused else 'trained'} {model_dir} (build {record['hash']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
