@@ -1,0 +1,239 @@
+"""Streaming text + speech generation (paper App. B.4, after LLaMA-Omni).
+
+`stream_speech` decodes text token by token with an explicit KV-cache loop on the
+Qwen2-VL backbone (prefill with the spliced speech/sound/vision inputs, then one
+token per step), hands every `chunk_tokens` new hidden states to the CTC speech
+generator and the resulting units to the vocoder, so the first audio arrives after
+`chunk_tokens` tokens rather than after the whole answer.
+
+Hidden states: the backbone's final normed hidden state at each generated token's own
+position (`hidden_alignment="token"`), which is what the reference trains the
+generator on (`hidden_states[-1]` at the positions where `labels != -100`, i.e. the
+answer tokens). The references' inference instead feeds the state that *predicted*
+each token (last prompt position, then generated tokens 0..n-2) - one position earlier
+than in training; `hidden_alignment="previous"` reproduces that. "token" costs one more
+decoder step at the end (the last token has to be fed to get its state).
+
+Chunk borders:
+  * text -> units is exact: the generator's attention is causal and keeps a KV cache
+    across chunks, and the label of each chunk's last frame is carried so a unit
+    running across the border is merged once (`SpeechGeneratorStream`). The units of
+    the concatenated chunks equal `SpeechGenerator.predict` on all states at once.
+  * units -> audio goes through `StreamingVocoder`: each chunk is synthesised with
+    `context_units` units of left context and the last `lookahead_units` units held
+    back until their right context exists. With the defaults (the vocoder's receptive
+    field bound: 23 units for the mHuBERT/LJ vocoder) the concatenated audio equals the
+    one-shot synthesis up to float rounding (< 1e-5, tests/test_vocoder.py); the held
+    back audio (>= 23 frames = 0.46 s) comes with the next chunk. `lookahead_units=0`
+    releases it at once; the samples within ~10 frames (0.2 s) before each border then
+    lack right context (measured on random weights: max |diff| 8.8e-4, 4.5 % of the
+    peak, all in the 9.3 frames before the border).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+from lyra.model.speechgen import SpeechGenerator
+from lyra.model.vocoder import CodeHiFiGAN, StreamingVocoder
+
+SAMPLE_RATE = 16000
+_VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "mm_token_type_ids")
+_GENERATE_KEYS = {"max_new_tokens", "do_sample", "temperature", "top_k", "eos_token_id", "hidden_alignment"}
+
+
+@dataclass
+class SpeechOutput:
+    """Non-streaming result: text tokens, their hidden states, units and waveform."""
+
+    tokens: list[int]
+    states: torch.Tensor  # (n, d_llm)
+    units: list[int]
+    audio: np.ndarray  # 16 kHz float32
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def decode_events(
+    model,
+    batch: dict[str, Any],
+    max_new_tokens: int = 256,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    eos_token_id: int | list[int] | None = None,
+    hidden_alignment: str = "token",
+) -> Iterator[tuple[str, Any]]:
+    """Incremental decoding of one prompt; yields ("token", id) as soon as a token is
+    chosen and ("state", hidden [d_llm]) when that token's hidden state exists.
+
+    `batch` is a `collate` output for one sample (`input_ids`, `attention_mask`,
+    `speech`, `sound`, vision tensors). `eos_token_id=None` means the model's
+    `<|im_end|>`; pass -1 to never stop early. The prefill goes through
+    `model.prepare_inputs` (embeddings with media spliced in, M-RoPE positions) and the
+    LLM directly; LMME token pruning is not applied here.
+    """
+    if hidden_alignment not in ("token", "previous"):
+        raise ValueError(f"hidden_alignment must be 'token' or 'previous', got {hidden_alignment!r}")
+    input_ids = batch["input_ids"]
+    if input_ids.ndim != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"streaming speech decodes one prompt at a time, got input_ids {tuple(input_ids.shape)}")
+    device = model.device
+    input_ids = input_ids.to(device)
+    attention_mask = batch.get("attention_mask")
+    attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
+    stop = {model.config.tokens.eos} if eos_token_id is None else set(np.atleast_1d(eos_token_id).tolist())
+    media = {k: batch[k].to(device) for k in _VISION_KEYS if batch.get(k) is not None}
+    language_model = model.backbone.model.language_model
+    lm_head = model.backbone.lm_head
+
+    # prefill: speech/sound/vision spliced in, M-RoPE positions from the processor's layout
+    embeds, position_ids, _ = model.prepare_inputs(input_ids, attention_mask, batch.get("speech"),
+                                                   batch.get("sound"), **media)
+    cache = DynamicCache(config=model.backbone.config.text_config)
+    out = language_model(inputs_embeds=embeds, position_ids=position_ids, attention_mask=attention_mask,
+                         cache=cache, use_cache=True)
+    next_position = int(position_ids[:, 0][:, attention_mask[0].bool()].max()) + 1  # text continues after it
+    state = out.last_hidden_state[:, -1]  # (1, d): the state that predicts the first token
+    for step in range(max_new_tokens):
+        token = _choose(lm_head(state)[0].float(), do_sample, temperature, top_k)
+        yield "token", token
+        if hidden_alignment == "previous":
+            yield "state", state[0]
+        last = token in stop or step == max_new_tokens - 1
+        if last and hidden_alignment == "previous":
+            return
+        # feed the token (a text token: the same position on the three M-RoPE axes)
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(1, 1)], dim=1)
+        position = torch.full((3, 1, 1), next_position, dtype=torch.long, device=device)
+        next_position += 1
+        token_embed = language_model.embed_tokens(torch.tensor([[token]], device=device))
+        out = language_model(inputs_embeds=token_embed, position_ids=position, attention_mask=attention_mask,
+                             cache=cache, use_cache=True)
+        state = out.last_hidden_state[:, -1]
+        if hidden_alignment == "token":
+            yield "state", state[0]
+        if last:
+            return
+
+
+def stream_speech(
+    model,
+    generator: SpeechGenerator,
+    vocoder: CodeHiFiGAN,
+    batch: dict[str, Any],
+    chunk_tokens: int = 10,
+    dur_prediction: bool = True,
+    context_units: int | None = None,
+    lookahead_units: int | None = None,
+    **generate_kwargs: Any,
+) -> Iterator[tuple[list[int], np.ndarray]]:
+    """Generate text and speech together; yields `(text_delta_token_ids, audio_chunk)`.
+
+    A tuple is yielded for every new text token (its id, empty audio) and for every
+    chunk of `chunk_tokens` hidden states turned into audio (no ids, the 16 kHz float32
+    samples that became final); the last yield flushes the rest. Either part may be
+    empty. Concatenating all audio chunks gives the utterance (see the module
+    docstring for what happens at chunk borders).
+
+    `generate_kwargs`: max_new_tokens, do_sample, temperature, top_k, eos_token_id,
+    hidden_alignment (see `decode_events`).
+    """
+    unknown = set(generate_kwargs) - _GENERATE_KEYS
+    if unknown:
+        raise TypeError(f"stream_speech got unsupported generation options {sorted(unknown)}; "
+                        f"supported: {sorted(_GENERATE_KEYS)}")
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    units_stream = generator.stream()
+    audio_stream = StreamingVocoder(vocoder, dur_prediction=dur_prediction, context_units=context_units,
+                                    lookahead_units=lookahead_units)
+    pending: list[torch.Tensor] = []
+    empty = np.zeros(0, dtype=np.float32)
+    for kind, value in decode_events(model, batch, **generate_kwargs):
+        if kind == "token":
+            yield [value], empty
+            continue
+        pending.append(value)
+        if len(pending) == chunk_tokens:
+            audio = audio_stream.push(units_stream.push(_states(pending, generator)))
+            pending = []
+            if audio.size:
+                yield [], audio
+    if pending:
+        audio_stream.push(units_stream.push(_states(pending, generator)))
+    tail = audio_stream.flush()
+    yield [], tail
+
+
+@torch.no_grad()
+def generate_speech(
+    model,
+    generator: SpeechGenerator,
+    vocoder: CodeHiFiGAN,
+    batch: dict[str, Any],
+    dur_prediction: bool = True,
+    **generate_kwargs: Any,
+) -> SpeechOutput:
+    """The non-streaming counterpart: all text first, then units and audio in one pass."""
+    unknown = set(generate_kwargs) - _GENERATE_KEYS
+    if unknown:
+        raise TypeError(f"generate_speech got unsupported options {sorted(unknown)}")
+    tokens, states = [], []
+    start = time.perf_counter()
+    for kind, value in decode_events(model, batch, **generate_kwargs):
+        (tokens if kind == "token" else states).append(value)
+    text_done = time.perf_counter()
+    stacked = torch.stack(states)
+    units = generator.predict(_states(states, generator).unsqueeze(0))[0]
+    units_done = time.perf_counter()
+    audio = vocoder(units, dur_prediction=dur_prediction).float().cpu().numpy() if units else np.zeros(0, np.float32)
+    end = time.perf_counter()
+    timings = {"text_s": text_done - start, "units_s": units_done - text_done, "vocoder_s": end - units_done}
+    return SpeechOutput(tokens, stacked, units, audio, timings)
+
+
+def write_wav(chunks: Iterable[np.ndarray | tuple], path: str | Path, sample_rate: int = SAMPLE_RATE) -> Path:
+    """Write audio chunks (arrays, or `stream_speech`'s tuples) as one 16-bit WAV,
+    atomically: a temp file in the same directory, renamed when complete."""
+    import soundfile as sf
+
+    pieces = [np.asarray(c[1] if isinstance(c, tuple) else c, dtype=np.float32).reshape(-1) for c in chunks]
+    audio = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".wav", dir=path.parent)
+    os.close(fd)
+    try:
+        sf.write(tmp, np.clip(audio, -1.0, 1.0), sample_rate, subtype="PCM_16", format="WAV")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _states(states: list[torch.Tensor], generator: SpeechGenerator) -> torch.Tensor:
+    """Stack hidden states `[n, d]` in the generator's dtype and device."""
+    weight = generator.input_proj.weight
+    return torch.stack(states).to(device=weight.device, dtype=weight.dtype)
+
+
+def _choose(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None) -> int:
+    if not do_sample:
+        return int(logits.argmax())
+    logits = logits / max(temperature, 1e-5)
+    if top_k:
+        threshold = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < threshold, float("-inf"))
+    return int(torch.multinomial(torch.softmax(logits, dim=-1), 1))
