@@ -8,6 +8,11 @@ its file produces (Qwen2-VL's scheme, extended to audio):
     <video>  -> <|vision_start|> <|video_pad|> * (t*h*w / 4) <|vision_end|>
     <speech> -> <|speech_pad|> * (300 per started 30 s clip)
     <sound>  -> <|sound_pad|>  * (300 per started 30 s clip)
+
+`LyraProcessor.__call__` builds inference prompts. For training, `encode_turns` tokenises a
+conversation message by message and returns labels (assistant answers and their
+`<|im_end|>`; everything else `IGNORE_INDEX`), so that `lyra.data.dataset` can drop whole
+trailing turns when a sample is over the length budget; `for_training` is the one-call form.
 """
 
 from __future__ import annotations
@@ -48,6 +53,59 @@ class ProcessedSample:
     speech: list[torch.Tensor] = field(default_factory=list)  # 16 kHz waveforms, in order
     sound: list[torch.Tensor] = field(default_factory=list)
     labels: torch.Tensor | None = None  # [L], IGNORE_INDEX outside answers
+
+
+@dataclass
+class EncodedTurn:
+    """One message of a conversation, tokenised (see `LyraProcessor.encode_turns`)."""
+
+    role: str
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX where the token is not learned
+    media: dict[str, int] = field(default_factory=dict)  # placeholders of each kind in this message
+
+
+@dataclass
+class MediaInputs:
+    """Preprocessed media of one conversation, one entry per file, in placeholder order."""
+
+    image_pixels: list[torch.Tensor] = field(default_factory=list)  # [rows_i, C*tp*p*p]
+    image_grids: list[torch.Tensor] = field(default_factory=list)  # [1, 3]
+    video_pixels: list[torch.Tensor] = field(default_factory=list)
+    video_grids: list[torch.Tensor] = field(default_factory=list)
+    speech: list[torch.Tensor] = field(default_factory=list)  # 16 kHz waveforms
+    sound: list[torch.Tensor] = field(default_factory=list)
+    runs: dict[str, list[list[int]]] = field(default_factory=lambda: {k: [] for k in PLACEHOLDERS})
+
+    def fill(self, sample: ProcessedSample, keep: dict[str, int] | None = None) -> None:
+        """Set the media fields of `sample` from the first `keep[kind]` files of each kind (all by default)."""
+        keep = keep or {}
+        n_img = keep.get("image", len(self.image_pixels))
+        n_vid = keep.get("video", len(self.video_pixels))
+        if n_img:
+            sample.pixel_values = torch.cat(self.image_pixels[:n_img])
+            sample.image_grid_thw = torch.cat(self.image_grids[:n_img])
+        if n_vid:
+            sample.pixel_values_videos = torch.cat(self.video_pixels[:n_vid])
+            sample.video_grid_thw = torch.cat(self.video_grids[:n_vid])
+        sample.speech = self.speech[: keep.get("speech", len(self.speech))]
+        sample.sound = self.sound[: keep.get("sound", len(self.sound))]
+
+
+def assemble(
+    turns: list[EncodedTurn], media: MediaInputs, image_id: int, video_id: int, sample: ProcessedSample | None = None
+) -> ProcessedSample:
+    """Join encoded turns into one sample with ids, labels and the media those turns use."""
+    ids = [i for t in turns for i in t.input_ids]
+    labels = [i for t in turns for i in t.labels]
+    if sample is None:
+        sample = ProcessedSample(input_ids=torch.empty(0, dtype=torch.long), mm_token_type_ids=torch.empty(0))
+    keep = {kind: sum(t.media.get(kind, 0) for t in turns) for kind in PLACEHOLDERS}
+    media.fill(sample, keep)
+    sample.input_ids = torch.tensor(ids, dtype=torch.long)
+    sample.labels = torch.tensor(labels, dtype=torch.long)
+    sample.mm_token_type_ids = mm_token_types(sample.input_ids, image_id, video_id)
+    return sample
 
 
 class LyraProcessor:
@@ -99,40 +157,135 @@ class LyraProcessor:
         text = self.render(messages, add_generation_prompt)
         check_placeholder_counts(text, {k: len(v) for k, v in media.items()})
 
+        inputs = self.process_media(media["image"], media["video"], media["speech"], media["sound"])
         sample = ProcessedSample(input_ids=torch.empty(0, dtype=torch.long), mm_token_type_ids=torch.empty(0))
-        runs: dict[str, list[list[int]]] = {k: [] for k in PLACEHOLDERS}
-        if media["image"]:
-            pixel_values, grids = self.vision.images([load_image(i) for i in media["image"]])
-            sample.pixel_values, sample.image_grid_thw = pixel_values, grids
-            runs["image"] = [self._vision_run(self.tokens.image, g) for g in grids]
-        if media["video"]:
-            patches, grids = [], []
-            for video in media["video"]:
-                frames = video if isinstance(video, list) else load_video_frames(
-                    video, self.vision.limits, self.vision.temporal_patch_size
-                )
-                flat, grid = self.vision.video(frames)
-                patches.append(flat)
-                grids.append(grid)
-            sample.pixel_values_videos, sample.video_grid_thw = torch.cat(patches), torch.cat(grids)
-            runs["video"] = [self._vision_run(self.tokens.video, g) for g in sample.video_grid_thw]
-        for kind, token_id in (("speech", self.tokens.speech), ("sound", self.tokens.sound)):
-            waveforms = [self.load_audio(a, kind) for a in media[kind]]
-            setattr(sample, kind, waveforms)
-            runs[kind] = [[token_id] * self.audio_token_count(w) for w in waveforms]
+        inputs.fill(sample)
+        next_run = {k: 0 for k in PLACEHOLDERS}
+        ids = self._encode_text(text, inputs.runs, next_run)
+        sample.input_ids = torch.tensor(ids, dtype=torch.long)
+        sample.mm_token_type_ids = mm_token_types(sample.input_ids, self.tokens.image, self.tokens.video)
+        return sample
 
+    # ------------------------------------------------------------------ training
+    def process_media(
+        self,
+        images: list[ImageInput] | None = None,
+        videos: list[VideoInput] | None = None,
+        speech: list[AudioInput] | None = None,
+        sound: list[AudioInput] | None = None,
+    ) -> MediaInputs:
+        """Load and preprocess media, one entry per file, in placeholder order."""
+        out = MediaInputs()
+        if images:
+            pixel_values, grids = self.vision.images([load_image(i) for i in images])
+            rows = [int(g.prod()) for g in grids]
+            out.image_pixels = list(torch.split(pixel_values, rows))
+            out.image_grids = [g.unsqueeze(0) for g in grids]
+            out.runs["image"] = [self._vision_run(self.tokens.image, g) for g in grids]
+        for video in videos or []:
+            frames = video if isinstance(video, list) else load_video_frames(
+                video, self.vision.limits, self.vision.temporal_patch_size
+            )
+            flat, grid = self.vision.video(frames)
+            out.video_pixels.append(flat)
+            out.video_grids.append(grid)
+            out.runs["video"].append(self._vision_run(self.tokens.video, grid[0]))
+        for kind, token_id, sources in (("speech", self.tokens.speech, speech), ("sound", self.tokens.sound, sound)):
+            waveforms = [self.load_audio(a, kind) for a in sources or []]
+            setattr(out, kind, waveforms)
+            out.runs[kind] = [[token_id] * self.audio_token_count(w) for w in waveforms]
+        return out
+
+    def encode_turns(self, messages: list[dict[str, str]], runs: dict[str, list[list[int]]]) -> list[EncodedTurn]:
+        """Tokenise a conversation message by message, with labels for training.
+
+        The conversation is rendered with the tokenizer's chat template; each message's
+        share of the rendered text is tokenised on its own, placeholders becoming the pad
+        runs of `runs` (consumed in order, as in `__call__`). Labels are the ids of each
+        assistant message's content plus the end-of-turn special token that follows it
+        (`<|im_end|>` in ChatML); everything else -- system prompt, user turns, role
+        headers, the newline after `<|im_end|>` -- is `IGNORE_INDEX`. With ChatML the
+        concatenated ids equal `self(messages, ..., add_generation_prompt=False).input_ids`.
+
+        Raises:
+            ValueError: a placeholder in an assistant message, more placeholders than
+                runs, or a chat template whose renderings are not prefixes of each other.
+        """
+        special_ids = set(self.tokenizer.all_special_ids)
+        next_run = {k: 0 for k in PLACEHOLDERS}
+        turns: list[EncodedTurn] = []
+        previous = ""
+        for k, message in enumerate(messages):
+            full = self.render(messages[: k + 1], add_generation_prompt=False)
+            if not full.startswith(previous):
+                raise ValueError(
+                    "the chat template does not render a conversation as a prefix of its continuation; "
+                    "turn-by-turn tokenisation needs a ChatML-like template"
+                )
+            piece = full[len(previous):]
+            turn = EncodedTurn(role=message["role"], input_ids=[], labels=[])
+            before = {kind: next_run[kind] for kind in PLACEHOLDERS}
+            if message["role"] == "assistant":
+                content = message["content"]
+                if PLACEHOLDER_PATTERN.search(content):
+                    raise ValueError(f"assistant message {k} holds a media placeholder; put media in user turns")
+                head, body, tail = self._split_assistant_piece(messages[:k], previous, piece, content)
+                head_ids = self.tokenizer.encode(head, add_special_tokens=False)
+                body_ids = self.tokenizer.encode(body, add_special_tokens=False)
+                tail_ids = self.tokenizer.encode(tail, add_special_tokens=False)
+                tail_labels = [IGNORE_INDEX] * len(tail_ids)
+                if tail_ids and tail_ids[0] in special_ids:  # the end-of-turn token is learned
+                    tail_labels[0] = tail_ids[0]
+                turn.input_ids = head_ids + body_ids + tail_ids
+                turn.labels = [IGNORE_INDEX] * len(head_ids) + body_ids + tail_labels
+            else:
+                turn.input_ids = self._encode_text(piece, runs, next_run)
+                turn.labels = [IGNORE_INDEX] * len(turn.input_ids)
+            turn.media = {kind: next_run[kind] - before[kind] for kind in PLACEHOLDERS}
+            turns.append(turn)
+            previous = full
+        return turns
+
+    def _split_assistant_piece(self, history, previous: str, piece: str, content: str) -> tuple[str, str, str]:
+        """Split an assistant message's rendered text into (header, content, trailer)."""
+        prompt = self.render(history, add_generation_prompt=True) if history else ""
+        header_len = len(prompt) - len(previous)
+        if prompt.startswith(previous) and header_len >= 0 and piece[header_len:].startswith(content):
+            at = header_len
+        else:  # a template that rewrites the prompt: find the content itself
+            at = piece.rfind(content)
+            if at < 0:
+                raise ValueError("cannot find the assistant message in the rendered chat template output")
+        return piece[:at], piece[at:at + len(content)], piece[at + len(content):]
+
+    def _encode_text(self, text: str, runs: dict[str, list[list[int]]], next_run: dict[str, int]) -> list[int]:
         ids: list[int] = []
         pieces = PLACEHOLDER_PATTERN.split(text)  # text, kind, text, kind, ..., text
-        next_run = {k: 0 for k in PLACEHOLDERS}
         for i, piece in enumerate(pieces):
             if i % 2 == 0:
                 ids.extend(self.tokenizer.encode(piece, add_special_tokens=False))
             else:
+                if next_run[piece] >= len(runs[piece]):
+                    raise ValueError(f"more <{piece}> placeholders than {piece} inputs")
                 ids.extend(runs[piece][next_run[piece]])
                 next_run[piece] += 1
-        sample.input_ids = torch.tensor(ids, dtype=torch.long)
-        sample.mm_token_type_ids = mm_token_types(sample.input_ids, self.tokens.image, self.tokens.video)
-        return sample
+        return ids
+
+    def for_training(
+        self,
+        messages: list[dict[str, str]],
+        images: list[ImageInput] | None = None,
+        videos: list[VideoInput] | None = None,
+        speech: list[AudioInput] | None = None,
+        sound: list[AudioInput] | None = None,
+    ) -> ProcessedSample:
+        """`__call__` for a complete conversation, with `labels` (see `encode_turns`); no truncation."""
+        media = {"image": images or [], "video": videos or [], "speech": speech or [], "sound": sound or []}
+        check_placeholder_counts(
+            "".join(m["content"] for m in messages), {k: len(v) for k, v in media.items()}
+        )
+        inputs = self.process_media(media["image"], media["video"], media["speech"], media["sound"])
+        return assemble(self.encode_turns(messages, inputs.runs), inputs, self.tokens.image, self.tokens.video)
 
     def _vision_run(self, pad_id: int, grid_thw: torch.Tensor) -> list[int]:
         n = self.vision.tokens_for_grid(grid_thw)
