@@ -209,7 +209,10 @@ def train(trainer: LyraTrainer, config: TrainConfig, resume: str | None = None) 
     elif resume:
         checkpoint = Path(resume)
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    # Under ZeRO-3 every rank holds a shard: gather the full weights (all ranks take part).
+    state = trainer.accelerator.get_state_dict(trainer.deepspeed) if trainer.is_deepspeed_enabled else None
     if trainer.args.should_save:
-        model.save_pretrained(output_dir / "final", tokenizer=trainer.tokenizer_to_save)
-    print(f"{trainer.tracker.summary()}\nsaved {output_dir / 'final'}", flush=True)
+        model.save_pretrained(output_dir / "final", state_dict=state, tokenizer=trainer.tokenizer_to_save)
+    if trainer.args.should_save:
+        print(f"{trainer.tracker.summary()}\nsaved {output_dir / 'final'}", flush=True)
     return 0
