@@ -34,15 +34,26 @@ def losses(trainer) -> dict[int, float]:
     return {entry["step"]: entry["loss"] for entry in trainer.state.log_history if "loss" in entry}
 
 
+def with_units(data):
+    """The sample set's text-only records, each with target speech units (stage 4 data)."""
+    records = [dict(r, tgt_unit="".join(f"<{(7 * i + k) % 50}>" for k in range(12)))
+               for i, r in enumerate(json.loads(data.read_text())) if not any(
+                   key in r for key in ("image", "video", "speech", "long_speech", "sound"))]
+    path = data.parent / "speechgen.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
 @pytest.fixture(scope="module")
 def chain(sample_data, tmp_path_factory):
-    """Stages 1 -> 2 -> 3, each reading the previous one's final/."""
+    """Stages 1 -> 2 -> 3 -> 4, each reading the previous one's final/."""
     root = tmp_path_factory.mktemp("runs")
     outputs = {}
     previous = None
-    for stage in (1, 2, 3):
+    for stage in (1, 2, 3, 4):
         extra = {"init_from": str(previous)} if previous else {}
-        config = stage_config(stage, sample_data, root / f"stage{stage}", **extra)
+        data = with_units(sample_data) if stage == 4 else sample_data
+        config = stage_config(stage, data, root / f"stage{stage}", **extra)
         trainer = build_trainer(config)
         assert train(trainer, config) == 0
         previous = root / f"stage{stage}" / "final"
@@ -63,6 +74,11 @@ def test_stages_chain_and_train_what_table7_says(chain):
     assert sorted(p.name for p in (final3 / "adapters").iterdir()) == ["long_speech", "speech"]
     model = LyraForConditionalGeneration.from_pretrained(final3)
     assert sorted(mlora.adapter_names(model)) == ["long_speech", "speech"]
+    final4, trainer4 = chain[4]
+    trainable4 = {n for n, p in trainer4.model.named_parameters() if p.requires_grad}
+    assert trainable4 and all(n.startswith("speech_generator.") for n in trainable4)
+    assert any("speech_generator_loss" in entry for entry in trainer4.state.log_history)
+    assert LyraForConditionalGeneration.from_pretrained(final4).speech_generator is not None
 
 
 def test_mlora_keeps_the_stage1_model_with_adapters_off(chain):

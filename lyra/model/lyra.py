@@ -31,6 +31,7 @@ from lyra.config import AudioEncoderConfig, LMMEConfig, LyraConfig
 from lyra.model import mlora
 from lyra.model.lmme import RetentionRecord, context_types, lmme_decode, lmme_prefill
 from lyra.model.projector import FrameConcatProjector
+from lyra.model.speechgen import SpeechGenerator
 from lyra.model.speech import FrameCache, WhisperEncoder, encode_audio, waveform_tensor
 
 CONFIG_FILE = "config.json"
@@ -105,6 +106,7 @@ class LyraForConditionalGeneration(nn.Module):
             self.sound_encoder = WhisperEncoder(sound.encoder)
             sound_width = self.sound_encoder.width
         self.sound_projector = FrameConcatProjector(sound_width, llm_width, sound.projector)
+        self.speech_generator = self._build_speech_generator() if config.speech_generator.enabled else None
         # MLoRA state (lyra.model.mlora): projector weights per adapter, and the adapter in use.
         self.adapter_configs: dict[str, Any] = {}  # name -> peft LoraConfig
         self.adapter_projectors: dict[str, dict[str, torch.Tensor]] = {}
@@ -158,6 +160,29 @@ class LyraForConditionalGeneration(nn.Module):
         model = cls(config, backbone=backbone)
         model.speech_encoder.whisper.load_state_dict(encoder_state)
         return model.to(dtype)
+
+    @property
+    def frame_cache(self) -> FrameCache | None:
+        """Encoder outputs of audio already heard (used while the encoders are frozen). Models
+        with the same frozen encoder weights may share one, so a recording is encoded once."""
+        return self._frame_cache
+
+    @frame_cache.setter
+    def frame_cache(self, cache: FrameCache | None) -> None:
+        self._frame_cache = cache
+
+    def _build_speech_generator(self) -> SpeechGenerator:
+        text = self.config.text
+        return SpeechGenerator.from_config(
+            self.config.speech_generator, text.hidden_size, rms_norm_eps=text.rms_norm_eps,
+            rope_parameters={"rope_type": "default", "rope_theta": text.rope_theta},
+        )
+
+    def add_speech_generator(self) -> None:
+        """Give the model a (new, random) speech generator: stage 4 trains it."""
+        if self.speech_generator is None:
+            self.config.speech_generator.enabled = True
+            self.speech_generator = self._build_speech_generator().to(self.device)
 
     # ------------------------------------------------------------------ forward
     @property
@@ -250,6 +275,7 @@ class LyraForConditionalGeneration(nn.Module):
         transcript_ids: list[torch.Tensor] | None = None,
         transcript_speech_index: torch.Tensor | None = None,
         return_logits: bool = True,
+        tgt_units: torch.Tensor | None = None,
         **media: Any,
     ) -> LyraOutput:
         """Run the model.
@@ -262,6 +288,8 @@ class LyraForConditionalGeneration(nn.Module):
                 (`transcript_ids[k]` is the text of `speech[transcript_speech_index[k]]`); with
                 labels, they add lambda * LCMR to the loss.
             return_logits: False computes the LM head only where labels are (training).
+            tgt_units: `[B, U]` speech units of each answer (-100 padded): with labels, the
+                speech generator's CTC loss on the answer tokens' hidden states is added.
             media: pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
                 mm_token_type_ids (as the processor returns them).
 
@@ -295,10 +323,31 @@ class LyraForConditionalGeneration(nn.Module):
             output.loss = nn.functional.cross_entropy(logits.float(), shifted[rows])
         if output.loss is not None:
             output.ce_loss = output.loss.detach()
+            if tgt_units is not None:
+                output.speech_generator_loss = self.speech_generator_loss(hidden, labels, tgt_units, kept_index)
+                output.loss = output.loss + output.speech_generator_loss
             if transcript_ids and self.config.lcmr.weight > 0:
                 output.lcmr_loss = self.lcmr(speech_features, transcript_ids, transcript_speech_index)
                 output.loss = output.loss + self.config.lcmr.weight * output.lcmr_loss
         return output
+
+    def speech_generator_loss(self, hidden: torch.Tensor, labels: torch.Tensor, tgt_units: torch.Tensor,
+                              kept_index: torch.Tensor | None) -> torch.Tensor:
+        """CTC loss of the speech generator on the hidden states `[B, L, d]` of the answer tokens."""
+        if self.speech_generator is None:
+            raise ValueError("the batch has tgt_units but the model has no speech generator "
+                             "(set speech_generator.enabled, or train stage 4)")
+        if kept_index is not None:
+            raise ValueError("train the speech generator without LMME (it needs every answer state)")
+        answer = labels != -100  # (B, L)
+        width = int(answer.sum(1).max())
+        states = hidden.new_zeros(hidden.shape[0], width, hidden.shape[-1])
+        mask = torch.zeros(hidden.shape[0], width, dtype=torch.bool, device=hidden.device)
+        for row in range(hidden.shape[0]):
+            count = int(answer[row].sum())
+            states[row, :count] = hidden[row, answer[row]]
+            mask[row, :count] = True
+        return self.speech_generator.loss(states, mask, tgt_units)
 
     def lcmr(self, speech_features: list[torch.Tensor], transcript_ids: list[torch.Tensor],
              transcript_speech_index: torch.Tensor) -> torch.Tensor:
@@ -556,6 +605,7 @@ class LyraOutput(ModelOutput):
     logits: torch.Tensor | None = None
     ce_loss: torch.Tensor | None = None  # detached, for logging
     lcmr_loss: torch.Tensor | None = None
+    speech_generator_loss: torch.Tensor | None = None
     kept_index: torch.Tensor | None = None
     retention: RetentionRecord | None = None
 

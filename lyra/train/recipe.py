@@ -80,8 +80,7 @@ def configure_trainable(model: LyraForConditionalGeneration, config: TrainConfig
     if wanted.vit:
         model.backbone.model.visual.requires_grad_(True)
     if wanted.speech_generator:
-        if getattr(model, "speech_generator", None) is None:
-            raise ValueError("trainable.speech_generator needs speech_generator.enabled in the model config")
+        model.add_speech_generator()  # new and random unless the checkpoint has one
         model.speech_generator.requires_grad_(True)
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("the config trains nothing: set something under `trainable`")
