@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from lyra.config import LMMEConfig
 from lyra.data.audio import load_video_audio
-from lyra.inference import Assistant, GenerationOptions, Media, default_model, load_model
+from lyra.inference import Assistant, GenerationOptions, Media, default_model, load_model, load_vocoder_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sound", action="append", default=[], help="a sound clip (up to 30 s)")
     parser.add_argument("--text", default=None, help="the question in text (alone or with --speech)")
     parser.add_argument("--speech-out", default=None, metavar="WAV", help="also speak the answer into this wav")
+    parser.add_argument("--vocoder", default=None, metavar="DIR",
+                        help="unit vocoder folder (g_00500000 + config.json) for --speech-out")
     parser.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     parser.add_argument("--lmme", default=None, metavar="BLOCKS,KEEP", help="token pruning, e.g. 4,0.7 (or off)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
@@ -84,10 +86,15 @@ def main(argv: list[str] | None = None) -> int:
                                     lmme=LMMEConfig.parse(args.lmme) if args.lmme else None)
         turn = turn_from_args(args)
         model, tokenizer, info = load_model(args.model, args.device, args.dtype)
-        if args.speech_out and getattr(model, "speech_generator", None) is None:
-            raise ValueError(
-                f"--speech-out needs a model with a trained speech generator (stage 4); {info['model']} has none"
-            )
+        vocoder = None
+        if args.speech_out:
+            if model.speech_generator is None:
+                raise ValueError(
+                    f"--speech-out needs a model with a trained speech generator (stage 4); {info['model']} has none"
+                )
+            if not args.vocoder:
+                raise ValueError("--speech-out needs --vocoder DIR (the unit vocoder's g_00500000 and config.json)")
+            vocoder = load_vocoder_dir(args.vocoder).to(model.device)
     except (ValueError, FileNotFoundError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -98,16 +105,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.text is None and not args.speech and not args.audio_only_video:
         return interactive(assistant, options, turn, args)
     try:
-        return answer_once(assistant, options, turn, args, info)
+        return answer_once(assistant, options, turn, args, info, vocoder)
     except (ValueError, FileNotFoundError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
 
-def answer_once(assistant: Assistant, options: GenerationOptions, turn: Turn, args, info) -> int:
+def answer_once(assistant: Assistant, options: GenerationOptions, turn: Turn, args, info, vocoder=None) -> int:
     messages = [{"role": "user", "content": turn.content(args.text)}]
     on_text = (lambda delta: print(delta, end="", flush=True)) if args.stream and not args.json else None
-    reply = assistant.reply(messages, turn.media, options, on_text=on_text, progress=not args.json)
+    if vocoder is not None:
+        reply = assistant.speak(messages, turn.media, options, vocoder, args.speech_out, on_text=on_text)
+    else:
+        reply = assistant.reply(messages, turn.media, options, on_text=on_text, progress=not args.json)
     if args.json:
         print(json.dumps({**reply.as_dict(), "model": info["model"], "untrained": info["untrained"],
                           "device": info["device"], "dtype": info["dtype"], "speech_out": args.speech_out}))

@@ -145,12 +145,60 @@ class _TextStreamer:
 
 
 class Assistant:
-    """A loaded model that answers conversations with media attached."""
+    """A loaded model that answers conversations with media attached (and, given a
+    vocoder and a model with a speech generator, speaks the answer)."""
 
     def __init__(self, model: LyraForConditionalGeneration, tokenizer, limits: VisionLimits | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.processor = LyraProcessor(tokenizer, model.config, limits)
+
+    def speak(self, messages: list[dict[str, str]], media: Media | None, options: GenerationOptions, vocoder,
+              wav_path: str | Path, on_text: Callable[[str], None] | None = None, chunk_tokens: int = 10) -> Reply:
+        """Answer in text and speech at once (streaming): audio chunks follow every
+        `chunk_tokens` text tokens; the concatenated audio is written to `wav_path` (16 kHz)."""
+        from lyra.model.streaming import stream_speech, write_wav
+
+        if self.model.speech_generator is None:
+            raise ValueError("this model has no speech generator (train stage 4) so it cannot speak")
+        if options.lmme is not None and options.lmme.enabled:
+            raise ValueError("spoken answers are generated without LMME; drop --lmme")
+        media = media or Media()
+        started = time.perf_counter()
+        sample = self.processor(messages, images=media.images, videos=media.videos, speech=media.speech,
+                                sound=media.sound)
+        speech_seconds = [round(w.shape[0] / SAMPLE_RATE, 2) for w in sample.speech]
+        adapter = mlora.adapter_for_audio(self.model, speech_seconds)
+        if mlora.adapter_names(self.model):
+            mlora.use_adapter(self.model, adapter)
+        batch = _to_device(collate([sample], self.model.config.tokens.pad, padding_side="left"), self.model.device)
+        tokens, chunks, text, first_token, first_audio = [], [], "", None, None
+        kwargs = {"max_new_tokens": options.max_new_tokens, "do_sample": options.temperature > 0,
+                  "temperature": options.temperature or 1.0, "top_k": options.top_k,
+                  "eos_token_id": self.model.config.tokens.eos}
+        for new_tokens, audio in stream_speech(self.model, self.model.speech_generator, vocoder, batch,
+                                               chunk_tokens=chunk_tokens, **kwargs):
+            now = time.perf_counter() - started
+            if new_tokens:
+                first_token = first_token if first_token is not None else now
+                tokens.extend(new_tokens)
+                decoded = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                if on_text is not None and len(decoded) > len(text) and not decoded.endswith("\ufffd"):
+                    on_text(decoded[len(text):])
+                    text = decoded
+            if len(audio):
+                first_audio = first_audio if first_audio is not None else now
+                chunks.append(audio)
+        write_wav(chunks, wav_path)
+        finished = time.perf_counter() - started
+        return Reply(
+            text=self.tokenizer.decode(tokens, skip_special_tokens=True).strip(), token_ids=tokens,
+            prompt_tokens=int(sample.input_ids.shape[0]), adapter=adapter,
+            timings={"first_token_s": round(first_token or finished, 4),
+                     "first_audio_s": round(first_audio or finished, 4), "total_s": round(finished, 4),
+                     "audio_seconds": round(sum(len(c) for c in chunks) / SAMPLE_RATE, 3)},
+            kept_fraction=None, speech_seconds=speech_seconds,
+        )
 
     def reply(self, messages: list[dict[str, str]], media: Media | None = None,
               options: GenerationOptions | None = None, on_text: Callable[[str], None] | None = None,
@@ -184,6 +232,18 @@ class Assistant:
             kept_fraction=retention.kept_fraction() if retention is not None else None,
             speech_seconds=speech_seconds,
         )
+
+
+def load_vocoder_dir(directory: str | Path):
+    """The unit vocoder from a folder holding `g_00500000` (or another `g_*`) and `config.json`."""
+    from lyra.model.vocoder import load_vocoder
+
+    directory = Path(directory)
+    checkpoints = sorted(directory.glob("g_*")) if directory.is_dir() else []
+    if not checkpoints or not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"{directory} is not a unit vocoder folder: it needs g_00500000 and config.json "
+                                f"(the mhubert_vp_en_es_fr_it3_400k_layer11_km1000_lj code HiFi-GAN)")
+    return load_vocoder(checkpoints[-1], directory / "config.json")
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
