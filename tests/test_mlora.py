@@ -118,3 +118,25 @@ def test_merge_equals_adapter_on(tmp_path, model):
     model.save_pretrained(tmp_path / "merged")
     reloaded = LyraForConditionalGeneration.from_pretrained(tmp_path / "merged").eval()
     assert torch.allclose(logits(reloaded, **inputs), with_adapter, atol=1e-5)
+
+
+def test_merge_script(tmp_path, model):
+    import subprocess
+    import sys
+
+    from lyra.config import REPO_ROOT
+
+    batch = train_adapter(model, "speech")
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with_adapter = logits(model, **inputs)
+    model.save_pretrained(tmp_path / "ckpt")
+    script = str(REPO_ROOT / "scripts" / "merge_lora.py")
+    done = subprocess.run([sys.executable, script, "--model", str(tmp_path / "ckpt"), "--adapter", "speech",
+                           "--out", str(tmp_path / "merged")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    merged = LyraForConditionalGeneration.from_pretrained(tmp_path / "merged").eval()
+    assert mlora.adapter_names(merged) == []
+    assert torch.allclose(logits(merged, **inputs), with_adapter, atol=1e-5)
+    bad = subprocess.run([sys.executable, script, "--model", str(tmp_path / "ckpt"), "--adapter", "music",
+                          "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "no adapter 'music' loaded" in bad.stderr
