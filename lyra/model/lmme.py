@@ -61,17 +61,18 @@ def keep_count(num_context: int, config: LMMEConfig) -> int:
 
 # --------------------------------------------------------------------------- scoring
 def _rotated_query_key(layer: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                       query_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                       query_index: torch.Tensor, keys: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One sample's rotated q for `query_index` rows `[H, n_q, hd]` and k for all rows `[H_kv, N, hd]`,
-    recomputed from the layer's input exactly as its attention computes them."""
+    recomputed from the layer's input exactly as its attention computes them (`keys`: the
+    layer's rotated keys when a KV cache already holds them)."""
     attn = layer.self_attn
-    x = layer.input_layernorm(hidden)  # (N, d)
     n_q, head_dim = query_index.shape[0], attn.head_dim
-    q = attn.q_proj(x[query_index]).view(n_q, -1, head_dim).transpose(0, 1)
-    k = attn.k_proj(x).view(x.shape[0], -1, head_dim).transpose(0, 1)
+    q = attn.q_proj(layer.input_layernorm(hidden[query_index])).view(n_q, -1, head_dim).transpose(0, 1)
     q, _ = apply_rotary_pos_emb(q, q, cos[query_index], sin[query_index], unsqueeze_dim=0)
-    k, _ = apply_rotary_pos_emb(k, k, cos, sin, unsqueeze_dim=0)
-    return q, k
+    if keys is None:
+        k = attn.k_proj(layer.input_layernorm(hidden)).view(hidden.shape[0], -1, head_dim).transpose(0, 1)
+        keys, _ = apply_rotary_pos_emb(k, k, cos, sin, unsqueeze_dim=0)
+    return q, keys
 
 
 def _head_chunks(num_heads: int, n_q: int, n_keys: int) -> int:
@@ -104,12 +105,13 @@ def _allowed(query_index: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor
 
 
 def context_scores(layer: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   query_index: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
+                   query_index: torch.Tensor, key_valid: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
     """Mean attention (over heads and instruction rows) each token receives, `[N]` (one sample).
 
     Chunked over heads so at most SCORE_BUDGET_BYTES of probabilities exist at once.
+    `keys`: the layer's rotated keys `[H_kv, N, hd]` if a KV cache holds them (no recompute).
     """
-    q, k = _rotated_query_key(layer, hidden, cos, sin, query_index)
+    q, k = _rotated_query_key(layer, hidden, cos, sin, query_index, keys)
     allowed = _allowed(query_index, key_valid)
     attn = layer.self_attn
     num_heads, n_q = q.shape[0], q.shape[1]
@@ -255,8 +257,9 @@ def lmme_prefill(
             break
         hidden, layer_input = _run_block(language_model, block, hidden, key_mask, cos, sin, cache, last_input=True)
         started = _clock(time_scoring, hidden.device)
+        cached_keys = cache.layers[block.stop - 1].keys if cache is not None else None
         keep = _select(language_model.layers[block.stop - 1], layer_input, cos, sin, key_mask.bool(),
-                       is_context, instruction, config)
+                       is_context, instruction, config, cached_keys)
         scoring_seconds += _clock(time_scoring, hidden.device) - started
         rows = _repad(keep, key_mask)
         hidden, cos, sin = _gather(hidden, rows), _gather(cos, rows), _gather(sin, rows)
@@ -284,8 +287,10 @@ def _clock(enabled: bool, device: torch.device) -> float:
     return time.perf_counter()
 
 
-def _select(layer, layer_input, cos, sin, key_valid, is_context, instruction, config) -> list[torch.Tensor]:
-    """Per sample, the sorted row indices to keep: every text row plus the top context rows."""
+def _select(layer, layer_input, cos, sin, key_valid, is_context, instruction, config,
+            cached_keys: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Per sample, the sorted row indices to keep: every text row plus the top context rows
+    (`cached_keys` `[B, H_kv, N, hd]`: the scoring layer's keys from the KV cache)."""
     keep = []
     for b in range(layer_input.shape[0]):
         context_rows = is_context[b].nonzero().squeeze(1)
@@ -295,7 +300,8 @@ def _select(layer, layer_input, cos, sin, key_valid, is_context, instruction, co
         if count == context_rows.numel() or query_rows.numel() == 0:
             kept_context = context_rows  # nothing to drop, or no instruction to score with
         else:
-            scores = context_scores(layer, layer_input[b], cos[b], sin[b], query_rows, key_valid[b])
+            keys = cached_keys[b] if cached_keys is not None else None
+            scores = context_scores(layer, layer_input[b], cos[b], sin[b], query_rows, key_valid[b], keys)
             kept_context = context_rows[scores[context_rows].topk(count).indices]
         keep.append(torch.cat([text_rows, kept_context]).sort().values)
     return keep
