@@ -51,3 +51,27 @@ def pyannote_sample() -> Path:
 def tone(seconds: float, sample_rate: int = 16000, freq: float = 440.0) -> np.ndarray:
     t = np.arange(int(seconds * sample_rate)) / sample_rate
     return (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+SMALL_VOCODER = {  # a scaled-down code HiFi-GAN (the real one's structure, 320x upsampling)
+    "upsample_rates": [5, 4, 4, 2, 2], "upsample_kernel_sizes": [11, 8, 8, 4, 4],
+    "upsample_initial_channel": 32, "resblock_kernel_sizes": [3], "resblock_dilation_sizes": [[1, 3]],
+    "num_embeddings": 50, "embedding_dim": 16, "model_in_dim": 16,
+    "dur_predictor_params": {"encoder_embed_dim": 16, "var_pred_hidden_dim": 16,
+                             "var_pred_kernel_size": 3, "var_pred_dropout": 0.5},
+}
+
+
+def small_vocoder():
+    from lyra.model.vocoder import CodeHiFiGAN, VocoderConfig
+
+    torch.manual_seed(0)
+    return CodeHiFiGAN(VocoderConfig.from_dict(SMALL_VOCODER)).eval()
+
+
+def talking(model):
+    """Give `model` a random speech generator whose units are not all blanks."""
+    model.add_speech_generator()
+    with torch.no_grad():
+        model.speech_generator.output_proj.bias[-1] = -10.0
+    return model

@@ -7,6 +7,7 @@ raw sockets for protocol-level errors, and the official `openai` package.
 from __future__ import annotations
 
 import base64
+import copy
 import http.client
 import io
 import json
@@ -24,7 +25,7 @@ from lyra.config import REPO_ROOT
 from lyra.inference import Assistant, GenerationOptions, Media, load_model
 from lyra.serve.api import ServerConfig, build_parser, config_from_args, create_server
 
-from conftest import tone
+from conftest import small_vocoder, talking, tone
 
 KEY = "test-key"
 IMAGE_PATH = REPO_ROOT / "data" / "demo" / "circle.png"
@@ -309,15 +310,16 @@ def test_audio_output(loaded, client, openai_client, monkeypatch):
         openai_client.chat.completions.create(model="tiny", messages=body["messages"], max_tokens=4,
                                               modalities=["text", "audio"], audio={"voice": "alloy", "format": "wav"})
 
-    # The plug-in point: a model with a speech generator and `speak` answers with a wav.
+    # With a speech generator and a vocoder the model speaks: the wav is its `speak` of the answer.
     model = loaded[0]
-    monkeypatch.setattr(model, "speech_generator", object(), raising=False)
-    monkeypatch.setattr(model, "speak", lambda sample, ids: (tone(0.5, 16000), 16000), raising=False)
+    speaker = talking(type(model)(copy.deepcopy(model.config)))
+    monkeypatch.setattr(model, "speech_generator", speaker.speech_generator)
+    monkeypatch.setattr(model, "_vocoder", [small_vocoder()], raising=False)
     status, response = client.chat(body)
     assert status == 200, response
     audio = response["choices"][0]["message"]["audio"]
     samples, rate = sf.read(io.BytesIO(base64.b64decode(audio["data"])))
-    assert rate == 16000 and samples.shape == (8000,)
+    assert rate == 16000 and samples.shape[0] > 0 and samples.shape[0] % 320 == 0  # 320 samples per unit frame
     assert audio["transcript"] == response["choices"][0]["message"]["content"]
     status, _, events = client.stream(body)
     assert status == 200 and events[-1] == "[DONE]"

@@ -13,7 +13,7 @@ import soundfile as sf
 from lyra import chat
 from lyra.config import REPO_ROOT
 
-from conftest import tone
+from conftest import SMALL_VOCODER, small_vocoder, talking, tone
 
 IMAGE = str(REPO_ROOT / "data" / "demo" / "circle.png")
 SPEECH = str(REPO_ROOT / "data" / "demo" / "question.wav")
@@ -129,23 +129,11 @@ def test_speech_out_streams_text_and_writes_a_wav(tmp_path, capsys):
 
     from lyra.config import load_config
     from lyra.model.lyra import LyraForConditionalGeneration
-    from lyra.model.vocoder import CodeHiFiGAN, VocoderConfig
 
-    small = {"upsample_rates": [5, 4, 4, 2, 2], "upsample_kernel_sizes": [11, 8, 8, 4, 4],
-             "upsample_initial_channel": 32, "resblock_kernel_sizes": [3], "resblock_dilation_sizes": [[1, 3]],
-             "num_embeddings": 50, "embedding_dim": 16, "model_in_dim": 16,
-             "dur_predictor_params": {"encoder_embed_dim": 16, "var_pred_hidden_dim": 16,
-                                      "var_pred_kernel_size": 3, "var_pred_dropout": 0.5}}
-    torch.manual_seed(0)
-    vocoder = CodeHiFiGAN(VocoderConfig.from_dict(small))
     (tmp_path / "vocoder").mkdir()
-    torch.save({"generator": vocoder.fairseq_state_dict()}, tmp_path / "vocoder" / "g_00500000")
-    (tmp_path / "vocoder" / "config.json").write_text(json.dumps(small))
-    model = LyraForConditionalGeneration.from_config(load_config("tiny"))
-    model.add_speech_generator()
-    with torch.no_grad():  # make the random generator emit units rather than blanks
-        model.speech_generator.output_proj.bias[-1] = -10.0
-    model.save_pretrained(tmp_path / "speaker")
+    torch.save({"generator": small_vocoder().fairseq_state_dict()}, tmp_path / "vocoder" / "g_00500000")
+    (tmp_path / "vocoder" / "config.json").write_text(json.dumps(SMALL_VOCODER))
+    talking(LyraForConditionalGeneration.from_config(load_config("tiny"))).save_pretrained(tmp_path / "speaker")
     wav = tmp_path / "reply.wav"
     argv = ["--model", str(tmp_path / "speaker"), "--text", "hi", "--max-new-tokens", "4",
             "--speech-out", str(wav), "--vocoder", str(tmp_path / "vocoder"), "--json"]

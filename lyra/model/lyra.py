@@ -22,12 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import DynamicCache, Qwen2VLConfig, Qwen2VLForConditionalGeneration
 from transformers.utils import ModelOutput
 
 from lyra.config import AudioEncoderConfig, LMMEConfig, LyraConfig
+from lyra.data.audio import SAMPLE_RATE
 from lyra.model import mlora
 from lyra.model.lmme import RetentionRecord, context_types, lmme_decode, lmme_prefill
 from lyra.model.projector import FrameConcatProjector
@@ -183,6 +185,41 @@ class LyraForConditionalGeneration(nn.Module):
         if self.speech_generator is None:
             self.config.speech_generator.enabled = True
             self.speech_generator = self._build_speech_generator().to(self.device)
+
+    def attach_vocoder(self, vocoder: nn.Module) -> None:
+        """Give the model the unit vocoder that `speak` uses. It is kept out of the module tree
+        (and so out of checkpoints): a vocoder is a separate release with its own weights."""
+        self._vocoder = [vocoder]  # a list, so nn.Module does not register it as a submodule
+
+    @property
+    def can_speak(self) -> bool:
+        return self.speech_generator is not None and bool(getattr(self, "_vocoder", None))
+
+    @torch.no_grad()
+    def speak(self, sample, answer_ids: list[int]) -> tuple[np.ndarray, int]:
+        """A spoken version of an answer already generated for `sample` (a `ProcessedSample`):
+        one forward over prompt + answer gives the answer tokens' hidden states, the speech
+        generator turns them into units and the vocoder into a 16 kHz waveform."""
+        if not self.can_speak:
+            raise ValueError("this model cannot speak: it needs a speech generator (stage 4) and attach_vocoder()")
+        if not answer_ids:
+            return np.zeros(0, np.float32), SAMPLE_RATE
+        device = self.device
+        answer = torch.tensor(answer_ids, dtype=torch.long)
+        ids = torch.cat([sample.input_ids, answer])[None].to(device)
+        types = torch.cat([sample.mm_token_type_ids, torch.zeros_like(answer, dtype=sample.mm_token_type_ids.dtype)])
+        media = {name: getattr(sample, name).to(device) for name in
+                 ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+                 if getattr(sample, name) is not None}
+        embeds, positions, _ = self.prepare_inputs(ids, torch.ones_like(ids), sample.speech or None,
+                                                   sample.sound or None, mm_token_type_ids=types[None].to(device),
+                                                   **media)
+        hidden = self.backbone.model(inputs_embeds=embeds, position_ids=positions).last_hidden_state
+        units = self.speech_generator.predict(hidden[:, -len(answer_ids):])[0]
+        if not units:
+            return np.zeros(0, np.float32), SAMPLE_RATE
+        audio = self._vocoder[0](units, dur_prediction=True)
+        return audio.float().cpu().numpy().reshape(-1), SAMPLE_RATE
 
     # ------------------------------------------------------------------ forward
     @property
