@@ -148,11 +148,12 @@ def test_bad_samples_are_skipped_and_counted(sample_data, tmp_path):
     records[1]["image"] = "images/missing.png"
     broken = tmp_path / "broken.json"
     broken.write_text(json.dumps(records))
-    config = stage_config(1, broken, tmp_path / "bad", **{"data.root": str(sample_data.parent),
-                                                          "optim.max_steps": 4, "data.max_bad_fraction": 0.5})
+    config = stage_config(1, broken, tmp_path / "bad", **{"data.root": str(sample_data.parent),  # a whole epoch
+                                                          "optim.max_steps": -1, "data.max_bad_fraction": 0.5})
     trainer = build_trainer(config)
     train(trainer, config)
-    assert trainer.tracker.by_code == {"missing_file": 1}
+    assert trainer.tracker.by_code["missing_file"] >= 1  # the sampler may repeat it to fill a group
+    assert set(trainer.tracker.by_code) == {"missing_file"}
 
 
 def test_cli_errors_are_clear(tmp_path, capsys):
