@@ -153,6 +153,18 @@ class Assistant:
         self.tokenizer = tokenizer
         self.processor = LyraProcessor(tokenizer, model.config, limits)
 
+    def _prepare(self, messages: list[dict[str, str]], media: Media | None):
+        """Tokenise, load the media, choose and switch on the adapter; a one-sample batch."""
+        media = media or Media()
+        sample = self.processor(messages, images=media.images, videos=media.videos, speech=media.speech,
+                                sound=media.sound)
+        speech_seconds = [round(w.shape[0] / SAMPLE_RATE, 2) for w in sample.speech]
+        adapter = mlora.adapter_for_audio(self.model, speech_seconds)
+        if mlora.adapter_names(self.model):
+            mlora.use_adapter(self.model, adapter)
+        batch = _to_device(collate([sample], self.model.config.tokens.pad, padding_side="left"), self.model.device)
+        return sample, batch, adapter, speech_seconds
+
     def speak(self, messages: list[dict[str, str]], media: Media | None, options: GenerationOptions, vocoder,
               wav_path: str | Path, on_text: Callable[[str], None] | None = None, chunk_tokens: int = 10) -> Reply:
         """Answer in text and speech at once (streaming): audio chunks follow every
@@ -163,15 +175,8 @@ class Assistant:
             raise ValueError("this model has no speech generator (train stage 4) so it cannot speak")
         if options.lmme is not None and options.lmme.enabled:
             raise ValueError("spoken answers are generated without LMME; drop --lmme")
-        media = media or Media()
         started = time.perf_counter()
-        sample = self.processor(messages, images=media.images, videos=media.videos, speech=media.speech,
-                                sound=media.sound)
-        speech_seconds = [round(w.shape[0] / SAMPLE_RATE, 2) for w in sample.speech]
-        adapter = mlora.adapter_for_audio(self.model, speech_seconds)
-        if mlora.adapter_names(self.model):
-            mlora.use_adapter(self.model, adapter)
-        batch = _to_device(collate([sample], self.model.config.tokens.pad, padding_side="left"), self.model.device)
+        sample, batch, adapter, speech_seconds = self._prepare(messages, media)
         tokens, chunks, text, first_token, first_audio = [], [], "", None, None
         kwargs = {"max_new_tokens": options.max_new_tokens, "do_sample": options.temperature > 0,
                   "temperature": options.temperature or 1.0, "top_k": options.top_k,
@@ -204,16 +209,9 @@ class Assistant:
               options: GenerationOptions | None = None, on_text: Callable[[str], None] | None = None,
               progress: bool = False) -> Reply:
         """Answer the last user turn of `messages` (placeholders in turn text, files in `media`)."""
-        media = media or Media()
         options = options or GenerationOptions()
         started = time.perf_counter()
-        sample = self.processor(messages, images=media.images, videos=media.videos, speech=media.speech,
-                                sound=media.sound)
-        speech_seconds = [round(w.shape[0] / SAMPLE_RATE, 2) for w in sample.speech]
-        adapter = mlora.adapter_for_audio(self.model, speech_seconds)
-        if mlora.adapter_names(self.model):
-            mlora.use_adapter(self.model, adapter)
-        batch = _to_device(collate([sample], self.model.config.tokens.pad, padding_side="left"), self.model.device)
+        sample, batch, adapter, speech_seconds = self._prepare(messages, media)
         prepared = time.perf_counter()
         streamer = _TextStreamer(self.tokenizer, on_text, started)
         self.model.last_retention = None

@@ -23,6 +23,7 @@ import torch
 from transformers import DynamicCache
 
 from lyra.config import LMMEConfig, load_config
+from lyra.memory import reset_peak_rss, status_mib
 from lyra.model.lmme import SPEECH, TEXT, block_ranges, keep_count, lmme_decode, lmme_prefill
 from lyra.model.lyra import LyraForConditionalGeneration
 
@@ -46,17 +47,12 @@ class Meter:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         else:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
+            reset_peak_rss()
 
     def peak_gib(self) -> float:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated() / 2**30
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 2**20
-        return float("nan")
+        return status_mib("VmHWM") / 1024
 
     def sync(self) -> None:
         if self.device.type == "cuda":

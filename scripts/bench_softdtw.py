@@ -31,26 +31,14 @@ import sys
 import time
 from pathlib import Path
 
+from lyra.memory import reset_peak_rss, status_mib
+
 SIZES = [(300, 32), (1200, 128), (4800, 512)]
 METHODS = ["ours-fp32", "ours-fp64", "loop", "tslearn", "torchmetrics"]
 GAMMA = 0.1
 # Past these cell counts per sample a method takes minutes per call: reported as skipped.
 MAX_CELLS = {"loop": 300 * 32, "torchmetrics": 1200 * 128}
 TIME_BUDGET_S = 30.0  # per (method, size): slow methods stop repeating after two timed runs past this
-
-
-def status_mib(field: str) -> float:
-    """`VmRSS` (now) or `VmHWM` (peak since the last reset) of this process, in MiB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def reset_peak_rss() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # Linux: reset VmHWM to the current RSS
 
 
 def loop_soft_dtw(cost, gamma: float):
