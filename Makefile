@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip wheel setuptools
 	# CPU torch first: a bare `torch` would pull a multi-GB CUDA build.
 	$(PIP) install -q torch==2.13.0
-	DS_BUILD_OPS=0 $(PIP) install -q -e '.[dev,tts]'
+	DS_BUILD_OPS=0 $(PIP) install -q -e '.[dev,tts,web]'
 	# openai-whisper's only other requirement is triton (GPU only): skip it.
 	$(PIP) install -q --no-deps openai-whisper==20250625
 	# A real 30 s two-speaker recording with a transcript, used by tests (never imported).
@@ -26,6 +26,14 @@ $(STAMP): pyproject.toml Makefile
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng sox; \
 	  else \
 	    echo "note: espeak-ng/sox missing; run 'sudo apt-get install espeak-ng sox' for the espeak-ng TTS backend and its tests"; \
+	  fi; \
+	fi
+	# Web demo test (tests/test_web.py): Playwright drives Debian's chromium; same rule as above.
+	@if [ ! -x /usr/bin/chromium ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	  else \
+	    echo "note: /usr/bin/chromium missing; run 'sudo apt-get install chromium' for tests/test_web.py"; \
 	  fi; \
 	fi
 	touch $(STAMP)
