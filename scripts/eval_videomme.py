@@ -23,13 +23,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lyra.data.audio import SAMPLE_RATE, load_video_audio  # noqa: E402
+from lyra.data.vision import load_video_frames  # noqa: E402
 from lyra.inference import Media  # noqa: E402
 from lyra.eval.runner import (  # noqa: E402
     META_KEY, PredictionLog, add_model_arguments, atomic_write_json, default_predictions_path, first, load_assistant,
     model_meta, run_items,
 )
 from lyra.eval.videomme import (  # noqa: E402
-    MODES, VideoMMEItem, build_prompt, find_video, has_audio_track, load_questions, sample_video_frames,
+    MODES, VideoMMEItem, build_prompt, find_video, has_audio_track, load_questions,
     score_predictions,
 )
 
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         if mode == "omni" and not audio_track:
             mode = "vision"  # a silent video: the frames alone
         if mode in ("vision", "omni"):
-            videos = [sample_video_frames(path, limits, temporal_patch)]
+            videos = [load_video_frames(path, limits, temporal_patch)]
         if mode in ("audio", "omni"):
             speech = [(load_video_audio(path), SAMPLE_RATE)]
         reply = assistant.reply([{"role": "user", "content": build_prompt(item, mode)}],

@@ -142,15 +142,22 @@ def test_videomme_question_formats(videomme_root, tmp_path):
     assert videomme.build_prompt(items[0], "omni").startswith("<video>\n<speech>\n")
 
 
-def test_videomme_frames_match_the_decoder(videomme_root):
-    """The streaming sampler picks the frames `load_video_frames` (which decodes all) picks."""
-    from lyra.data.vision import VisionLimits, load_video_frames
+def test_video_frames_match_decoding_everything(videomme_root):
+    """`load_video_frames` (one pass, only chosen frames kept) picks what decoding every frame would."""
+    import av
+
+    from lyra.data.vision import VisionLimits, load_video_frames, sample_frame_indices
 
     limits = VisionLimits(video_max_frames=4, video_min_frames=2)
     path = videomme_root / "data" / "yt0.mp4"
-    streamed, decoded = videomme.sample_video_frames(path, limits), load_video_frames(path, limits)
-    assert len(streamed) == len(decoded) == 4
-    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(streamed, decoded))
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        every = [frame.to_image() for frame in container.decode(stream)]
+        fps = float(stream.average_rate)
+    reference = [every[i] for i in sample_frame_indices(len(every), fps, limits, 2)]
+    streamed = load_video_frames(path, limits)
+    assert len(streamed) == len(reference) == 4
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(streamed, reference))
 
 
 def test_videomme_scoring_by_duration():

@@ -62,7 +62,8 @@ def sample_frame_indices(num_frames: int, native_fps: float, limits: VisionLimit
 
 
 def load_video_frames(path: str | Path, limits: VisionLimits, temporal_patch: int = 2) -> list[Image.Image]:
-    """Decode a video with PyAV and return frames sampled at `limits.video_fps`."""
+    """Frames of a video sampled at `limits.video_fps` (PyAV), decoding the stream once and
+    converting only the chosen frames to PIL, so an hour-long video does not fill memory."""
     import av
 
     path = Path(path)
@@ -73,16 +74,35 @@ def load_video_frames(path: str | Path, limits: VisionLimits, temporal_patch: in
             if not container.streams.video:
                 raise VisionError(f"{path} has no video stream; pass it as audio (--audio-only-video) instead")
             stream = container.streams.video[0]
-            frames = [frame.to_image() for frame in container.decode(stream)]
-            native_fps = float(stream.average_rate or stream.guessed_rate or 25)
+            fps = float(stream.average_rate or stream.guessed_rate or 25)
+            total = stream.frames
+            if not total:  # the container does not say: estimate from the duration
+                seconds = float(stream.duration * stream.time_base) if stream.duration else \
+                    (container.duration or 0) / 1_000_000
+                total = max(1, round(seconds * fps))
+            wanted = sample_frame_indices(total, fps, limits, temporal_patch)
+            keep = set(wanted)
+            kept: dict[int, Image.Image] = {}
+            last = None
+            for index, frame in enumerate(container.decode(stream)):
+                if index in keep:
+                    kept[index] = frame.to_image()
+                last = frame
+                if index >= wanted[-1]:
+                    break
+            if last is None:
+                raise VisionError(f"video {path} holds no frames")
+            # A stream shorter than its header says: the last decoded frame stands in for the missing ones.
+            fallback = kept[max(kept)] if kept else last.to_image()
     except VisionError:
         raise
-    except Exception as error:
+    except Exception as error:  # PyAV raises many types for broken files
         raise VisionError(f"cannot decode video {path}: {error}; re-encode it as H.264 MP4") from error
-    if not frames:
-        raise VisionError(f"video {path} holds no frames")
-    indices = sample_frame_indices(len(frames), native_fps, limits, temporal_patch)
-    return [frames[i] for i in indices]
+    frames, previous = [], fallback
+    for index in wanted:
+        previous = kept.get(index, previous)
+        frames.append(previous)
+    return frames
 
 
 class VisionProcessor:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from lyra.data.vision import VisionError, VisionLimits, sample_frame_indices
+from lyra.data.vision import VisionError
 from lyra.eval.metrics import extract_option_letter, mean, parse_sufficiency, percent
 
 DURATIONS = ("short", "medium", "long")
@@ -184,48 +184,6 @@ def build_prompt(item: VideoMMEItem, mode: str) -> str:
         raise ValueError(f"unknown VideoMME mode {mode!r}; choose from {MODES}")
     text = MC_PROMPT.format(source=MC_SOURCE[mode], question=item.question, options=item.option_lines())
     return ("<video>\n<speech>\n" if mode == "omni" else "<video>\n") + text
-
-
-def sample_video_frames(path: str | Path, limits: VisionLimits, temporal_patch: int = 2) -> list:
-    """Frames at `limits.video_fps` (capped by `video_max_frames`), decoding the stream once and
-    converting only the chosen frames to PIL, so an hour-long video does not fill memory."""
-    import av
-
-    path = Path(path)
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise VisionError(f"{path} has no video stream")
-            stream = container.streams.video[0]
-            fps = float(stream.average_rate or stream.guessed_rate or 25)
-            total = stream.frames
-            if not total:
-                seconds = float(stream.duration * stream.time_base) if stream.duration else \
-                    (container.duration or 0) / 1_000_000
-                total = max(1, round(seconds * fps))
-            wanted = sample_frame_indices(total, fps, limits, temporal_patch)
-            keep = set(wanted)
-            kept: dict[int, Any] = {}
-            last = None
-            for index, frame in enumerate(container.decode(stream)):
-                if index in keep:
-                    kept[index] = frame.to_image()
-                last = frame
-                if index >= wanted[-1]:
-                    break
-            if last is None:
-                raise VisionError(f"video {path} holds no frames")
-            # A stream shorter than its header says: the last decoded frame stands in for the missing ones.
-            fallback = kept[max(kept)] if kept else last.to_image()
-    except VisionError:
-        raise
-    except Exception as error:  # PyAV raises many types for broken files
-        raise VisionError(f"cannot decode video {path}: {error}") from error
-    frames, previous = [], fallback
-    for index in wanted:
-        previous = kept.get(index, previous)
-        frames.append(previous)
-    return frames
 
 
 def has_audio_track(path: str | Path) -> bool:
