@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.lyra-setup-done
 
-.PHONY: setup test demo clean-venv
+.PHONY: setup test demo reproduce-nano clean-venv
 
 setup: $(STAMP)
 
@@ -43,6 +43,11 @@ test: setup
 
 demo: setup
 	$(PY) -m lyra.demo
+
+# The paper's ablations in miniature on the demo's nano model (trains it first if needed):
+# writes docs/nano_results.md and outputs/nano/reproduce_nano.json.
+reproduce-nano: setup
+	$(PY) scripts/reproduce_nano.py
 
 clean-venv:
 	rm -rf $(VENV)

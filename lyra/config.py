@@ -224,7 +224,14 @@ class LyraConfig:
 
     @property
     def speech_tokens_per_clip(self) -> int:
-        return self.speech.encoder.n_audio_ctx // self.speech.projector.frames_per_token
+        return self.audio_tokens_per_clip("speech")
+
+    def audio_tokens_per_clip(self, kind: str) -> int:
+        """LLM tokens per 30 s clip of `kind` ("speech" or "sound"): encoder frames / frames per token."""
+        if kind == "speech":
+            return self.speech.encoder.n_audio_ctx // self.speech.projector.frames_per_token
+        encoder = self.speech.encoder if self.sound.share_speech_encoder or self.sound.encoder is None else self.sound.encoder
+        return encoder.n_audio_ctx // self.sound.projector.frames_per_token
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -136,8 +136,8 @@ class LyraProcessor:
             )
         return torch.from_numpy(samples)
 
-    def audio_token_count(self, waveform: torch.Tensor) -> int:
-        return num_clips(waveform.shape[0]) * self.config.speech_tokens_per_clip
+    def audio_token_count(self, waveform: torch.Tensor, kind: str = "speech") -> int:
+        return num_clips(waveform.shape[0]) * self.config.audio_tokens_per_clip(kind)
 
     # ------------------------------------------------------------------ text
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
@@ -193,7 +193,7 @@ class LyraProcessor:
         for kind, token_id, sources in (("speech", self.tokens.speech, speech), ("sound", self.tokens.sound, sound)):
             waveforms = [self.load_audio(a, kind) for a in sources or []]
             setattr(out, kind, waveforms)
-            out.runs[kind] = [[token_id] * self.audio_token_count(w) for w in waveforms]
+            out.runs[kind] = [[token_id] * self.audio_token_count(w, kind) for w in waveforms]
         return out
 
     def encode_turns(self, messages: list[dict[str, str]], runs: dict[str, list[list[int]]]) -> list[EncodedTurn]:

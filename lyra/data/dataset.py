@@ -704,7 +704,7 @@ class LyraDataset(torch.utils.data.Dataset):
             return limits.image_max_pixels // (28 * 28) // 2 + 2
         if kind == "video":
             return limits.video_total_pixels // (28 * 28) // 2 + 2
-        return self.processor.config.speech_tokens_per_clip
+        return self.processor.config.audio_tokens_per_clip(kind)
 
     def _estimate_media_tokens(self, kind: str, path: str) -> int:
         try:
@@ -718,7 +718,7 @@ class LyraDataset(torch.utils.data.Dataset):
             import soundfile
 
             seconds = soundfile.info(str(full)).duration
-            return num_clips(int(seconds * SAMPLE_RATE)) * self.processor.config.speech_tokens_per_clip
+            return num_clips(int(seconds * SAMPLE_RATE)) * self.processor.config.audio_tokens_per_clip(kind)
         except Exception:  # unreadable: validation reports it; here any estimate will do
             return self._default_media_tokens(kind, path)
 

@@ -1,11 +1,14 @@
 """Lyra-Nano's training pipeline: the nano task's data, then three phases through the one recipe.
 
     phase  config                          trains                                  data
-    base   configs/train/nano_base.yaml    LLM + ViT (+ sound projector), scratch  text questions, sounds
+    vision configs/train/nano_vision.yaml  ViT from scratch, on generator labels   training images
+    base   configs/train/nano_base.yaml    LLM (scratch) + ViT (+ sound projector)  text questions, sounds
     stage1 configs/train/nano_stage1.yaml  speech projector (+ LCMR)               spoken questions
     stage2 configs/train/nano_stage2.yaml  "speech" MLoRA adapter + projector      multi-turn, one spoken
 
-Each phase is `lyra.train.recipe.build_trainer` + `train` on its YAML, with the data path,
+The vision phase is `lyra.train.nano_vision` (a ViT pretraining loop with throw-away linear
+heads); it saves a whole fresh model whose ViT is pretrained, and the base phase starts there.
+Every later phase is `lyra.train.recipe.build_trainer` + `train` on its YAML, with the data path,
 output folder and the previous phase's `final/` filled in; every phase's model shares one
 frame cache, so the frozen Whisper encoder hears each recording once per process. The result
 is copied to `out/model` with `out/model/nano_build.json`, whose `hash` (of the task spec, the
@@ -35,6 +38,7 @@ from lyra.data.nano_task import NanoTask, NanoTaskSpec, build_nano_task
 CONFIG_DIR = REPO_ROOT / "configs" / "train"
 PHASES = ("base", "stage1", "stage2")
 PHASE_CONFIGS = {phase: CONFIG_DIR / f"nano_{phase}.yaml" for phase in PHASES}
+VISION_CONFIG = CONFIG_DIR / "nano_vision.yaml"
 BUILD_FILE = "nano_build.json"
 
 
@@ -67,13 +71,15 @@ def phase_configs(task: NanoTask, runs_dir: Path, seed: int = 0, overrides: dict
     return configs
 
 
-def build_hash(task: NanoTask, configs: dict[str, Any]) -> str:
+def build_hash(task: NanoTask, configs: dict[str, Any], vision=None) -> str:
     """What decides whether a trained nano model can be reused: the task (spec and generated
-    data), the model preset file and every phase's resolved training config."""
+    data), the model preset file, the vision pretraining config and every phase's resolved
+    training config."""
     blob = {
         "task_spec": task.manifest["spec_hash"],
         "task_data": task.manifest["data_hash"],
         "model_preset": hashlib.sha256((PRESET_DIR / "nano.yaml").read_bytes()).hexdigest(),
+        "vision": dataclasses.asdict(vision) if vision is not None else None,
         "phases": {phase: dataclasses.asdict(config) for phase, config in configs.items()},
     }
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -89,6 +95,28 @@ def cached_build(model_dir: Path, wanted_hash: str) -> dict[str, Any] | None:
     except ValueError:
         return None
     return data if data.get("hash") == wanted_hash else None
+
+
+def run_vision_phase(task: NanoTask, output_dir: Path, config, seed: int = 0, progress: bool = True) -> PhaseReport:
+    """A fresh nano model whose ViT is pretrained (lyra/train/nano_vision.py), saved to
+    `output_dir/final` with the tokenizer, for the base phase to start from."""
+    from lyra.config import load_config
+    from lyra.model.lyra import LyraForConditionalGeneration
+    from lyra.tokenizer import load_tokenizer
+    from lyra.train.nano_vision import pretrain_vision
+    from transformers import set_seed
+
+    wall, cpu = time.perf_counter(), time.process_time()
+    print(f"\n==> nano vision: {VISION_CONFIG.relative_to(REPO_ROOT)} -> {output_dir}", flush=True)
+    set_seed(seed)
+    model_config = load_config("nano")
+    model = LyraForConditionalGeneration.from_config(model_config)
+    report = pretrain_vision(model, task, config, seed=seed, progress=progress)
+    print(f"vision probes on held-out images: {report['held_out_probe_accuracy_after']}", flush=True)
+    model.save_pretrained(output_dir / "final", tokenizer=load_tokenizer(model_config.tokenizer))
+    return PhaseReport(phase="vision", seconds=time.perf_counter() - wall, cpu_seconds=time.process_time() - cpu,
+                       steps=config.steps, samples=config.steps * config.batch_size, train_loss=report["final_loss"],
+                       last_logs={k: v for k, v in report.items() if k.startswith("held_out")})
 
 
 def run_phase(phase: str, config, frame_cache=None) -> PhaseReport:
@@ -143,20 +171,26 @@ def train_nano(out: str | Path = REPO_ROOT / "outputs" / "nano", spec: NanoTaskS
     started = time.perf_counter()
     task = build_nano_task(out / "data", spec or NanoTaskSpec(), progress=progress)
     data_seconds = time.perf_counter() - started
-    configs = phase_configs(task, out / "runs", seed)
-    wanted = build_hash(task, configs)
+    from lyra.train.nano_vision import load_vision_config
+
+    vision = load_vision_config(VISION_CONFIG)
+    vision_dir = out / "runs" / "vision"
+    configs = phase_configs(task, out / "runs", seed, init_from=str(vision_dir / "final"))
+    wanted = build_hash(task, configs, vision)
     model_dir = out / "model"
     if not force:
         record = cached_build(model_dir, wanted)
         if record is not None:
             return model_dir, record, True
     cache = frame_cache if frame_cache is not None else shared_frame_cache()
-    reports = [run_phase(phase, configs[phase], cache) for phase in PHASES]
+    reports = [run_vision_phase(task, vision_dir, vision, seed, progress)]
+    reports += [run_phase(phase, configs[phase], cache) for phase in PHASES]
     record = {
         "hash": wanted, "seed": seed, "task": task.manifest,
         "data_seconds": round(data_seconds, 1),
         "phases": [dataclasses.asdict(r) for r in reports],
-        "configs": {phase: str(PHASE_CONFIGS[phase].relative_to(REPO_ROOT)) for phase in PHASES},
+        "configs": {"vision": str(VISION_CONFIG.relative_to(REPO_ROOT)),
+                    **{phase: str(PHASE_CONFIGS[phase].relative_to(REPO_ROOT)) for phase in PHASES}},
         "trained_at": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     publish(Path(configs[PHASES[-1]].output_dir) / "final", model_dir, record)

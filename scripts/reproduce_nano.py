@@ -1,0 +1,340 @@
+"""`make reproduce-nano`: the paper's claims in miniature, on Lyra-Nano and the nano task.
+
+Starts from the demo's build (`python -m lyra.demo`, trained here if missing) and writes
+docs/nano_results.md (tables, with the command that made each) and a JSON of every number:
+
+  (a) Table 3 -- stage 1 with CE only vs CE + lambda * LCMR: spoken- vs text-question accuracy;
+  (b) Table 6 -- stage 2 with MLoRA vs a full fine-tune of the LLM: image-text accuracy kept;
+  (c) Tables 4/8 -- LMME(4, 0.7) vs no pruning: accuracy and prefill time (real decoding);
+  (d) Fig. 6 -- a spoken question hidden in long real speech (needle), length x depth heatmap.
+
+(a) and (b) retrain the stage over `--seeds` and report mean and spread; seed 0 of the
+paper's setting (LCMR on, MLoRA) is the demo's own run.
+
+    python scripts/reproduce_nano.py [--out outputs/nano] [--seeds 0,1,2] [--doc docs/nano_results.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from lyra.config import REPO_ROOT, LMMEConfig
+from lyra.data.nano_task import NanoTaskSpec, build_nano_task
+
+COMMAND = "python scripts/reproduce_nano.py"
+
+
+def mean_spread(values: list[float]) -> str:
+    """'mean ± sd (n)' in percent."""
+    values = [100 * v for v in values]
+    if len(values) == 1:
+        return f"{values[0]:.1f} (n=1)"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f} (n={len(values)})"
+
+
+def evaluate(model_dir: Path, task, cache, variants: tuple[str, ...]) -> dict:
+    from lyra.eval.nano import evaluate_nano
+    from lyra.inference import load_model
+
+    model, tokenizer, _ = load_model(str(model_dir), device="cpu", dtype="fp32")
+    model.frame_cache = cache
+    accuracy = evaluate_nano(model, tokenizer, task.files["eval"], variants=variants, batch_size=32, progress=False)
+    return accuracy.as_dict()
+
+
+def train_variant(task, runs: Path, phase: str, seed: int, init_from: str, overrides: dict, cache) -> Path:
+    """One phase, trained once per (name, seed): reused when its `final/` exists."""
+    from lyra.train.nano import phase_configs, run_phase
+
+    config = phase_configs(task, runs, seed, {phase: overrides}, phases=(phase,), init_from=init_from)[phase]
+    final = Path(config.output_dir) / "final"
+    if not (final / "config.json").is_file():
+        run_phase(phase, config, cache)
+    return final
+
+
+def lcmr_ablation(task, out: Path, seeds: list[int], cache) -> dict:
+    """Stage 1 from the demo's base model with lambda = 0 and the config's lambda."""
+    from lyra.train.config import load_train_config
+    from lyra.train.nano import PHASE_CONFIGS
+
+    weight = load_train_config(PHASE_CONFIGS["stage1"]).lcmr_weight
+    base = str(out / "runs" / "base" / "final")
+    text = evaluate(Path(base), task, cache, ("text",))["text"]["image"]  # stage 1 leaves the LLM as it is
+    rows = {}
+    for name, lam in (("CE only", 0.0), (f"CE + {weight} LCMR", weight)):
+        results = []
+        for seed in seeds:
+            if lam == weight and seed == 0:
+                final = out / "runs" / "stage1" / "final"
+            else:
+                final = train_variant(task, out / "ablations" / f"lcmr{lam:g}_seed{seed}", "stage1", seed, base,
+                                      {"lcmr_weight": lam}, cache)
+            acc = evaluate(final, task, cache, ("speech", "voice"))
+            results.append({"seed": seed, "speech": acc["speech"]["image"], "voice": acc["voice"]["image"],
+                            "speech_by_type": acc["speech"]["by_type"]})
+        rows[name] = {"lambda": lam, "runs": results}
+    return {"text_image_accuracy": text, "rows": rows}
+
+
+def mlora_ablation(task, out: Path, seeds: list[int], cache, full_lr: float) -> dict:
+    """Stage 2 from the demo's stage 1: the "speech" LoRA adapter vs training the whole LLM."""
+    stage1 = str(out / "runs" / "stage1" / "final")
+    base_text = evaluate(out / "runs" / "base" / "final", task, cache, ("text",))["text"]
+    rows = {}
+    settings = (("MLoRA (speech adapter, r=16)", {}),
+                (f"full fine-tune of the LLM (lr {full_lr:g})",
+                 {"trainable.adapter": None, "trainable.llm": True, "optim.lr": full_lr}))
+    for index, (name, overrides) in enumerate(settings):
+        results = []
+        for seed in seeds:
+            if index == 0 and seed == 0:
+                final = out / "runs" / "stage2" / "final"
+            else:
+                final = train_variant(task, out / "ablations" / f"stage2_{'mlora' if index == 0 else 'full'}_seed{seed}",
+                                      "stage2", seed, stage1, overrides, cache)
+            acc = evaluate(final, task, cache, ("text", "speech"))
+            results.append({"seed": seed, "text": acc["text"]["image"], "speech": acc["speech"]["image"],
+                            "text_by_type": acc["text"]["by_type"]})
+        rows[name] = {"overrides": {k: v for k, v in overrides.items()}, "runs": results}
+    return {"base_text": base_text["image"], "base_text_by_type": base_text["by_type"], "rows": rows}
+
+
+def lmme_comparison(task, model_dir: Path, cache, limit: int) -> dict:
+    from lyra.eval.nano import generate_answers
+    from lyra.inference import load_model
+
+    model, tokenizer, _ = load_model(str(model_dir), device="cpu", dtype="fp32")
+    model.frame_cache = cache
+    rows = {}
+    for name, lmme in (("no pruning", None), ("LMME(4, 0.7)", LMMEConfig.parse("4,0.7"))):
+        row = {}
+        for variant in ("text", "speech"):
+            accuracy, prefill = generate_answers(model, tokenizer, task.files["eval"], variants=(variant,), lmme=lmme,
+                                                 limit=limit, progress=False)
+            row[variant] = {"accuracy": accuracy.value(variant), "asked": accuracy.count(variant),
+                            "prefill_ms_median": 1000 * statistics.median(prefill)}
+        rows[name] = row
+    return rows
+
+
+def background_speech() -> Path:
+    """The real 30 s two-speaker call shipped with pyannote.audio (installed by `make setup`)."""
+    spec = importlib.util.find_spec("pyannote.audio")
+    path = Path(spec.submodule_search_locations[0]) / "sample" / "sample.wav" if spec else None
+    if path is None or not path.is_file():
+        raise FileNotFoundError("the needle background is pyannote.audio's sample.wav; run `make setup` to install it")
+    return path
+
+
+def needle_grid(task, model_dir: Path, cache, lengths: list[float], depths: list[float], samples: int,
+                image_path: Path) -> dict:
+    """A held-out spoken question, hidden at `depth` in `length` seconds of a real conversation,
+    about a held-out image; a trial scores when the greedy answer is the right one."""
+    from lyra.data.tts import write_wav_atomic
+    from lyra.eval.needle import build_haystack, draw_heatmap, grid_scores, load_background, trial_id
+    from lyra.data.audio import load_audio
+    from lyra.data.vision import VisionLimits
+    from lyra.inference import load_model
+    from lyra.model import mlora
+    from lyra.processing import LyraProcessor, collate
+
+    model, tokenizer, _ = load_model(str(model_dir), device="cpu", dtype="fp32")
+    model.frame_cache = cache
+    if "speech" in mlora.adapter_names(model):
+        mlora.use_adapter(model, "speech")
+    processor = LyraProcessor(tokenizer, model.config, VisionLimits())
+    background = load_background([background_speech()])
+    questions = [r for r in task.records("eval") if r["id"].endswith("-last-speech") and r.get("image")]
+    records, clean = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for record in questions[:samples]:  # the same questions, clean, for reference
+            clean.append(_ask(model, processor, tokenizer, task.root / record["image"],
+                              task.root / record["speech"][0]) == record["meta"]["answers"][0])
+        for length in lengths:
+            for depth in depths:
+                for k, record in enumerate(questions[:samples]):
+                    needle = load_audio(task.root / record["speech"][0])
+                    audio, at = build_haystack(background, needle, length, depth, offset_seconds=7.0 * k)
+                    wav = Path(tmp) / f"{trial_id(length, depth, k)}.wav"
+                    write_wav_atomic(wav, audio)
+                    reply = _ask(model, processor, tokenizer, task.root / record["image"], wav)
+                    records.append({"length": length, "depth": depth, "sample": k, "needle_at": round(at, 2),
+                                    "score": float(reply == record["meta"]["answers"][0]), "reply": reply,
+                                    "answer": record["meta"]["answers"][0]})
+    scores = grid_scores(records, lengths, depths)
+    image = draw_heatmap(scores, lengths, depths, title="Lyra-Nano: spoken question in long speech")
+    image.save(image_path)
+    return {"lengths": lengths, "depths": depths, "samples": samples, "scores": scores, "trials": records,
+            "clean_accuracy": sum(clean) / len(clean)}
+
+
+def _ask(model, processor, tokenizer, image: Path, speech) -> str:
+    import torch
+
+    messages = [{"role": "user", "content": "<image>\n<speech>"}]
+    sample = processor(messages, images=[image], speech=[speech])
+    batch = collate([sample], model.config.tokens.pad, padding_side="left")
+    with torch.no_grad():
+        new = model.generate(**batch, max_new_tokens=8)
+    return tokenizer.decode(new[0], skip_special_tokens=True).strip()
+
+
+def write_doc(path: Path, report: dict, argv: str) -> None:
+    a, b, c, d = report["lcmr"], report["mlora"], report["lmme"], report["needle"]
+    lines = [
+        "# Lyra-Nano: the paper's claims in miniature",
+        "",
+        f"Made by `{argv}` in {report['seconds'] / 60:.1f} min on {report['machine']}. Model: the demo's build "
+        f"`{report['build']}` (`make demo`); every number is held-out accuracy (exact match of the greedy answer) "
+        "on content never seen in training (lyra/data/nano_task.py). Image questions = colour, shape, count, "
+        "word, ink. Spread is the standard deviation over seeds.",
+        "",
+        "## (a) LCMR (paper Table 3): stage 1 with and without the latent cross-modality regularizer",
+        "",
+        f"Stage 1 (speech projector only, `configs/train/nano_stage1.yaml`) from the same base model, seeds "
+        f"{report['seeds']}. Text questions go through the frozen base LLM: {100 * a['text_image_accuracy']:.1f} %.",
+        "",
+        "| stage 1 loss | spoken, training voices | spoken, held-out voice | gap to text (training voices) |",
+        "|---|---|---|---|",
+    ]
+    for name, row in a["rows"].items():
+        speech = [r["speech"] for r in row["runs"]]
+        voice = [r["voice"] for r in row["runs"]]
+        gap = [a["text_image_accuracy"] - s for s in speech]
+        lines.append(f"| {name} | {mean_spread(speech)} | {mean_spread(voice)} | {mean_spread(gap)} |")
+    lines += [
+        "",
+        "## (b) MLoRA vs full fine-tune (paper Table 6): is image-text ability kept?",
+        "",
+        f"Stage 2 (`configs/train/nano_stage2.yaml`) from the same stage-1 model, seeds {report['seeds']}. "
+        f"The base model answers text questions about images at {100 * b['base_text']:.1f} %. With MLoRA, "
+        "text requests run with the adapter off, so they are the base model's answers by construction.",
+        "",
+        "| stage 2 | text questions (image) | spoken questions (image) |",
+        "|---|---|---|",
+    ]
+    for name, row in b["rows"].items():
+        lines.append(f"| {name} | {mean_spread([r['text'] for r in row['runs']])} | "
+                     f"{mean_spread([r['speech'] for r in row['runs']])} |")
+    lines += [
+        "",
+        "## (c) LMME (paper Tables 4 and 8): accuracy and prefill time",
+        "",
+        "Real greedy decoding with the demo model, batch 1, on the first held-out questions; prefill = time to "
+        "the first new token (median). Nano prompts are short (9 image tokens, 150 per 30 s of speech), so "
+        "pruning has little to save here; `scripts/bench_lmme.py` measures long contexts.",
+        "",
+        "| setting | text: accuracy | text: prefill ms | spoken: accuracy | spoken: prefill ms |",
+        "|---|---|---|---|---|",
+    ]
+    for name, row in c.items():
+        t, s = row["text"], row["speech"]
+        lines.append(f"| {name} | {100 * t['accuracy']:.1f} % ({t['asked']}) | {t['prefill_ms_median']:.1f} | "
+                     f"{100 * s['accuracy']:.1f} % ({s['asked']}) | {s['prefill_ms_median']:.1f} |")
+    lines += [
+        "",
+        "## (d) Needle in long speech (paper Fig. 6)",
+        "",
+        f"A held-out spoken question (training voice) is hidden at a depth of a real two-speaker call "
+        f"(pyannote.audio's sample, cycled), and asked together with its held-out image; {d['samples']} questions "
+        f"per cell. The same questions, clean: {100 * d['clean_accuracy']:.0f} % right. The nano model only ever "
+        "trained on spoken questions alone in one 30 s window.",
+        "",
+        "![needle heatmap](nano_needle.png)",
+        "",
+        "| depth \\ length (s) | " + " | ".join(f"{x:g}" for x in d["lengths"]) + " |",
+        "|---|" + "---|" * len(d["lengths"]),
+    ]
+    for depth, row in zip(d["depths"], d["scores"]):
+        lines.append(f"| {depth:g} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in row) + " |")
+    lines += ["", "## Reading the results", "", report.get("discussion", ""), ""]
+    from lyra.data.dataset import atomic_write_text
+
+    atomic_write_text(path, "\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(REPO_ROOT / "outputs" / "nano"))
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--full-ft-lr", type=float, default=2e-4)
+    parser.add_argument("--lmme-limit", type=int, default=150, help="held-out questions per variant for (c)")
+    parser.add_argument("--needle-lengths", default="10,30,60,120,240")
+    parser.add_argument("--needle-depths", default="0,0.25,0.5,0.75,1")
+    parser.add_argument("--needle-samples", type=int, default=2)
+    parser.add_argument("--doc", default=str(REPO_ROOT / "docs" / "nano_results.md"))
+    parser.add_argument("--json", default=None, help="default: <out>/reproduce_nano.json")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    out = Path(args.out)
+    seeds = [int(s) for s in args.seeds.split(",")]
+
+    from lyra.train.nano import shared_frame_cache, train_nano
+
+    model_dir, build, _ = train_nano(out)
+    task = build_nano_task(out / "data", NanoTaskSpec())
+    cache = shared_frame_cache()
+    doc = Path(args.doc)
+    report = {"build": build["hash"], "seeds": seeds, "machine": _machine()}
+    print("==> (a) LCMR ablation (stage 1)", flush=True)
+    report["lcmr"] = lcmr_ablation(task, out, seeds, cache)
+    print("==> (b) MLoRA vs full fine-tune (stage 2)", flush=True)
+    report["mlora"] = mlora_ablation(task, out, seeds, cache, args.full_ft_lr)
+    print("==> (c) LMME", flush=True)
+    report["lmme"] = lmme_comparison(task, model_dir, cache, args.lmme_limit)
+    print("==> (d) needle in long speech", flush=True)
+    report["needle"] = needle_grid(task, model_dir, cache, [float(x) for x in args.needle_lengths.split(",")],
+                                   [float(x) for x in args.needle_depths.split(",")], args.needle_samples,
+                                   doc.parent / "nano_needle.png")
+    report["seconds"] = time.perf_counter() - started
+    report["discussion"] = discussion(report)
+    json_path = Path(args.json) if args.json else out / "reproduce_nano.json"
+    json_path.write_text(json.dumps(report, indent=1, default=str) + "\n")
+    write_doc(doc, report, " ".join([COMMAND, *(argv if argv is not None else sys.argv[1:])]))
+    print(doc.read_text())
+    print(f"wrote {doc} and {json_path} ({report['seconds'] / 60:.1f} min)")
+    return 0
+
+
+def discussion(report: dict) -> str:
+    """The direction of each effect, computed from the numbers (never written by hand)."""
+    a, b, c = report["lcmr"]["rows"], report["mlora"]["rows"], report["lmme"]
+    (ce_name, ce), (lc_name, lc) = list(a.items())
+    ce_speech = statistics.mean(r["speech"] for r in ce["runs"])
+    lc_speech = statistics.mean(r["speech"] for r in lc["runs"])
+    (ml_name, ml), (ft_name, ft) = list(b.items())
+    ml_text = statistics.mean(r["text"] for r in ml["runs"])
+    ft_text = statistics.mean(r["text"] for r in ft["runs"])
+    base = report["mlora"]["base_text"]
+    full, pruned = c["no pruning"], c["LMME(4, 0.7)"]
+    return "\n".join([
+        f"- (a) LCMR {'raises' if lc_speech > ce_speech else 'does not raise'} spoken-question accuracy after "
+        f"stage 1: {100 * lc_speech:.1f} % vs {100 * ce_speech:.1f} % with CE only (mean over seeds).",
+        f"- (b) After stage 2, text questions about images: MLoRA {100 * ml_text:.1f} %, full fine-tune "
+        f"{100 * ft_text:.1f} %, base {100 * base:.1f} %; the full fine-tune "
+        f"{'loses' if ft_text < base else 'keeps'} {abs(100 * (base - ft_text)):.1f} points.",
+        f"- (c) LMME(4, 0.7) changes accuracy by {100 * (pruned['speech']['accuracy'] - full['speech']['accuracy']):+.1f} "
+        f"points on spoken questions and {100 * (pruned['text']['accuracy'] - full['text']['accuracy']):+.1f} on text; "
+        f"prefill {full['speech']['prefill_ms_median']:.1f} -> {pruned['speech']['prefill_ms_median']:.1f} ms (spoken).",
+    ])
+
+
+def _machine() -> str:
+    import os
+    import platform
+
+    return f"{platform.machine()} CPU, {os.cpu_count()} cores"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

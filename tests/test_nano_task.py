@@ -1,0 +1,178 @@
+"""The nano task generator (lyra/data/nano_task.py) and the demo's build cache (lyra/train/nano.py).
+
+Small specs and no TTS, so the whole file runs in seconds; the full nano model is never trained here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lyra.data import nano_task
+from lyra.data.nano_task import (
+    HELD_OUT_OBJECTS,
+    HELD_OUT_SIGNS,
+    SOUND_RANGES,
+    NanoTaskSpec,
+    answer_question,
+    build_nano_task,
+    render_sound,
+)
+
+SMALL = dict(train_scenes=40, train_signs=12, train_sound_clips=1, eval_scenes=12, eval_signs=6, eval_sound_clips=1,
+             base_records=60, stage1_records=0, stage2_records=0, speech=False)
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    return build_nano_task(tmp_path_factory.mktemp("nano") / "data", NanoTaskSpec(**SMALL), progress=False)
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_generator_is_deterministic(task, tmp_path):
+    again = build_nano_task(tmp_path / "again", NanoTaskSpec(**SMALL), progress=False)
+    assert again.fingerprint == task.fingerprint
+    first, second = _tree(task.root), _tree(again.root)
+    assert first.keys() == second.keys()
+    assert all(first[name] == second[name] for name in first), "a file differs between two builds"
+    other = build_nano_task(tmp_path / "other", NanoTaskSpec(**{**SMALL, "seed": 1}), progress=False)
+    assert other.fingerprint != task.fingerprint
+
+
+def test_a_matching_build_is_reused_and_a_changed_spec_rebuilds(task, tmp_path):
+    root = tmp_path / "cached"
+    first = build_nano_task(root, NanoTaskSpec(**SMALL), progress=False)
+    marker = root / "images" / "train" / "scene_00000.png"
+    stamp = marker.stat().st_mtime_ns
+    reused = build_nano_task(root, NanoTaskSpec(**SMALL), progress=False)
+    assert reused.fingerprint == first.fingerprint and marker.stat().st_mtime_ns == stamp
+    changed = build_nano_task(root, NanoTaskSpec(**{**SMALL, "train_scenes": 41}), progress=False)
+    assert changed.manifest["spec_hash"] != first.manifest["spec_hash"]
+    assert (root / "images" / "train" / "scene_00040.png").is_file()
+
+
+def test_the_split_is_by_content(task):
+    media = task.media()
+    train_paths = {r.get("image") or r.get("sound") for phase in ("base", "stage1", "stage2")
+                   for r in task.records(phase)}
+    eval_paths = {r.get("image") or r.get("sound") for r in task.records("eval")}
+    assert train_paths and eval_paths and not train_paths & eval_paths
+    for paths, held in ((train_paths, False), (eval_paths, True)):
+        for path in paths:
+            content = media[path]
+            if content["kind"] == "scene":
+                assert all(((o["colour"], o["shape"]) in HELD_OUT_OBJECTS) == held for o in content["objects"]), path
+            elif content["kind"] == "sign":
+                assert ((content["word"], content["ink"]) in HELD_OUT_SIGNS) == held, path
+            else:
+                assert path.startswith("sounds/eval/" if held else "sounds/train/"), path
+
+
+@pytest.mark.parametrize("kind", ["beep2_high", "beep1_low", "noise"])
+def test_held_out_sounds_have_unseen_parameters(kind):
+    """The pitch (beeps) or the sounding length (noise) of a clip lies in its split's range,
+    and the held-out ranges do not overlap the training ones."""
+    def dominant(clip):
+        spectrum = np.abs(np.fft.rfft(clip))
+        return np.fft.rfftfreq(len(clip), 1 / 16000)[spectrum.argmax()]
+
+    for split in ("train", "eval"):
+        ranges = SOUND_RANGES[split]
+        for seed in range(5):
+            clip = render_sound(kind, nano_task._rng(seed, kind), split)
+            assert clip.dtype == np.float32 and clip.shape == (24000,)
+            if kind.startswith("beep"):
+                low, high = ranges[kind.split("_")[1]]
+                assert low - 5 <= dominant(clip) <= high + 5, (split, dominant(clip))
+            else:
+                loud = np.convolve(np.abs(clip) > 0.05, np.ones(160) / 160, "same") > 0.2
+                assert ranges["noise"][0] - 0.03 <= loud.mean() * 1.5 <= ranges["noise"][1] + 0.03
+    assert SOUND_RANGES["train"]["high"][1] < SOUND_RANGES["eval"]["high"][0]
+    assert SOUND_RANGES["train"]["low"][1] < SOUND_RANGES["eval"]["low"][0]
+
+
+def test_answers_match_the_generated_content(task):
+    media = task.media()
+    checked = 0
+    for phase in ("base", "eval"):
+        for record in task.records(phase):
+            content = media[record.get("image") or record.get("sound")]
+            meta = record["meta"]
+            answers = [t["value"] for t in record["conversations"] if t["from"] == "gpt"]
+            assert answers == meta["answers"]
+            for question, answer in zip(meta["questions"], answers):
+                assert answer_question(content, question) == answer, (record["id"], question)
+                checked += 1
+    assert checked > 100
+
+
+def test_scene_images_show_their_objects(task):
+    """Each object's cell is dominated by its colour; empty cells are background."""
+    media = task.media()
+    for path, content in media.items():
+        if content["kind"] != "scene":
+            continue
+        pixels = np.asarray(Image.open(task.root / path).convert("RGB")).astype(int)
+        filled = {o["cell"]: o for o in content["objects"]}
+        for cell in range(9):
+            row, col = divmod(cell, 3)
+            block = pixels[row * 28 + 4:(row + 1) * 28 - 4, col * 28 + 4:(col + 1) * 28 - 4].reshape(-1, 3)
+            distance = np.abs(block - np.array(nano_task.COLOURS.get(filled[cell]["colour"], (0, 0, 0))
+                                               if cell in filled else block.mean(0))).sum(1)
+            if cell in filled:
+                assert (distance < 60).mean() > 0.2, (path, cell, filled[cell])
+            else:
+                assert block.std() < 12, (path, cell)
+
+
+def test_records_load_through_the_training_dataset(task):
+    from lyra.config import load_config
+    from lyra.data.dataset import LyraDataset
+    from lyra.data.vision import VisionLimits
+    from lyra.processing import LyraProcessor
+    from lyra.tokenizer import load_tokenizer
+
+    config = load_config("tiny")
+    processor = LyraProcessor(load_tokenizer("tiny"), config, VisionLimits(image_max_pixels=84 * 84))
+    dataset = LyraDataset(task.files["base"], processor, on_bad_sample="raise")
+    for index in range(min(8, len(dataset))):
+        sample = dataset[index]
+        assert (sample.labels != -100).any()
+        if sample.pixel_values is not None:
+            assert sample.image_grid_thw.tolist() == [[1, 6, 6]]  # 84 x 84: 3 x 3 merged tokens
+
+
+def test_build_hash_decides_reuse(task, tmp_path):
+    from lyra.train import nano
+
+    from lyra.train.nano_vision import VisionPretrainConfig
+
+    configs = nano.phase_configs(task, tmp_path / "runs", seed=0)
+    wanted = nano.build_hash(task, configs, VisionPretrainConfig())
+    assert wanted != nano.build_hash(task, configs, VisionPretrainConfig(steps=7))
+    assert wanted == nano.build_hash(task, nano.phase_configs(task, tmp_path / "runs", seed=0), VisionPretrainConfig())
+    assert wanted != nano.build_hash(task, nano.phase_configs(task, tmp_path / "runs", seed=1), VisionPretrainConfig())
+    changed = nano.phase_configs(task, tmp_path / "runs", seed=0, overrides={"stage2": {"optim.lr": 1.0e-4}})
+    assert wanted != nano.build_hash(task, changed, VisionPretrainConfig())
+
+    model_dir = tmp_path / "model"
+    assert nano.cached_build(model_dir, wanted) is None  # nothing there yet
+    final = tmp_path / "final"
+    final.mkdir()
+    (final / "config.json").write_text("{}")
+    nano.publish(final, model_dir, {"hash": wanted})
+    assert nano.cached_build(model_dir, wanted) == {"hash": wanted}
+    assert nano.cached_build(model_dir, "0" * 16) is None  # another build: train again
+    (model_dir / nano.BUILD_FILE).write_text("not json")
+    assert nano.cached_build(model_dir, wanted) is None
+    other_task = build_nano_task(tmp_path / "data2", NanoTaskSpec(**{**SMALL, "seed": 3}), progress=False)
+    assert nano.build_hash(other_task, nano.phase_configs(other_task, tmp_path / "runs", seed=0),
+                           VisionPretrainConfig()) != wanted
+    json.dumps(configs["base"].optim.__dict__)  # the configs are plain data
