@@ -135,7 +135,7 @@ class NanoTaskSpec:
     eval_signs: int = 40
     eval_sound_clips: int = 6  # per sound class
     base_records: int = 4000  # text conversations for the base phase
-    base_multi_turn: float = 0.3  # the fraction of base image conversations with every question, not one
+    base_multi_turn: float = 1.0  # the fraction of base image conversations with every question, not one
     stage1_records: int = 1600  # single spoken question each
     stage2_records: int = 1600
     speech: bool = True  # synthesise spoken questions (False: images and sounds only, for tests)
@@ -447,12 +447,12 @@ def build_nano_task(root: str | Path, spec: NanoTaskSpec | None = None, progress
         return path, [ask("sound", SOUNDS[kind], rng)]
 
     records: dict[str, list[dict[str, Any]]] = {phase: [] for phase in PHASE_FILES}
-    for i in range(spec.base_records):  # text questions; one in five about a sound
+    for i in range(spec.base_records):  # text questions; one in eight about a sound
         rng = _rng(seed, "base", i)
-        if rng.random() < 0.2:
+        if rng.random() < 0.125:
             path, qas = sound_qa("train", rng)
             records["base"].append(_record(f"base-{i}", "sound", path, qas, set(), [], "<sound>"))
-        else:  # mostly one question, so every answer must come from the image, not from earlier answers
+        else:
             path, qas = image_qas("train", rng)
             turns = len(qas) if rng.random() < spec.base_multi_turn else 1
             records["base"].append(_record(f"base-{i}", "image", path, qas[:turns], set(), [], "<image>"))

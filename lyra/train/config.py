@@ -65,6 +65,7 @@ class OptimSection:
     batch_size: int = 1  # per device
     grad_accum: int = 1
     max_grad_norm: float = 1.0
+    adam_beta2: float = 0.999  # lower (0.98) for short runs from scratch: the step size adapts faster
 
 
 @dataclass

@@ -101,6 +101,7 @@ def training_arguments(config: TrainConfig, report_to: str):
         num_train_epochs=optim.epochs,
         max_steps=optim.max_steps,
         max_grad_norm=optim.max_grad_norm,
+        adam_beta2=optim.adam_beta2,
         logging_steps=config.logging_steps,
         save_strategy="steps",
         save_steps=config.save_steps,
