@@ -25,8 +25,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 from lyra.config import REPO_ROOT, LMMEConfig
 from lyra.data.nano_task import NanoTaskSpec, build_nano_task
 
@@ -140,13 +138,19 @@ def needle_grid(task, model_dir: Path, cache, lengths: list[float], depths: list
                 image_path: Path) -> dict:
     """A held-out spoken question, hidden at `depth` in `length` seconds of a real conversation,
     about a held-out image; a trial scores when the greedy answer is the right one."""
-    from lyra.data.tts import write_wav_atomic
-    from lyra.eval.needle import build_haystack, draw_heatmap, grid_scores, load_background, trial_id
     from lyra.data.audio import load_audio
+    from lyra.data.tts import write_wav_atomic
     from lyra.data.vision import VisionLimits
+    from lyra.eval.needle import (
+        build_haystack,
+        draw_heatmap,
+        grid_scores,
+        load_background,
+        trial_id,
+    )
     from lyra.inference import load_model
     from lyra.model import mlora
-    from lyra.processing import LyraProcessor, collate
+    from lyra.processing import LyraProcessor
 
     model, tokenizer, _ = load_model(str(model_dir), device="cpu", dtype="fp32")
     model.frame_cache = cache
@@ -180,6 +184,8 @@ def needle_grid(task, model_dir: Path, cache, lengths: list[float], depths: list
 
 def _ask(model, processor, tokenizer, image: Path, speech) -> str:
     import torch
+
+    from lyra.processing import collate
 
     messages = [{"role": "user", "content": "<image>\n<speech>"}]
     sample = processor(messages, images=[image], speech=[speech])

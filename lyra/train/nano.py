@@ -100,11 +100,12 @@ def cached_build(model_dir: Path, wanted_hash: str) -> dict[str, Any] | None:
 def run_vision_phase(task: NanoTask, output_dir: Path, config, seed: int = 0, progress: bool = True) -> PhaseReport:
     """A fresh nano model whose ViT is pretrained (lyra/train/nano_vision.py), saved to
     `output_dir/final` with the tokenizer, for the base phase to start from."""
+    from transformers import set_seed
+
     from lyra.config import load_config
     from lyra.model.lyra import LyraForConditionalGeneration
     from lyra.tokenizer import load_tokenizer
     from lyra.train.nano_vision import pretrain_vision
-    from transformers import set_seed
 
     wall, cpu = time.perf_counter(), time.process_time()
     print(f"\n==> nano vision: {VISION_CONFIG.relative_to(REPO_ROOT)} -> {output_dir}", flush=True)
