@@ -257,3 +257,20 @@ def test_frozen_encoder_cache_reuses_outputs(tiny_config):
     model.speech_encoder.requires_grad_(True)  # a trainable encoder is never cached
     model.encode_speech([speech])
     assert calls == [1, 1]
+
+
+def test_frame_cache_is_used_without_grad_and_skipped_when_the_encoder_trains(tiny_model):
+    from lyra.model.speech import FrameCache
+
+    audio = torch.from_numpy(tone(2.0))
+    tiny_model.frame_cache = FrameCache(64)
+    assert all(p.requires_grad for p in tiny_model.speech_encoder.parameters())
+    with torch.enable_grad():  # a trainable encoder: its outputs must carry gradients, never cached
+        trained, = tiny_model.encode_speech([audio])
+    assert len(tiny_model.frame_cache.entries) == 0 and trained.requires_grad
+    with torch.no_grad():  # evaluation and inference: encoded once, then reused
+        first, = tiny_model.encode_speech([audio])
+        again, = tiny_model.encode_speech([audio])
+    assert len(tiny_model.frame_cache.entries) == 1
+    torch.testing.assert_close(first, again, rtol=0, atol=0)
+    torch.testing.assert_close(first, trained.detach(), rtol=1e-5, atol=1e-6)

@@ -14,6 +14,8 @@ from PIL import Image
 
 from lyra.data import nano_task
 from lyra.data.nano_task import (
+    COLOURS,
+    DISTRACTOR_INKS,
     HELD_OUT_OBJECTS,
     HELD_OUT_SIGNS,
     SOUND_RANGES,
@@ -23,7 +25,7 @@ from lyra.data.nano_task import (
     render_sound,
 )
 
-SMALL = dict(train_scenes=40, train_signs=12, train_sound_clips=1, eval_scenes=12, eval_signs=6, eval_sound_clips=1,
+SMALL = dict(train_scenes=40, train_signs=12, train_distractor_signs=6, train_sound_clips=1, eval_scenes=12, eval_signs=6, eval_sound_clips=1,
              base_records=60, stage1_records=0, stage2_records=0, speech=False)
 
 
@@ -73,6 +75,23 @@ def test_the_split_is_by_content(task):
                 assert ((content["word"], content["ink"]) in HELD_OUT_SIGNS) == held, path
             else:
                 assert path.startswith("sounds/eval/" if held else "sounds/train/"), path
+
+
+def test_distractor_signs_are_read_but_never_asked_their_ink(task):
+    from lyra.train.nano_vision import image_targets
+
+    media = task.media()
+    distractors = {p: c for p, c in media.items() if c["kind"] == "sign" and c["ink"] not in COLOURS}
+    assert len(distractors) == SMALL["train_distractor_signs"]
+    for path, content in distractors.items():
+        assert path.startswith("images/train/") and content["ink"] in DISTRACTOR_INKS
+        pixels = np.asarray(Image.open(task.root / path).convert("RGB"), dtype=float)
+        distance = np.abs(pixels - np.array(DISTRACTOR_INKS[content["ink"]])).max(-1)
+        assert (distance < 30).sum() > 60, path  # the word is drawn in that ink
+        assert image_targets(content)["ink"] is None  # no ink label for the vision probe either
+    asked = [(r["image"], t) for phase in ("base", "eval") for r in task.records(phase) if r.get("image") in distractors
+             for t in r["meta"]["types"]]
+    assert asked and all(qtype == "word" for _, qtype in asked)
 
 
 @pytest.mark.parametrize("kind", ["beep2_high", "beep1_low", "noise"])
@@ -151,11 +170,13 @@ def test_records_load_through_the_training_dataset(task):
 
 def test_build_hash_decides_reuse(task, tmp_path):
     from lyra.train import nano
+    from lyra.train.nano_sound import SoundPretrainConfig
     from lyra.train.nano_vision import VisionPretrainConfig
 
     configs = nano.phase_configs(task, tmp_path / "runs", seed=0)
     wanted = nano.build_hash(task, configs, VisionPretrainConfig())
     assert wanted != nano.build_hash(task, configs, VisionPretrainConfig(steps=7))
+    assert wanted != nano.build_hash(task, configs, VisionPretrainConfig(), SoundPretrainConfig())
     assert wanted == nano.build_hash(task, nano.phase_configs(task, tmp_path / "runs", seed=0), VisionPretrainConfig())
     assert wanted != nano.build_hash(task, nano.phase_configs(task, tmp_path / "runs", seed=1), VisionPretrainConfig())
     changed = nano.phase_configs(task, tmp_path / "runs", seed=0, overrides={"stage2": {"optim.lr": 1.0e-4}})
@@ -205,3 +226,36 @@ def test_vision_pretraining_learns_the_cells(task):
     held_out = task.media()
     empty = [1 - len(c["objects"]) / 9 for p, c in sorted(held_out.items()) if p.startswith("images/eval/scene")]
     assert report["held_out_probe_accuracy_after"]["cell colour"] > sum(empty) / len(empty) + 0.1
+
+
+def test_sound_labels_follow_the_class():
+    from lyra.train.nano_sound import KINDS, NO_LABEL, clip_labels
+
+    assert clip_labels("beep3_low") == (KINDS.index("beep"), 2, 0)
+    assert clip_labels("beep1_high") == (KINDS.index("beep"), 0, 1)
+    assert clip_labels("fall") == (KINDS.index("fall"), NO_LABEL, NO_LABEL)
+    with pytest.raises(ValueError, match="unknown sound class"):
+        clip_labels("whistle")
+
+
+def test_sound_pretraining_separates_held_out_clips(task):
+    """The real frozen Whisper tiny.en encoder, a fresh projector: after a few dozen steps on one
+    clip per class the probes name the kind of held-out clips (pitches and lengths no
+    training clip has), and every clip was encoded once into the frame cache."""
+    import torch
+
+    from lyra.config import load_config
+    from lyra.model.lyra import LyraForConditionalGeneration
+    from lyra.model.speech import FrameCache
+    from lyra.train.nano_sound import SoundPretrainConfig, pretrain_sound
+
+    torch.manual_seed(0)
+    config = load_config("nano", {"text": {"vocab_size": 1024}, "tokens": load_config("tiny").tokens.__dict__})
+    model = LyraForConditionalGeneration.from_config(config)
+    model.frame_cache = FrameCache(256)
+    report = pretrain_sound(model, task, SoundPretrainConfig(steps=40, batch_size=9, lr=2e-3, warmup_steps=4),
+                            progress=False)
+    assert report["held_out_probe_accuracy_before"]["kind"] < 0.9
+    assert report["held_out_probe_accuracy_after"]["kind"] >= 8 / 9  # every beep is a "beep": 6 / 9
+    assert len(model.frame_cache.entries) == 2 * len(nano_task.SOUNDS)
+    assert all(p.requires_grad for p in model.speech_encoder.parameters())  # the flags are given back

@@ -7,7 +7,9 @@ Everything is generated, deterministically from a seed, and cached on disk:
   one colour (red, green, blue, yellow, purple, orange), in random cells. Questions: what colour
   the shapes are, what shape they are, how many there are.
 * **signs** -- 84 x 84 images with one printed word (cat, dog, sun, fish, bird, tree) in a
-  coloured ink. Questions: what word is written, what colour the writing is.
+  coloured ink. Questions: what word is written, what colour the writing is. Training also has
+  signs in inks that are none of the six colours (`DISTRACTOR_INKS`), asked only what they say,
+  so that reading a word cannot lean on the ink it was seen in.
 * **sounds** -- 1.5 s clips of tones and noise, each with a caption ("two high beeps",
   "a rising tone", "a burst of noise", ...). Question: what do you hear.
 * **spoken questions** -- every distinct question text (38 of them) read by several offline
@@ -50,7 +52,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from lyra.data.audio import SAMPLE_RATE
 
-TASK_VERSION = 2  # bump when the generator's output changes for the same spec
+TASK_VERSION = 3  # bump when the generator's output changes for the same spec
 
 # ----------------------------------------------------------------------------- the world
 IMAGE_SIZE = 84  # pixels: 3 x 3 cells of 28, i.e. 3 x 3 merged vision tokens (patch 14, merge 2)
@@ -64,6 +66,14 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "yellow": (230, 200, 20),
     "purple": (135, 50, 175),
     "orange": (245, 125, 20),
+}
+# Inks of the distractor signs: far from every named colour, never asked about.
+DISTRACTOR_INKS: dict[str, tuple[int, int, int]] = {
+    "black": (30, 30, 30),
+    "grey": (125, 125, 125),
+    "brown": (120, 70, 30),
+    "pink": (240, 125, 190),
+    "teal": (20, 145, 145),
 }
 SHAPES = ("circle", "square", "triangle", "cross")
 POSITIONS = (  # row-major 3 x 3 grid
@@ -131,6 +141,7 @@ class NanoTaskSpec:
     seed: int = 0
     train_scenes: int = 1600
     train_signs: int = 1500
+    train_distractor_signs: int = 500  # signs in `DISTRACTOR_INKS`, asked only what they say
     train_sound_clips: int = 20  # per sound class
     eval_scenes: int = 120
     eval_signs: int = 40
@@ -216,7 +227,7 @@ def render_sign(word: str, ink: str, rng: np.random.Generator) -> Image.Image:
     width, height = right - left, bottom - top
     x = PATCH * int(rng.integers(0, (IMAGE_SIZE - width) // PATCH + 1)) - left
     y = PATCH * int(rng.integers(0, (IMAGE_SIZE - height) // PATCH + 1)) - top
-    fill = _jitter(COLOURS[ink], rng, 12)
+    fill = _jitter({**COLOURS, **DISTRACTOR_INKS}[ink], rng, 12)
     draw.text((x, y), word, font=font, fill=fill, stroke_width=2, stroke_fill=fill)
     return image
 
@@ -286,7 +297,8 @@ def scene_questions(objects: list[dict[str, Any]], rng: np.random.Generator) -> 
 
 
 def sign_questions(word: str, ink: str, rng: np.random.Generator) -> list[dict[str, str]]:
-    return [ask("word", word, rng), ask("ink", ink, rng)]
+    """What the sign says and, for the six named inks only, its colour."""
+    return [ask("word", word, rng)] + ([ask("ink", ink, rng)] if ink in COLOURS else [])
 
 
 def answer_question(content: dict[str, Any], question: str) -> str | None:
@@ -299,7 +311,7 @@ def answer_question(content: dict[str, Any], question: str) -> str | None:
             return NUMBERS[len(objects)]
         values = {o[qtype] for o in objects}
         return values.pop() if len(values) == 1 else None
-    if content["kind"] == "sign" and qtype in ("word", "ink"):
+    if content["kind"] == "sign" and (qtype == "word" or (qtype == "ink" and content["ink"] in COLOURS)):
         return content[qtype]
     if content["kind"] == "sound" and qtype == "sound":
         return SOUNDS[content["class"]]
@@ -421,6 +433,11 @@ def build_nano_task(root: str | Path, spec: NanoTaskSpec | None = None, progress
             word, ink = sign_pairs[split][int(rng.integers(len(sign_pairs[split])))]
             path = writer.image(f"images/{split}/sign_{i:05d}.png", render_sign(word, ink, rng))
             signs[split].append((path, word, ink))
+    for i in range(spec.train_distractor_signs):
+        rng = _rng(seed, "distractor-sign", i)
+        word, ink = WORDS[int(rng.integers(len(WORDS)))], list(DISTRACTOR_INKS)[int(rng.integers(len(DISTRACTOR_INKS)))]
+        path = writer.image(f"images/train/distractor_sign_{i:05d}.png", render_sign(word, ink, rng))
+        signs["train"].append((path, word, ink))
     sounds: dict[str, list[tuple[str, str]]] = {"train": [], "eval": []}
     for split, per_class in (("train", spec.train_sound_clips), ("eval", spec.eval_sound_clips)):
         for kind in SOUNDS:
@@ -448,9 +465,9 @@ def build_nano_task(root: str | Path, spec: NanoTaskSpec | None = None, progress
         return path, [ask("sound", SOUNDS[kind], rng)]
 
     records: dict[str, list[dict[str, Any]]] = {phase: [] for phase in PHASE_FILES}
-    for i in range(spec.base_records):  # text questions; one in eight about a sound
+    for i in range(spec.base_records):  # text questions; about one in seven about a sound
         rng = _rng(seed, "base", i)
-        if rng.random() < 0.125:
+        if rng.random() < 0.15:
             path, qas = sound_qa("train", rng)
             records["base"].append(_record(f"base-{i}", "sound", path, qas, set(), [], "<sound>"))
         else:
@@ -471,7 +488,8 @@ def build_nano_task(root: str | Path, spec: NanoTaskSpec | None = None, progress
                 records["stage2"].append(_record(f"stage2-{i}", "sound", path, qas, {0}, [voice], "<sound>"))
                 continue
             path, qas = image_qas("train", rng)
-            qas, spoken = qas[:2], {int(rng.integers(2))}
+            qas = qas[:2]
+            spoken = {int(rng.integers(len(qas)))}
             records["stage2"].append(_record(f"stage2-{i}", "image", path, qas, spoken, [voice], "<image>"))
     # Held-out: every scene and sign with two questions, as text, spoken (first or second turn,
     # alternately) by a training voice, and spoken by the held-out voice; every sound clip.

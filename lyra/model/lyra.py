@@ -165,7 +165,8 @@ class LyraForConditionalGeneration(nn.Module):
 
     @property
     def frame_cache(self) -> FrameCache | None:
-        """Encoder outputs of audio already heard (used while the encoders are frozen). Models
+        """Encoder outputs of audio already heard (used whenever no gradient can reach the encoder:
+        it is frozen, or grad mode is off as in evaluation and inference). Models
         with the same frozen encoder weights may share one, so a recording is encoded once."""
         return self._frame_cache
 
@@ -236,7 +237,8 @@ class LyraForConditionalGeneration(nn.Module):
 
     def _encode(self, waveforms, encoder: WhisperEncoder, projector: nn.Module, progress: bool) -> list[torch.Tensor]:
         batch = self.config.speech.encode_batch_clips
-        cache = self._frame_cache if not any(p.requires_grad for p in encoder.parameters()) else None
+        trained = torch.is_grad_enabled() and any(p.requires_grad for p in encoder.parameters())
+        cache = None if trained else self._frame_cache
         return [encode_audio(waveform_tensor(w), encoder, projector, batch, progress, cache) for w in waveforms]
 
     def embed_inputs(

@@ -2,12 +2,14 @@
 
     phase  config                          trains                                  data
     vision configs/train/nano_vision.yaml  ViT from scratch, on generator labels   training images
+    sound  configs/train/nano_sound.yaml   sound projector, on generator labels    training sound clips
     base   configs/train/nano_base.yaml    LLM (scratch) + ViT (+ sound projector)  text questions, sounds
     stage1 configs/train/nano_stage1.yaml  speech projector (+ LCMR)               spoken questions
     stage2 configs/train/nano_stage2.yaml  "speech" MLoRA adapter + projector      multi-turn, one spoken
 
-The vision phase is `lyra.train.nano_vision` (a ViT pretraining loop with throw-away linear
-heads); it saves a whole fresh model whose ViT is pretrained, and the base phase starts there.
+The vision and sound phases are `lyra.train.nano_vision` and `lyra.train.nano_sound`
+(pretraining loops with throw-away linear heads) on one fresh model, saved after the sound phase
+with its ViT and sound projector pretrained; the base phase starts there.
 Every later phase is `lyra.train.recipe.build_trainer` + `train` on its YAML, with the data path,
 output folder and the previous phase's `final/` filled in; every phase's model shares one
 frame cache, so the frozen Whisper encoder hears each recording once per process. The result
@@ -39,6 +41,7 @@ CONFIG_DIR = REPO_ROOT / "configs" / "train"
 PHASES = ("base", "stage1", "stage2")
 PHASE_CONFIGS = {phase: CONFIG_DIR / f"nano_{phase}.yaml" for phase in PHASES}
 VISION_CONFIG = CONFIG_DIR / "nano_vision.yaml"
+SOUND_CONFIG = CONFIG_DIR / "nano_sound.yaml"
 BUILD_FILE = "nano_build.json"
 
 
@@ -71,15 +74,16 @@ def phase_configs(task: NanoTask, runs_dir: Path, seed: int = 0, overrides: dict
     return configs
 
 
-def build_hash(task: NanoTask, configs: dict[str, Any], vision=None) -> str:
+def build_hash(task: NanoTask, configs: dict[str, Any], vision=None, sound=None) -> str:
     """What decides whether a trained nano model can be reused: the task (spec and generated
-    data), the model preset file, the vision pretraining config and every phase's resolved
-    training config."""
+    data), the model preset file, the vision and sound pretraining configs and every phase's
+    resolved training config."""
     blob = {
         "task_spec": task.manifest["spec_hash"],
         "task_data": task.manifest["data_hash"],
         "model_preset": hashlib.sha256((PRESET_DIR / "nano.yaml").read_bytes()).hexdigest(),
         "vision": dataclasses.asdict(vision) if vision is not None else None,
+        "sound": dataclasses.asdict(sound) if sound is not None else None,
         "phases": {phase: dataclasses.asdict(config) for phase, config in configs.items()},
     }
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -97,27 +101,37 @@ def cached_build(model_dir: Path, wanted_hash: str) -> dict[str, Any] | None:
     return data if data.get("hash") == wanted_hash else None
 
 
-def run_vision_phase(task: NanoTask, output_dir: Path, config, seed: int = 0, progress: bool = True) -> PhaseReport:
-    """A fresh nano model whose ViT is pretrained (lyra/train/nano_vision.py), saved to
-    `output_dir/final` with the tokenizer, for the base phase to start from."""
+def run_encoder_phases(task: NanoTask, output_dir: Path, vision, sound, seed: int = 0, progress: bool = True,
+                       frame_cache=None) -> list[PhaseReport]:
+    """A fresh nano model whose ViT (lyra/train/nano_vision.py), then sound projector
+    (lyra/train/nano_sound.py) are pretrained, saved to `output_dir/final` with the tokenizer
+    for the base phase to start from. The sound phase fills `frame_cache`."""
     from transformers import set_seed
 
     from lyra.config import load_config
     from lyra.model.lyra import LyraForConditionalGeneration
     from lyra.tokenizer import load_tokenizer
+    from lyra.train.nano_sound import pretrain_sound
     from lyra.train.nano_vision import pretrain_vision
 
-    wall, cpu = time.perf_counter(), time.process_time()
-    print(f"\n==> nano vision: {VISION_CONFIG.relative_to(REPO_ROOT)} -> {output_dir}", flush=True)
     set_seed(seed)
     model_config = load_config("nano")
     model = LyraForConditionalGeneration.from_config(model_config)
-    report = pretrain_vision(model, task, config, seed=seed, progress=progress)
-    print(f"vision probes on held-out images: {report['held_out_probe_accuracy_after']}", flush=True)
+    if frame_cache is not None:
+        model.frame_cache = frame_cache
+    reports = []
+    for phase, pretrain, config, config_file in (("vision", pretrain_vision, vision, VISION_CONFIG),
+                                                 ("sound", pretrain_sound, sound, SOUND_CONFIG)):
+        print(f"\n==> nano {phase}: {config_file.relative_to(REPO_ROOT)}", flush=True)
+        wall, cpu = time.perf_counter(), time.process_time()
+        report = pretrain(model, task, config, seed=seed, progress=progress)
+        print(f"{phase} probes on held-out media: {report['held_out_probe_accuracy_after']}", flush=True)
+        reports.append(PhaseReport(
+            phase=phase, seconds=time.perf_counter() - wall, cpu_seconds=time.process_time() - cpu,
+            steps=config.steps, samples=config.steps * config.batch_size, train_loss=report["final_loss"],
+            last_logs={k: v for k, v in report.items() if k.startswith("held_out")}))
     model.save_pretrained(output_dir / "final", tokenizer=load_tokenizer(model_config.tokenizer))
-    return PhaseReport(phase="vision", seconds=time.perf_counter() - wall, cpu_seconds=time.process_time() - cpu,
-                       steps=config.steps, samples=config.steps * config.batch_size, train_loss=report["final_loss"],
-                       last_logs={k: v for k, v in report.items() if k.startswith("held_out")})
+    return reports
 
 
 def run_phase(phase: str, config, frame_cache=None) -> PhaseReport:
@@ -172,25 +186,26 @@ def train_nano(out: str | Path = REPO_ROOT / "outputs" / "nano", spec: NanoTaskS
     started = time.perf_counter()
     task = build_nano_task(out / "data", spec or NanoTaskSpec(), progress=progress)
     data_seconds = time.perf_counter() - started
+    from lyra.train.nano_sound import load_sound_config
     from lyra.train.nano_vision import load_vision_config
 
-    vision = load_vision_config(VISION_CONFIG)
-    vision_dir = out / "runs" / "vision"
-    configs = phase_configs(task, out / "runs", seed, init_from=str(vision_dir / "final"))
-    wanted = build_hash(task, configs, vision)
+    vision, sound = load_vision_config(VISION_CONFIG), load_sound_config(SOUND_CONFIG)
+    encoders_dir = out / "runs" / "encoders"
+    configs = phase_configs(task, out / "runs", seed, init_from=str(encoders_dir / "final"))
+    wanted = build_hash(task, configs, vision, sound)
     model_dir = out / "model"
     if not force:
         record = cached_build(model_dir, wanted)
         if record is not None:
             return model_dir, record, True
     cache = frame_cache if frame_cache is not None else shared_frame_cache()
-    reports = [run_vision_phase(task, vision_dir, vision, seed, progress)]
+    reports = run_encoder_phases(task, encoders_dir, vision, sound, seed, progress, cache)
     reports += [run_phase(phase, configs[phase], cache) for phase in PHASES]
     record = {
         "hash": wanted, "seed": seed, "task": task.manifest,
         "data_seconds": round(data_seconds, 1),
         "phases": [dataclasses.asdict(r) for r in reports],
-        "configs": {"vision": str(VISION_CONFIG.relative_to(REPO_ROOT)),
+        "configs": {"vision": str(VISION_CONFIG.relative_to(REPO_ROOT)), "sound": str(SOUND_CONFIG.relative_to(REPO_ROOT)),
                     **{phase: str(PHASE_CONFIGS[phase].relative_to(REPO_ROOT)) for phase in PHASES}},
         "trained_at": time.strftime("%Y-%m-%d %H:%M:%S"),
     }

@@ -40,14 +40,24 @@ class VisionPretrainConfig:
     eval_images: int = 200  # held-out images for the probe accuracies in the report
 
 
-def load_vision_config(path: str | Path, overrides: dict[str, Any] | None = None) -> VisionPretrainConfig:
+def load_phase_config(cls: type, path: str | Path, overrides: dict[str, Any] | None = None):
+    """A pretraining phase's dataclass `cls` from its YAML (unknown keys are errors)."""
     import yaml
 
     from lyra.config import dataclass_from_dict
 
     values = yaml.safe_load(Path(path).read_text()) or {}
     values.update(overrides or {})
-    return dataclass_from_dict(VisionPretrainConfig, values, str(path))
+    return dataclass_from_dict(cls, values, str(path))
+
+
+def load_vision_config(path: str | Path, overrides: dict[str, Any] | None = None) -> VisionPretrainConfig:
+    return load_phase_config(VisionPretrainConfig, path, overrides)
+
+
+def warmup_cosine(step: int, steps: int, warmup_steps: int) -> float:
+    """The learning-rate multiplier at `step`: linear warm-up, then cosine decay to zero."""
+    return min(1.0, (step + 1) / warmup_steps) * 0.5 * (1 + math.cos(math.pi * step / steps))
 
 
 class VisionProbes(torch.nn.Module):
@@ -76,10 +86,13 @@ class VisionProbes(torch.nn.Module):
         if signs:
             logits = self.sign(per_image[signs].mean(1))
             word = torch.tensor([targets[i]["word"] for i in signs])
-            ink = torch.tensor([targets[i]["ink"] for i in signs])
-            losses += [F.cross_entropy(logits[:, :len(WORDS)], word), F.cross_entropy(logits[:, len(WORDS):], ink)]
+            losses.append(F.cross_entropy(logits[:, :len(WORDS)], word))
             hits["word"] += (logits[:, :len(WORDS)].argmax(-1) == word).tolist()
-            hits["ink"] += (logits[:, len(WORDS):].argmax(-1) == ink).tolist()
+            named = [k for k, i in enumerate(signs) if targets[i]["ink"] is not None]  # distractor inks: no label
+            if named:
+                ink = torch.tensor([targets[signs[k]]["ink"] for k in named])
+                losses.append(F.cross_entropy(logits[named, len(WORDS):], ink))
+                hits["ink"] += (logits[named, len(WORDS):].argmax(-1) == ink).tolist()
         return torch.stack(losses).sum(), hits
 
 
@@ -92,7 +105,8 @@ def image_targets(content: dict[str, Any]) -> dict[str, Any]:
             colour[obj["cell"]] = list(COLOURS).index(obj["colour"])
             shape[obj["cell"]] = SHAPES.index(obj["shape"])
         return {"kind": "scene", "colour": colour, "shape": shape}
-    return {"kind": "sign", "word": WORDS.index(content["word"]), "ink": list(COLOURS).index(content["ink"])}
+    ink = list(COLOURS).index(content["ink"]) if content["ink"] in COLOURS else None
+    return {"kind": "sign", "word": WORDS.index(content["word"]), "ink": ink}
 
 
 def load_split(task: NanoTask, split: str, processor: VisionProcessor, limit: int | None = None):
@@ -144,7 +158,7 @@ def pretrain_vision(model, task: NanoTask, config: VisionPretrainConfig, seed: i
     vit.train()
     bar = tqdm(range(config.steps), desc="nano vision: ViT pretraining", disable=not progress)
     for step in bar:
-        scale = min(1.0, (step + 1) / config.warmup_steps) * 0.5 * (1 + math.cos(math.pi * step / config.steps))
+        scale = warmup_cosine(step, config.steps, config.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = config.lr * scale
         half = config.batch_size // 2
