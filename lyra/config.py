@@ -98,7 +98,7 @@ class SpeechConfig:
     max_seconds: float = 7200.0  # two hours: 240 clips -> 72,000 tokens
     encode_batch_clips: int = 8  # clips encoded at once; bounds activation memory
     long_speech_seconds: float = 30.0  # longer audio uses the "long_speech" adapter when present
-    frozen_encoder_cache_mib: float = 0.0  # >0: reuse a frozen encoder's outputs for repeated audio
+    frozen_encoder_cache_mib: float = 0.0  # >0: reuse encoder outputs for repeated audio (frozen encoder, or no grad)
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """`make demo`: train Lyra-Nano on the nano task, measure it, then ask it a spoken question.
 
 1. generate the nano task (lyra/data/nano_task.py; cached in outputs/nano/data);
-2. train the nano model: base phase from scratch, stage 1 (speech projector + LCMR), stage 2
-   (MLoRA) -- lyra/train/nano.py, cached: a second run whose task and configs hash the same
+2. train the nano model: ViT and sound-projector pretraining, the base phase from scratch,
+   stage 1 (speech projector + LCMR), stage 2 (MLoRA) -- lyra/train/nano.py, cached: a second run whose task and configs hash the same
    reuses outputs/nano/model and trains nothing;
 3. measure held-out accuracy per question type, for text and for spoken questions;
 4. run `python -m lyra.chat --image ... --speech ... --json` on a held-out image and a spoken
@@ -90,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"    held out of training: objects {held['objects']}, signs {held['signs']}, sound parameter ranges "
           f"{held['sounds']['eval']}, voice {held['voice']}")
 
-    step("2/5 training Lyra-Nano from scratch: vision (ViT) -> base (LLM + ViT) -> stage 1 (speech projector + "
-         "LCMR) -> stage 2 (MLoRA)")
+    step("2/5 training Lyra-Nano from scratch: vision (ViT) -> sound (sound projector) -> base (LLM + ViT) -> "
+         "stage 1 (speech projector + LCMR) -> stage 2 (MLoRA)")
     cache = shared_frame_cache()
     model_dir, build, reused = train_nano(out, NanoTaskSpec(seed=args.seed), seed=args.seed, force=args.retrain,
                                           frame_cache=cache)

@@ -206,6 +206,7 @@ def test_vision_targets_follow_the_scene():
     targets = image_targets(content)
     assert targets["colour"].tolist() == [2] + [EMPTY_COLOUR] * 7 + [2]
     assert targets["shape"].tolist() == [3] + [EMPTY_SHAPE] * 7 + [3]
+    assert targets["count"].item() == 2
     assert image_targets({"kind": "sign", "word": "sun", "ink": "green"}) == {"kind": "sign", "word": 2, "ink": 1}
 
 

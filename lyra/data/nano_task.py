@@ -147,9 +147,11 @@ class NanoTaskSpec:
     eval_signs: int = 40
     eval_sound_clips: int = 6  # per sound class
     base_records: int = 4000  # text conversations for the base phase
+    base_sound_fraction: float = 0.2  # the fraction of base records that ask about a sound clip
     base_multi_turn: float = 1.0  # the fraction of base image conversations with every question, not one
     stage1_records: int = 1600  # single spoken question each
     stage2_records: int = 1600
+    stage2_sound_fraction: float = 0.2  # the fraction of stage-2 records with a spoken question about a sound
     speech: bool = True  # synthesise spoken questions (False: images and sounds only, for tests)
 
     def fingerprint(self) -> str:
@@ -465,9 +467,9 @@ def build_nano_task(root: str | Path, spec: NanoTaskSpec | None = None, progress
         return path, [ask("sound", SOUNDS[kind], rng)]
 
     records: dict[str, list[dict[str, Any]]] = {phase: [] for phase in PHASE_FILES}
-    for i in range(spec.base_records):  # text questions; about one in seven about a sound
+    for i in range(spec.base_records):  # text questions about images and sound clips
         rng = _rng(seed, "base", i)
-        if rng.random() < 0.15:
+        if rng.random() < spec.base_sound_fraction:
             path, qas = sound_qa("train", rng)
             records["base"].append(_record(f"base-{i}", "sound", path, qas, set(), [], "<sound>"))
         else:
@@ -483,7 +485,7 @@ def build_nano_task(root: str | Path, spec: NanoTaskSpec | None = None, progress
         for i in range(spec.stage2_records):  # two turns, one of them spoken; or a spoken sound question
             rng = _rng(seed, "stage2", i)
             voice = train_voices[int(rng.integers(len(train_voices)))]
-            if rng.random() < 0.1:
+            if rng.random() < spec.stage2_sound_fraction:
                 path, qas = sound_qa("train", rng)
                 records["stage2"].append(_record(f"stage2-{i}", "sound", path, qas, {0}, [voice], "<sound>"))
                 continue
