@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from lyra.config import REPO_ROOT
+from lyra.memory import keep_freed_memory
 
 HEADLINE = ("Held-out = images and sound clips whose content never occurs in training (colour x shape and "
             "word x ink pairs, sound pitches and lengths held out); spoken questions are read by the training "
@@ -74,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--retrain", action="store_true", help="train even if outputs/nano/model matches")
     args = parser.parse_args(argv)
+    keep_freed_memory()  # ~1.5x faster CPU training steps (lyra/memory.py)
     started = time.perf_counter()
     out = Path(args.out)
 

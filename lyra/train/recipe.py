@@ -23,6 +23,7 @@ import yaml
 from lyra.config import LMMEConfig, load_config
 from lyra.data.dataset import BadSampleTracker, LyraCollator, LyraDataset
 from lyra.data.vision import VisionLimits
+from lyra.memory import keep_freed_memory
 from lyra.model import mlora
 from lyra.model.lyra import LyraForConditionalGeneration, checkpoint_tokenizer_source
 from lyra.processing import LyraProcessor
@@ -136,6 +137,8 @@ def parse_args(stage: int, argv: list[str] | None):
 def run(stage: int, argv: list[str] | None = None) -> int:
     args = parse_args(stage, argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not torch.cuda.is_available():
+        keep_freed_memory()  # CPU training: no page faults on every large tensor (lyra/memory.py)
     overrides = {}
     for item in args.set:
         key, _, value = item.partition("=")
