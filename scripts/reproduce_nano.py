@@ -6,7 +6,8 @@ docs/nano_results.md (tables, with the command that made each) and a JSON of eve
   (a) Table 3 -- stage 1 with CE only vs CE + lambda * LCMR: spoken- vs text-question accuracy;
   (b) Table 6 -- stage 2 with MLoRA vs a full fine-tune of the LLM: image-text accuracy kept;
   (c) Tables 4/8 -- LMME(4, 0.7) vs no pruning: accuracy and prefill time (real decoding);
-  (d) Fig. 6 -- a spoken question hidden in long real speech (needle), length x depth heatmap.
+  (d) Fig. 6 -- a spoken question hidden in long real speech (needle), length x depth heatmap:
+      the demo model's "speech" adapter, then stage 3's "long_speech" adapter (trained here).
 
 (a) and (b) retrain the stage over `--seeds` and report mean and spread; seed 0 of the
 paper's setting (LCMR on, MLoRA) is the demo's own run.
@@ -27,6 +28,7 @@ from pathlib import Path
 
 from lyra.config import REPO_ROOT, LMMEConfig
 from lyra.data.nano_task import NanoTaskSpec, build_nano_task
+from lyra.memory import keep_freed_memory
 
 COMMAND = "python scripts/reproduce_nano.py"
 
@@ -60,7 +62,7 @@ def train_variant(task, runs: Path, phase: str, seed: int, init_from: str, overr
     return final
 
 
-def lcmr_ablation(task, out: Path, seeds: list[int], cache) -> dict:
+def lcmr_ablation(task, out: Path, work: Path, seeds: list[int], cache) -> dict:
     """Stage 1 from the demo's base model with lambda = 0 and the config's lambda."""
     from lyra.train.config import load_train_config
     from lyra.train.nano import PHASE_CONFIGS
@@ -75,7 +77,7 @@ def lcmr_ablation(task, out: Path, seeds: list[int], cache) -> dict:
             if lam == weight and seed == 0:
                 final = out / "runs" / "stage1" / "final"
             else:
-                final = train_variant(task, out / "ablations" / f"lcmr{lam:g}_seed{seed}", "stage1", seed, base,
+                final = train_variant(task, work / f"lcmr{lam:g}_seed{seed}", "stage1", seed, base,
                                       {"lcmr_weight": lam}, cache)
             acc = evaluate(final, task, cache, ("speech", "voice"))
             results.append({"seed": seed, "speech": acc["speech"]["image"], "voice": acc["voice"]["image"],
@@ -84,7 +86,7 @@ def lcmr_ablation(task, out: Path, seeds: list[int], cache) -> dict:
     return {"text_image_accuracy": text, "rows": rows}
 
 
-def mlora_ablation(task, out: Path, seeds: list[int], cache, full_lr: float) -> dict:
+def mlora_ablation(task, out: Path, work: Path, seeds: list[int], cache, full_lr: float) -> dict:
     """Stage 2 from the demo's stage 1: the "speech" LoRA adapter vs training the whole LLM."""
     stage1 = str(out / "runs" / "stage1" / "final")
     base_text = evaluate(out / "runs" / "base" / "final", task, cache, ("text",))["text"]
@@ -98,7 +100,7 @@ def mlora_ablation(task, out: Path, seeds: list[int], cache, full_lr: float) -> 
             if index == 0 and seed == 0:
                 final = out / "runs" / "stage2" / "final"
             else:
-                final = train_variant(task, out / "ablations" / f"stage2_{'mlora' if index == 0 else 'full'}_seed{seed}",
+                final = train_variant(task, work / f"stage2_{'mlora' if index == 0 else 'full'}_seed{seed}",
                                       "stage2", seed, stage1, overrides, cache)
             acc = evaluate(final, task, cache, ("text", "speech"))
             results.append({"seed": seed, "text": acc["text"]["image"], "speech": acc["speech"]["image"],
@@ -134,10 +136,29 @@ def background_speech() -> Path:
     return path
 
 
+def long_speech_stage(task, work: Path, model_dir: Path, cache) -> tuple[Path, dict]:
+    """Stage 3 from the demo model: the "long_speech" adapter on questions hidden in chatter
+    (lyra/data/nano_long_speech.py); reused when its `final/` exists."""
+    from lyra.data.nano_long_speech import LongSpeechSpec, build_long_speech
+    from lyra.train.config import load_train_config
+    from lyra.train.nano import PHASE_CONFIGS, run_phase
+
+    spec = LongSpeechSpec()
+    data = build_long_speech(task, spec)
+    config = load_train_config(PHASE_CONFIGS["stage3"], {"data.path": str(data), "init_from": str(model_dir),
+                                                         "output_dir": str(work / "stage3")})
+    final = Path(config.output_dir) / "final"
+    if not (final / "config.json").is_file():
+        run_phase("stage3", config, cache)
+    return final, {"records": spec.records, "clean_records": spec.clean_records,
+                   "seconds": [spec.min_seconds, spec.max_seconds], "epochs": config.optim.epochs}
+
+
 def needle_grid(task, model_dir: Path, cache, lengths: list[float], depths: list[float], samples: int,
-                image_path: Path) -> dict:
+                image_path: Path, adapter: str = "speech") -> dict:
     """A held-out spoken question, hidden at `depth` in `length` seconds of a real conversation,
-    about a held-out image; a trial scores when the greedy answer is the right one."""
+    about a held-out image, heard through MLoRA `adapter`; a trial scores when the greedy answer
+    is the right one."""
     from lyra.data.audio import load_audio
     from lyra.data.tts import write_wav_atomic
     from lyra.data.vision import VisionLimits
@@ -154,8 +175,7 @@ def needle_grid(task, model_dir: Path, cache, lengths: list[float], depths: list
 
     model, tokenizer, _ = load_model(str(model_dir), device="cpu", dtype="fp32")
     model.frame_cache = cache
-    if "speech" in mlora.adapter_names(model):
-        mlora.use_adapter(model, "speech")
+    mlora.use_adapter(model, adapter)
     processor = LyraProcessor(tokenizer, model.config, VisionLimits())
     background = load_background([background_speech()])
     questions = [r for r in task.records("eval") if r["id"].endswith("-last-speech") and r.get("image")]
@@ -176,10 +196,10 @@ def needle_grid(task, model_dir: Path, cache, lengths: list[float], depths: list
                                     "score": float(reply == record["meta"]["answers"][0]), "reply": reply,
                                     "answer": record["meta"]["answers"][0]})
     scores = grid_scores(records, lengths, depths)
-    image = draw_heatmap(scores, lengths, depths, title="Lyra-Nano: spoken question in long speech")
+    image = draw_heatmap(scores, lengths, depths, title=f"Lyra-Nano, {adapter} adapter: spoken question in long speech")
     image.save(image_path)
-    return {"lengths": lengths, "depths": depths, "samples": samples, "scores": scores, "trials": records,
-            "clean_accuracy": sum(clean) / len(clean)}
+    return {"adapter": adapter, "lengths": lengths, "depths": depths, "samples": samples, "scores": scores,
+            "trials": records, "clean_accuracy": sum(clean) / len(clean)}
 
 
 def _ask(model, processor, tokenizer, image: Path, speech) -> str:
@@ -196,7 +216,7 @@ def _ask(model, processor, tokenizer, image: Path, speech) -> str:
 
 
 def write_doc(path: Path, report: dict, argv: str) -> None:
-    a, b, c, d = report["lcmr"], report["mlora"], report["lmme"], report["needle"]
+    a, b, c, d, long = report["lcmr"], report["mlora"], report["lmme"], report["needle"], report["needle_long"]
     lines = [
         "# Lyra-Nano: the paper's claims in miniature",
         "",
@@ -253,16 +273,26 @@ def write_doc(path: Path, report: dict, argv: str) -> None:
         "",
         f"A held-out spoken question (training voice) is hidden at a depth of a real two-speaker call "
         f"(pyannote.audio's sample, cycled), and asked together with its held-out image; {d['samples']} questions "
-        f"per cell. The same questions, clean: {100 * d['clean_accuracy']:.0f} % right. The nano model only ever "
-        "trained on spoken questions alone in one 30 s window.",
-        "",
-        "![needle heatmap](nano_needle.png)",
-        "",
-        "| depth \\ length (s) | " + " | ".join(f"{x:g}" for x in d["lengths"]) + " |",
-        "|---|" + "---|" * len(d["lengths"]),
+        "per cell, heard through one MLoRA adapter for the whole grid. The demo model's \"speech\" adapter "
+        "only ever trained on spoken questions alone in one 30 s window. Stage 3 "
+        "(`configs/train/nano_stage3.yaml`, from the demo model) trains the \"long_speech\" adapter on "
+        f"{long['training']['records']} training questions hidden in {long['training']['seconds'][0]:g}-"
+        f"{long['training']['seconds'][1]:g} s of TTS chatter (`lyra/data/nano_long_speech.py`) and "
+        f"{long['training']['clean_records']} of stage 2's records, {long['training']['epochs']} epoch(s); the real "
+        "call is never trained on.",
     ]
-    for depth, row in zip(d["depths"], d["scores"]):
-        lines.append(f"| {depth:g} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in row) + " |")
+    for grid, picture in ((d, "nano_needle.png"), (long, "nano_needle_long.png")):
+        lines += [
+            "",
+            f"**{grid['adapter']} adapter** (the same questions, clean: {100 * grid['clean_accuracy']:.0f} % right)",
+            "",
+            f"![needle heatmap, {grid['adapter']} adapter]({picture})",
+            "",
+            "| depth \\ length (s) | " + " | ".join(f"{x:g}" for x in grid["lengths"]) + " |",
+            "|---|" + "---|" * len(grid["lengths"]),
+        ]
+        for depth, row in zip(grid["depths"], grid["scores"]):
+            lines.append(f"| {depth:g} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in row) + " |")
     lines += ["", "## Reading the results", "", report.get("discussion", ""), ""]
     from lyra.data.dataset import atomic_write_text
 
@@ -281,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--doc", default=str(REPO_ROOT / "docs" / "nano_results.md"))
     parser.add_argument("--json", default=None, help="default: <out>/reproduce_nano.json")
     args = parser.parse_args(argv)
+    keep_freed_memory()
     started = time.perf_counter()
     out = Path(args.out)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -292,16 +323,22 @@ def main(argv: list[str] | None = None) -> int:
     cache = shared_frame_cache()
     doc = Path(args.doc)
     report = {"build": build["hash"], "seeds": seeds, "machine": _machine()}
+    work = out / "ablations" / build["hash"]  # variants trained from this build only
     print("==> (a) LCMR ablation (stage 1)", flush=True)
-    report["lcmr"] = lcmr_ablation(task, out, seeds, cache)
+    report["lcmr"] = lcmr_ablation(task, out, work, seeds, cache)
     print("==> (b) MLoRA vs full fine-tune (stage 2)", flush=True)
-    report["mlora"] = mlora_ablation(task, out, seeds, cache, args.full_ft_lr)
+    report["mlora"] = mlora_ablation(task, out, work, seeds, cache, args.full_ft_lr)
     print("==> (c) LMME", flush=True)
     report["lmme"] = lmme_comparison(task, model_dir, cache, args.lmme_limit)
     print("==> (d) needle in long speech", flush=True)
-    report["needle"] = needle_grid(task, model_dir, cache, [float(x) for x in args.needle_lengths.split(",")],
-                                   [float(x) for x in args.needle_depths.split(",")], args.needle_samples,
-                                   doc.parent / "nano_needle.png")
+    grid = ([float(x) for x in args.needle_lengths.split(",")], [float(x) for x in args.needle_depths.split(",")],
+            args.needle_samples)
+    report["needle"] = needle_grid(task, model_dir, cache, *grid, doc.parent / "nano_needle.png")
+    print("==> (d) stage 3: the long_speech adapter, then the needle again", flush=True)
+    stage3, training = long_speech_stage(task, work, model_dir, cache)
+    report["needle_long"] = needle_grid(task, stage3, cache, *grid, doc.parent / "nano_needle_long.png",
+                                        adapter="long_speech")
+    report["needle_long"]["training"] = training
     report["seconds"] = time.perf_counter() - started
     report["discussion"] = discussion(report)
     json_path = Path(args.json) if args.json else out / "reproduce_nano.json"
@@ -315,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
 def discussion(report: dict) -> str:
     """The direction of each effect, computed from the numbers (never written by hand)."""
     a, b, c = report["lcmr"]["rows"], report["mlora"]["rows"], report["lmme"]
+    needle = {key: report[key] for key in ("needle", "needle_long")}
     (ce_name, ce), (lc_name, lc) = list(a.items())
     ce_speech = statistics.mean(r["speech"] for r in ce["runs"])
     lc_speech = statistics.mean(r["speech"] for r in lc["runs"])
@@ -332,7 +370,19 @@ def discussion(report: dict) -> str:
         f"- (c) LMME(4, 0.7) changes accuracy by {100 * (pruned['speech']['accuracy'] - full['speech']['accuracy']):+.1f} "
         f"points on spoken questions and {100 * (pruned['text']['accuracy'] - full['text']['accuracy']):+.1f} on text; "
         f"prefill {full['speech']['prefill_ms_median']:.1f} -> {pruned['speech']['prefill_ms_median']:.1f} ms (spoken).",
+        "- (d) Needle found (mean over the grid; per length " + ", ".join(f"{x:g}" for x in needle["needle"]["lengths"])
+        + " s): " + "; ".join(f"{grid['adapter']} adapter {100 * _grid_mean(grid['scores']):.0f} % ("
+                             + ", ".join(f"{100 * v:.0f}" for v in _column_means(grid['scores'])) + ")"
+                             for grid in needle.values()) + ".",
     ])
+
+
+def _column_means(scores: list[list[float | None]]) -> list[float]:
+    return [statistics.mean(v for v in column if v is not None) for column in zip(*scores)]
+
+
+def _grid_mean(scores: list[list[float | None]]) -> float:
+    return statistics.mean(v for row in scores for v in row if v is not None)
 
 
 def _machine() -> str:

@@ -36,10 +36,11 @@ from typing import Any
 
 from lyra.config import PRESET_DIR, REPO_ROOT
 from lyra.data.nano_task import NanoTask, NanoTaskSpec, build_nano_task
+from lyra.memory import keep_freed_memory
 
 CONFIG_DIR = REPO_ROOT / "configs" / "train"
 PHASES = ("base", "stage1", "stage2")
-PHASE_CONFIGS = {phase: CONFIG_DIR / f"nano_{phase}.yaml" for phase in PHASES}
+PHASE_CONFIGS = {phase: CONFIG_DIR / f"nano_{phase}.yaml" for phase in (*PHASES, "stage3")}  # stage 3: reproduce (d)
 VISION_CONFIG = CONFIG_DIR / "nano_vision.yaml"
 SOUND_CONFIG = CONFIG_DIR / "nano_sound.yaml"
 BUILD_FILE = "nano_build.json"
@@ -220,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="train again even if the build hash matches")
     args = parser.parse_args(argv)
+    keep_freed_memory()
     model_dir, record, reused = train_nano(args.out, seed=args.seed, force=args.force)
     print(f"{'reused' if reused else 'trained'} {model_dir} (build {record['hash']})")
     return 0
