@@ -25,15 +25,18 @@ def _task(root):
               "speech": ["speech/q.wav"], "speech_asr": ["How many shapes do you see?"],
               "meta": {"types": ["count"], "answers": ["two"]}}
     (root / "stage1.json").write_text(json.dumps([record]))
-    return NanoTask(root, NanoTaskSpec(), {"stage1": root / "stage1.json"}, {"data_hash": "test"})
+    (root / "stage2.json").write_text(json.dumps([{**record, "id": "stage2-0"}, {**record, "id": "stage2-1"}]))
+    files = {phase: root / f"{phase}.json" for phase in ("stage1", "stage2")}
+    return NanoTask(root, NanoTaskSpec(), files, {"data_hash": "test"})
 
 
 def test_the_question_is_hidden_whole_in_chatter_of_the_asked_length(tmp_path):
     task = _task(tmp_path)
-    spec = LongSpeechSpec(records=3, min_seconds=31.0, max_seconds=36.0)
+    spec = LongSpeechSpec(records=3, clean_records=1, min_seconds=31.0, max_seconds=36.0)
     path = build_long_speech(task, spec, progress=False)
     records = json.loads(path.read_text())
-    assert len(records) == 3 and path.parent == tmp_path
+    assert path.parent == tmp_path and [r["id"] for r in records] == ["long-0", "long-1", "long-2", "stage2-0"]
+    records = records[:3]
     needle = load_audio(tmp_path / "speech" / "q.wav")
     for record in records:
         assert "speech_asr" not in record  # the transcript would cover the needle only
@@ -49,5 +52,6 @@ def test_the_question_is_hidden_whole_in_chatter_of_the_asked_length(tmp_path):
         assert np.sqrt(np.mean(chatter ** 2)) > 0.01  # speech around it, not silence
     stamp = path.stat().st_mtime_ns
     assert build_long_speech(task, spec, progress=False) == path and path.stat().st_mtime_ns == stamp  # reused
-    build_long_speech(task, LongSpeechSpec(records=2, min_seconds=31.0, max_seconds=36.0), progress=False)
-    assert len(json.loads(path.read_text())) == 2  # a changed spec rebuilds
+    build_long_speech(task, LongSpeechSpec(records=2, clean_records=2, min_seconds=31.0, max_seconds=36.0),
+                      progress=False)
+    assert len(json.loads(path.read_text())) == 4  # a changed spec rebuilds
