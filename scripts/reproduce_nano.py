@@ -18,6 +18,7 @@ paper's setting (LCMR on, MLoRA) is the demo's own run.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import statistics
@@ -138,15 +139,16 @@ def background_speech() -> Path:
 
 def long_speech_stage(task, work: Path, model_dir: Path, cache) -> tuple[Path, dict]:
     """Stage 3 from the demo model: the "long_speech" adapter on questions hidden in chatter
-    (lyra/data/nano_long_speech.py); reused when its `final/` exists."""
+    (lyra/data/nano_long_speech.py); reused while its config, data spec and the build match."""
     from lyra.data.nano_long_speech import LongSpeechSpec, build_long_speech
     from lyra.train.config import load_train_config
     from lyra.train.nano import PHASE_CONFIGS, run_phase
 
     spec = LongSpeechSpec()
     data = build_long_speech(task, spec)
+    key = hashlib.sha256(PHASE_CONFIGS["stage3"].read_bytes() + spec.fingerprint().encode()).hexdigest()[:12]
     config = load_train_config(PHASE_CONFIGS["stage3"], {"data.path": str(data), "init_from": str(model_dir),
-                                                         "output_dir": str(work / "stage3")})
+                                                         "output_dir": str(work / f"stage3-{key}")})
     final = Path(config.output_dir) / "final"
     if not (final / "config.json").is_file():
         run_phase("stage3", config, cache)
