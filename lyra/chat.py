@@ -3,6 +3,7 @@
     python -m lyra.chat --image photo.png --speech question.wav
     python -m lyra.chat --video clip.mp4 --text "What happens?" --lmme 4,0.7 --json
     python -m lyra.chat --audio-only-video lecture.mp4 --text "Summarise the talk."
+    python -m lyra.chat --image photo.png --speech question.wav --speech-out reply.wav
     python -m lyra.chat                  # interactive: /image PATH, /speech PATH, /reset, /quit
 
 With no --text and no --speech the session is interactive and keeps the conversation.
@@ -17,7 +18,15 @@ from dataclasses import dataclass, field
 
 from lyra.config import LMMEConfig
 from lyra.data.audio import load_video_audio
-from lyra.inference import Assistant, GenerationOptions, Media, default_model, load_model, load_vocoder_dir
+from lyra.inference import (
+    Assistant,
+    GenerationOptions,
+    Media,
+    attach_vocoder,
+    check_writable,
+    default_model,
+    load_model,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,9 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--speech", action="append", default=[], help="a speech recording (the question, or context)")
     parser.add_argument("--sound", action="append", default=[], help="a sound clip (up to 30 s)")
     parser.add_argument("--text", default=None, help="the question in text (alone or with --speech)")
-    parser.add_argument("--speech-out", default=None, metavar="WAV", help="also speak the answer into this wav")
-    parser.add_argument("--vocoder", default=None, metavar="DIR",
-                        help="unit vocoder folder (g_00500000 + config.json) for --speech-out")
+    parser.add_argument("--speech-out", default=None, metavar="WAV",
+                        help="also speak the answer, streaming, into this wav (a model with a speech generator)")
+    parser.add_argument("--vocoder", default=None, metavar="SPEC",
+                        help="override the vocoder the model records: a code HiFi-GAN folder (g_00500000 + "
+                             "config.json), a Piper .onnx voice or piper:<voice>")
     parser.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     parser.add_argument("--lmme", default=None, metavar="BLOCKS,KEEP", help="token pruning, e.g. 4,0.7 (or off)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
@@ -85,16 +96,15 @@ def main(argv: list[str] | None = None) -> int:
         options = GenerationOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                     lmme=LMMEConfig.parse(args.lmme) if args.lmme else None)
         turn = turn_from_args(args)
+        if args.speech_out:
+            check_writable(args.speech_out)
         model, tokenizer, info = load_model(args.model, args.device, args.dtype)
-        vocoder = None
         if args.speech_out:
             if model.speech_generator is None:
                 raise ValueError(
                     f"--speech-out needs a model with a trained speech generator (stage 4); {info['model']} has none"
                 )
-            if not args.vocoder:
-                raise ValueError("--speech-out needs --vocoder DIR (the unit vocoder's g_00500000 and config.json)")
-            vocoder = load_vocoder_dir(args.vocoder).to(model.device)
+            attach_vocoder(model, args.vocoder)
     except (ValueError, FileNotFoundError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -105,17 +115,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.text is None and not args.speech and not args.audio_only_video:
         return interactive(assistant, options, turn, args)
     try:
-        return answer_once(assistant, options, turn, args, info, vocoder)
+        return answer_once(assistant, options, turn, args, info)
     except (ValueError, FileNotFoundError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
 
-def answer_once(assistant: Assistant, options: GenerationOptions, turn: Turn, args, info, vocoder=None) -> int:
+def answer_once(assistant: Assistant, options: GenerationOptions, turn: Turn, args, info) -> int:
     messages = [{"role": "user", "content": turn.content(args.text)}]
     on_text = (lambda delta: print(delta, end="", flush=True)) if args.stream and not args.json else None
-    if vocoder is not None:
-        reply = assistant.speak(messages, turn.media, options, vocoder, args.speech_out, on_text=on_text)
+    if args.speech_out:
+        reply = assistant.speak(messages, turn.media, options, args.speech_out, on_text=on_text)
     else:
         reply = assistant.reply(messages, turn.media, options, on_text=on_text, progress=not args.json)
     if args.json:
@@ -151,8 +161,11 @@ def interactive(assistant: Assistant, options: GenerationOptions, turn: Turn, ar
         candidate = messages + [{"role": "user", "content": turn.content(line.strip() or None)}]
         media = merge(history, turn.media)
         try:
-            reply = assistant.reply(candidate, media, options,
-                                    on_text=lambda delta: print(delta, end="", flush=True), progress=True)
+            show = lambda delta: print(delta, end="", flush=True)  # noqa: E731
+            if args.speech_out:  # each answer is spoken into the same file, replacing the last one
+                reply = assistant.speak(candidate, media, options, args.speech_out, on_text=show)
+            else:
+                reply = assistant.reply(candidate, media, options, on_text=show, progress=True)
         except (ValueError, FileNotFoundError, OSError) as error:
             print(f"error: {error}", flush=True)
             turn = Turn()

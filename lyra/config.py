@@ -164,6 +164,13 @@ class LCMRConfig:
     embedding_grad: bool = True  # whether the embedding table gets gradient from this loss
 
 
+# The kinds of speech units a speech generator can predict (lyra/model/vocoder.py).
+UNIT_KINDS = {
+    "hubert": "k-means ids of mHuBERT features, spoken by a code HiFi-GAN",
+    "piper-phoneme": "phoneme ids of a Piper voice, spoken by that voice",
+}
+
+
 @dataclass
 class SpeechGeneratorConfig:
     """CTC speech-unit generator on the LLM's hidden states (after LLaMA-Omni)."""
@@ -174,7 +181,15 @@ class SpeechGeneratorConfig:
     num_layers: int = 2
     num_heads: int = 32
     intermediate_size: int = 11008
-    num_units: int = 1000  # k-means units; the CTC blank is id num_units
+    # Two additions the references (LLaMA-Omni, Lyra) do not have, off by default so their
+    # checkpoints load unchanged (lyra/model/speechgen.py says why a small model needs them):
+    frame_positions: bool = False  # a learned embedding of each frame's index among its state's copies
+    input_norm: bool = False  # ActNorm on the LLM states: shift/scale set from the first training batch
+    unit_kind: str = "hubert"  # a key of UNIT_KINDS
+    num_units: int = 1000  # the unit vocabulary; the CTC blank is id num_units
+    # What speaks the units (lyra.model.vocoder.load_vocoder): "piper:<voice>", a Piper .onnx, a
+    # code HiFi-GAN folder; None: give one with --vocoder.
+    vocoder: str | None = None
 
 
 @dataclass
@@ -214,6 +229,11 @@ class LyraConfig:
             raise ValueError(f"lmme: keep must be in (0, 1] and blocks >= 1, got {self.lmme}")
         if self.lcmr.normalize not in ("speech", "sum"):
             raise ValueError(f"lcmr.normalize must be 'speech' or 'sum', got {self.lcmr.normalize!r}")
+        if self.speech_generator.unit_kind not in UNIT_KINDS:
+            raise ValueError(f"speech_generator.unit_kind {self.speech_generator.unit_kind!r} is not a known unit "
+                             f"kind; choose one of {sorted(UNIT_KINDS)}")
+        if self.speech_generator.num_units < 1:
+            raise ValueError(f"speech_generator.num_units must be >= 1, got {self.speech_generator.num_units}")
         if self.speech.encoder.n_audio_ctx % self.speech.projector.frames_per_token:
             raise ValueError("speech.encoder.n_audio_ctx must be divisible by speech.projector.frames_per_token")
 

@@ -6,6 +6,7 @@ scripts, so every entry point routes adapters, LMME and streaming the same way.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,6 +111,7 @@ class Reply:
     timings: dict[str, float]
     kept_fraction: list[float] | None
     speech_seconds: list[float]
+    units: list[int] | None = None  # a spoken answer's speech units
 
     def as_dict(self) -> dict[str, Any]:
         return {"answer": self.text, "prompt_tokens": self.prompt_tokens, "new_tokens": len(self.token_ids),
@@ -165,25 +167,35 @@ class Assistant:
         batch = _to_device(collate([sample], self.model.config.tokens.pad, padding_side="left"), self.model.device)
         return sample, batch, adapter, speech_seconds
 
-    def speak(self, messages: list[dict[str, str]], media: Media | None, options: GenerationOptions, vocoder,
-              wav_path: str | Path, on_text: Callable[[str], None] | None = None, chunk_tokens: int = 10) -> Reply:
-        """Answer in text and speech at once (streaming): audio chunks follow every
-        `chunk_tokens` text tokens; the concatenated audio is written to `wav_path` (16 kHz)."""
+    def speak(self, messages: list[dict[str, str]], media: Media | None, options: GenerationOptions,
+              wav_path: str | Path, on_text: Callable[[str], None] | None = None, chunk_tokens: int = 1) -> Reply:
+        """Answer in text and speech at once (streaming): the hidden states of every `chunk_tokens`
+        new text tokens become units, and the vocoder voices them as they arrive; the whole
+        audio is written to `wav_path` (a WAV at the vocoder's rate, atomically).
+
+        Timings: `first_token_s` and `first_audio_s` from the call (the user's audio is complete
+        then), `first_audio_after_token_s` between the two, `speech_compute_s` the time spent in
+        the speech generator and the vocoder, `audio_seconds` and `audio_pieces` (chunks streamed)."""
         from lyra.model.streaming import stream_speech, write_wav
 
-        if self.model.speech_generator is None:
-            raise ValueError("this model has no speech generator (train stage 4) so it cannot speak")
+        if not self.model.can_speak:
+            raise ValueError("this model cannot speak: it needs a speech generator (stage 4) and its vocoder")
         if options.lmme is not None and options.lmme.enabled:
             raise ValueError("spoken answers are generated without LMME; drop --lmme")
+        check_writable(wav_path)
+        vocoder = self.model.vocoder
         started = time.perf_counter()
         sample, batch, adapter, speech_seconds = self._prepare(messages, media)
-        tokens, chunks, text, first_token, first_audio = [], [], "", None, None
+        tokens, units, chunks, text, first_token, first_audio = [], [], [], "", None, None
         kwargs = {"max_new_tokens": options.max_new_tokens, "do_sample": options.temperature > 0,
                   "temperature": options.temperature or 1.0, "top_k": options.top_k,
                   "eos_token_id": self.model.config.tokens.eos}
-        for new_tokens, audio in stream_speech(self.model, self.model.speech_generator, vocoder, batch,
-                                               chunk_tokens=chunk_tokens, **kwargs):
+        speech_compute = 0.0
+        for new_tokens, new_units, audio, seconds in stream_speech(
+                self.model, self.model.speech_generator, vocoder, batch, chunk_tokens=chunk_tokens, **kwargs):
             now = time.perf_counter() - started
+            units.extend(new_units)
+            speech_compute += seconds
             if new_tokens:
                 first_token = first_token if first_token is not None else now
                 tokens.extend(new_tokens)
@@ -194,15 +206,18 @@ class Assistant:
             if len(audio):
                 first_audio = first_audio if first_audio is not None else now
                 chunks.append(audio)
-        write_wav(chunks, wav_path)
+        write_wav(chunks, wav_path, vocoder.sample_rate)
         finished = time.perf_counter() - started
+        first_token, first_audio = first_token or finished, first_audio or finished
         return Reply(
             text=self.tokenizer.decode(tokens, skip_special_tokens=True).strip(), token_ids=tokens,
             prompt_tokens=int(sample.input_ids.shape[0]), adapter=adapter,
-            timings={"first_token_s": round(first_token or finished, 4),
-                     "first_audio_s": round(first_audio or finished, 4), "total_s": round(finished, 4),
-                     "audio_seconds": round(sum(len(c) for c in chunks) / SAMPLE_RATE, 3)},
-            kept_fraction=None, speech_seconds=speech_seconds,
+            timings={"first_token_s": round(first_token, 4), "first_audio_s": round(first_audio, 4),
+                     "first_audio_after_token_s": round(first_audio - first_token, 4),
+                     "speech_compute_s": round(speech_compute, 4), "total_s": round(finished, 4),
+                     "audio_seconds": round(sum(len(c) for c in chunks) / vocoder.sample_rate, 3),
+                     "audio_pieces": len(chunks)},
+            kept_fraction=None, speech_seconds=speech_seconds, units=units,
         )
 
     def reply(self, messages: list[dict[str, str]], media: Media | None = None,
@@ -232,16 +247,42 @@ class Assistant:
         )
 
 
-def load_vocoder_dir(directory: str | Path):
-    """The unit vocoder from a folder holding `g_00500000` (or another `g_*`) and `config.json`."""
+def attach_vocoder(model: LyraForConditionalGeneration, override: str | None = None, required: bool = True):
+    """Load the vocoder that speaks the model's units and attach it: `override` (`--vocoder`)
+    if given, else the one its checkpoint records (`speech_generator.vocoder`).
+
+    `required=False` (servers): a model that cannot speak, having no speech generator or no
+    vocoder to name, stays text-only and None is returned instead of an error."""
     from lyra.model.vocoder import load_vocoder
 
-    directory = Path(directory)
-    checkpoints = sorted(directory.glob("g_*")) if directory.is_dir() else []
-    if not checkpoints or not (directory / "config.json").is_file():
-        raise FileNotFoundError(f"{directory} is not a unit vocoder folder: it needs g_00500000 and config.json "
-                                f"(the mhubert_vp_en_es_fr_it3_400k_layer11_km1000_lj code HiFi-GAN)")
-    return load_vocoder(checkpoints[-1], directory / "config.json")
+    if not required and (model.speech_generator is None
+                         or not (override or model.config.speech_generator.vocoder)):
+        return None
+    if model.speech_generator is None:
+        raise ValueError(f"the model '{model.config.name}' has no speech generator (train stage 4), so it cannot "
+                         f"speak")
+    spec = override or model.config.speech_generator.vocoder
+    if not spec:
+        raise ValueError(f"the model '{model.config.name}' names no vocoder for its "
+                         f"{model.config.speech_generator.unit_kind} units; pass --vocoder (a code HiFi-GAN folder "
+                         f"or a Piper voice)")
+    vocoder = load_vocoder(spec, device=model.device)
+    model.attach_vocoder(vocoder)
+    return vocoder
+
+
+def check_writable(path: str | Path) -> None:
+    """A clear error, before any work, when an output file cannot be written at `path`."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"cannot write {path}: it is a directory; give a file name such as {path / 'reply.wav'}")
+    parent = path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=parent, prefix=f".{path.name}.", delete=True)
+        probe.close()
+    except OSError as error:
+        raise ValueError(f"cannot write {path}: {error.strerror or error} (choose a writable folder)") from None
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

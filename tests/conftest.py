@@ -63,10 +63,12 @@ SMALL_VOCODER = {  # a scaled-down code HiFi-GAN (the real one's structure, 320x
 
 
 def small_vocoder():
-    from lyra.model.vocoder import CodeHiFiGAN, VocoderConfig
+    """The small code HiFi-GAN behind the unit-vocoder interface (speaks 50 hubert units)."""
+    from lyra.model.hifigan import CodeHiFiGAN, VocoderConfig
+    from lyra.model.vocoder import HiFiGANVocoder
 
     torch.manual_seed(0)
-    return CodeHiFiGAN(VocoderConfig.from_dict(SMALL_VOCODER)).eval()
+    return HiFiGANVocoder(CodeHiFiGAN(VocoderConfig.from_dict(SMALL_VOCODER)).eval(), name="small code HiFi-GAN")
 
 
 def talking(model):

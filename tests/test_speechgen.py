@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from lyra.config import load_config
 from lyra.model.speechgen import SpeechGenerator, ctc_collapse, reference_state_dict
 from lyra.model.streaming import generate_speech, stream_speech, write_wav
-from lyra.model.vocoder import CodeHiFiGAN, VocoderConfig
+from lyra.model.hifigan import CodeHiFiGAN, VocoderConfig
+from lyra.model.vocoder import HiFiGANVocoder
 
 # A small vocoder with the real one's upsampling (320 samples per frame at 16 kHz).
 SMALL_VOCODER = {
@@ -165,25 +166,27 @@ def test_streaming_speech_matches_one_shot_and_starts_early(tiny_model, tmp_path
     same units, and audio arrives before the text is finished."""
     gen = tiny_generator(5).eval()
     torch.manual_seed(6)
-    vocoder = CodeHiFiGAN(VocoderConfig.from_dict(SMALL_VOCODER)).remove_weight_norm().eval()
+    hifigan = CodeHiFiGAN(VocoderConfig.from_dict(SMALL_VOCODER)).remove_weight_norm().eval()
+    vocoder = HiFiGANVocoder(hifigan)
     batch = {"input_ids": torch.randint(0, 1000, (1, 12)), "attention_mask": torch.ones(1, 12, dtype=torch.long)}
     options = {"max_new_tokens": 40, "eos_token_id": -1}
 
     events = list(stream_speech(tiny_model, gen, vocoder, batch, chunk_tokens=4, **options))
-    tokens = [t for ids, _ in events for t in ids]
-    audio = np.concatenate([a for _, a in events])
+    tokens = [t for event in events for t in event.tokens]
+    audio = np.concatenate([event.audio for event in events])
     one_shot = generate_speech(tiny_model, gen, vocoder, batch, **options)
 
     assert tokens == one_shot.tokens == tiny_model.generate(batch["input_ids"], max_new_tokens=40)[0].tolist()
     assert len(one_shot.units) > 0 and audio.shape == one_shot.audio.shape
     assert np.abs(audio - one_shot.audio).max() < 1e-5
-    assert audio.shape[0] == int(vocoder.durations(one_shot.units).sum()) * 320
-    first_audio = next(i for i, (_, a) in enumerate(events) if a.size)
-    last_token = max(i for i, (ids, _) in enumerate(events) if ids)
+    assert [u for event in events for u in event.units] == one_shot.units
+    assert audio.shape[0] == int(hifigan.durations(one_shot.units).sum()) * 320
+    first_audio = next(i for i, event in enumerate(events) if event.audio.size)
+    last_token = max(i for i, event in enumerate(events) if event.tokens)
     assert first_audio < last_token  # speech started before the text ended
     # (the default look-ahead holds back the last 23 units of each push until the next)
 
-    path = write_wav(events, tmp_path / "out" / "answer.wav")
+    path = write_wav(events, tmp_path / "out" / "answer.wav", vocoder.sample_rate)
     written, rate = sf.read(path, dtype="float32")
     assert rate == 16000 and written.shape == audio.shape
     assert np.abs(written - np.clip(audio, -1, 1)).max() <= 1 / 32767

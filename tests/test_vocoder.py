@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lyra.model.vocoder import (
+from lyra.model.hifigan import (
     CodeHiFiGAN,
     StreamingVocoder,
     VocoderConfig,
-    load_vocoder,
+    load_code_hifigan,
 )
 
 # config.json of fairseq's mhubert_vp_en_es_fr_it3_400k_layer11_km1000_lj vocoder
@@ -153,7 +153,7 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def vocoder(checkpoint):
     root, _ = checkpoint
-    return load_vocoder(root / "g_00500000", root / "config.json")
+    return load_code_hifigan(root / "g_00500000", root / "config.json")
 
 
 def test_real_config_gives_16k_audio_of_units_times_hop(vocoder):
@@ -173,7 +173,7 @@ def test_real_config_gives_16k_audio_of_units_times_hop(vocoder):
 def test_fairseq_checkpoint_loads_exactly_and_reproduces_fairseq_forward(checkpoint, vocoder):
     root, state = checkpoint
     assert vocoder.weight_norm_folded
-    unfolded = load_vocoder(root / "g_00500000", root / "config.json", fold_weight_norm=False)
+    unfolded = load_code_hifigan(root / "g_00500000", root / "config.json", fold_weight_norm=False)
     assert set(unfolded.fairseq_state_dict()) == set(state)  # exactly fairseq's key set
     for key, value in unfolded.fairseq_state_dict().items():
         assert torch.equal(value, state[key]), key  # values copied as stored
@@ -201,15 +201,15 @@ def test_wrong_keys_fail_with_names_and_file(checkpoint, tmp_path):
     path = tmp_path / "g_bad"
     torch.save({"generator": bad}, path)
     with pytest.raises(ValueError) as error:
-        load_vocoder(path, root / "config.json")
+        load_code_hifigan(path, root / "config.json")
     message = str(error.value)
     assert str(path) in message and "dur_predictor.proj.bias" in message and "resblocks.0.convs1.0" in message
     torch.save({"discriminator": {}}, path)
     with pytest.raises(ValueError, match="no 'generator'"):
-        load_vocoder(path, root / "config.json")
+        load_code_hifigan(path, root / "config.json")
     small = dict(MHUBERT_LJ_CONFIG, upsample_initial_channel=256)
     with pytest.raises(ValueError, match="other shapes"):
-        load_vocoder(root / "g_00500000", small)
+        load_code_hifigan(root / "g_00500000", small)
 
 
 def test_streaming_chunks_equal_one_shot_audio(vocoder):

@@ -51,8 +51,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from lyra.data.audio import SAMPLE_RATE
+from lyra.data.units import format_units
 
-TASK_VERSION = 3  # bump when the generator's output changes for the same spec
+TASK_VERSION = 4  # bump when the generator's output changes for the same spec
 
 # ----------------------------------------------------------------------------- the world
 IMAGE_SIZE = 84  # pixels: 3 x 3 cells of 28, i.e. 3 x 3 merged vision tokens (patch 14, merge 2)
@@ -129,6 +130,7 @@ PHASE_FILES = {
     "base": "base.json",  # text questions on scenes and signs, sound captions (LLM + ViT from scratch)
     "stage1": "stage1.json",  # spoken questions with transcripts (speech projector + LCMR)
     "stage2": "stage2.json",  # multi-turn, one turn spoken, plus spoken sound questions (MLoRA)
+    "stage4": "stage4.json",  # one question (text or spoken) each, its answer's phoneme units (speech generator)
     "eval": "eval.json",  # held-out content, text and spoken questions
 }
 MEDIA_FILE = "media.json"  # what the generator put in every image and sound clip
@@ -152,6 +154,10 @@ class NanoTaskSpec:
     stage1_records: int = 1600  # single spoken question each
     stage2_records: int = 1600
     stage2_sound_fraction: float = 0.2  # the fraction of stage-2 records with a spoken question about a sound
+    stage4_records: int = 800  # single questions whose answers carry `tgt_unit` (stage 4)
+    stage4_spoken_fraction: float = 0.5  # the fraction of them asked in speech (the others in text)
+    stage4_sound_fraction: float = 0.2  # the fraction of them about a sound clip
+    unit_vocoder: str = "piper:en_US-joe-medium"  # whose phoneme ids the answers' units are
     speech: bool = True  # synthesise spoken questions (False: images and sounds only, for tests)
 
     def fingerprint(self) -> str:
@@ -318,6 +324,11 @@ def answer_question(content: dict[str, Any], question: str) -> str | None:
     if content["kind"] == "sound" and qtype == "sound":
         return SOUNDS[content["class"]]
     return None
+
+
+def all_answers() -> list[str]:
+    """Every answer the task can expect (the closed set a spoken answer is judged against)."""
+    return [*COLOURS, *SHAPES, *NUMBERS[1:5], *WORDS, *SOUNDS.values()]
 
 
 def all_question_texts() -> list[str]:
@@ -493,6 +504,19 @@ def build_nano_task(root: str | Path, spec: NanoTaskSpec | None = None, progress
             qas = qas[:2]
             spoken = {int(rng.integers(len(qas)))}
             records["stage2"].append(_record(f"stage2-{i}", "image", path, qas, spoken, [voice], "<image>"))
+    if spec.speech:
+        voice_units = _answer_units(spec.unit_vocoder)
+        for i in range(spec.stage4_records):  # one question, in text or speech; the answer's units
+            rng = _rng(seed, "stage4", i)
+            if rng.random() < spec.stage4_sound_fraction:
+                (path, qas), key, placeholder = sound_qa("train", rng), "sound", "<sound>"
+            else:
+                (path, qas), key, placeholder = image_qas("train", rng), "image", "<image>"
+            spoken = {0} if rng.random() < spec.stage4_spoken_fraction else set()
+            voice = [train_voices[int(rng.integers(len(train_voices)))]]
+            record = _record(f"stage4-{i}", key, path, qas[:1], spoken, voice, placeholder)
+            record["tgt_unit"] = format_units(voice_units(qas[0]["answer"]))
+            records["stage4"].append(record)
     # Held-out: every scene and sign with two questions, as text, spoken (first or second turn,
     # alternately) by a training voice, and spoken by the held-out voice; every sound clip.
     eval_records = records["eval"]
@@ -557,6 +581,18 @@ def build_nano_task(root: str | Path, spec: NanoTaskSpec | None = None, progress
     }
     atomic_write_text(manifest_path, json.dumps(manifest, indent=1) + "\n")
     return NanoTask(root, spec, files, manifest)
+
+
+def _answer_units(vocoder: str):
+    """Answer text -> the phoneme units that `vocoder` (a Piper voice) speaks, memoised."""
+    from lyra.model.vocoder import load_vocoder
+
+    voice = load_vocoder(vocoder)
+    if not hasattr(voice, "text_to_units"):
+        raise ValueError(f"nano stage-4 units need a Piper voice (phoneme units); {vocoder!r} is a {voice.unit_kind} "
+                         f"vocoder")
+    cache: dict[str, list[int]] = {}
+    return lambda text: cache.setdefault(text, voice.text_to_units(text))
 
 
 def synthesize_questions(root: Path, writer: _Writer, voices: Iterable[str], progress: bool = True) -> None:

@@ -29,12 +29,12 @@ from transformers import DynamicCache, Qwen2VLConfig, Qwen2VLForConditionalGener
 from transformers.utils import ModelOutput
 
 from lyra.config import AudioEncoderConfig, LMMEConfig, LyraConfig
-from lyra.data.audio import SAMPLE_RATE
 from lyra.model import mlora
 from lyra.model.lmme import RetentionRecord, context_types, lmme_decode, lmme_prefill
 from lyra.model.projector import FrameConcatProjector
 from lyra.model.speechgen import SpeechGenerator
 from lyra.model.speech import FrameCache, WhisperEncoder, encode_audio, waveform_tensor
+from lyra.model.vocoder import UnitVocoder, check_vocoder
 
 CONFIG_FILE = "config.json"
 TOKENIZER_DIR = "tokenizer"  # its own folder: HF tokenizer loading would misread our config.json
@@ -187,24 +187,33 @@ class LyraForConditionalGeneration(nn.Module):
             self.config.speech_generator.enabled = True
             self.speech_generator = self._build_speech_generator().to(self.device)
 
-    def attach_vocoder(self, vocoder: nn.Module) -> None:
-        """Give the model the unit vocoder that `speak` uses. It is kept out of the module tree
-        (and so out of checkpoints): a vocoder is a separate release with its own weights."""
-        self._vocoder = [vocoder]  # a list, so nn.Module does not register it as a submodule
+    def attach_vocoder(self, vocoder: UnitVocoder) -> None:
+        """Give the model the unit vocoder that `speak` uses (it must speak the generator's units).
+        It is kept out of the module tree and out of checkpoints, which record only its name
+        (`speech_generator.vocoder`): a vocoder is a separate release with its own weights."""
+        if self.speech_generator is None:
+            raise ValueError("this model has no speech generator (train stage 4), so a vocoder has nothing to speak")
+        check_vocoder(self.config.speech_generator, vocoder)
+        self._vocoder = [vocoder]  # a list, so nn.Module does not register it
+
+    @property
+    def vocoder(self) -> UnitVocoder | None:
+        return self._vocoder[0] if getattr(self, "_vocoder", None) else None
 
     @property
     def can_speak(self) -> bool:
-        return self.speech_generator is not None and bool(getattr(self, "_vocoder", None))
+        return self.speech_generator is not None and self.vocoder is not None
 
     @torch.no_grad()
     def speak(self, sample, answer_ids: list[int]) -> tuple[np.ndarray, int]:
         """A spoken version of an answer already generated for `sample` (a `ProcessedSample`):
         one forward over prompt + answer gives the answer tokens' hidden states, the speech
-        generator turns them into units and the vocoder into a 16 kHz waveform."""
+        generator turns them into units and the vocoder into a waveform at its sample rate."""
         if not self.can_speak:
             raise ValueError("this model cannot speak: it needs a speech generator (stage 4) and attach_vocoder()")
+        vocoder = self.vocoder
         if not answer_ids:
-            return np.zeros(0, np.float32), SAMPLE_RATE
+            return np.zeros(0, np.float32), vocoder.sample_rate
         device = self.device
         answer = torch.tensor(answer_ids, dtype=torch.long)
         ids = torch.cat([sample.input_ids, answer])[None].to(device)
@@ -217,10 +226,7 @@ class LyraForConditionalGeneration(nn.Module):
                                                    **media)
         hidden = self.backbone.model(inputs_embeds=embeds, position_ids=positions).last_hidden_state
         units = self.speech_generator.predict(hidden[:, -len(answer_ids):])[0]
-        if not units:
-            return np.zeros(0, np.float32), SAMPLE_RATE
-        audio = self._vocoder[0](units, dur_prediction=True)
-        return audio.float().cpu().numpy().reshape(-1), SAMPLE_RATE
+        return vocoder.synthesize(units), vocoder.sample_rate
 
     # ------------------------------------------------------------------ forward
     @property
@@ -378,15 +384,20 @@ class LyraForConditionalGeneration(nn.Module):
                              "(set speech_generator.enabled, or train stage 4)")
         if kept_index is not None:
             raise ValueError("train the speech generator without LMME (it needs every answer state)")
-        answer = labels != -100  # (B, L)
-        width = int(answer.sum(1).max())
-        states = hidden.new_zeros(hidden.shape[0], width, hidden.shape[-1])
-        mask = torch.zeros(hidden.shape[0], width, dtype=torch.bool, device=hidden.device)
-        for row in range(hidden.shape[0]):
-            count = int(answer[row].sum())
-            states[row, :count] = hidden[row, answer[row]]
-            mask[row, :count] = True
-        return self.speech_generator.loss(states, mask, tgt_units)
+        return self.speech_generator.loss(*gather_answer_states(hidden, labels), tgt_units)
+
+    @torch.no_grad()
+    def answer_states(self, input_ids: torch.LongTensor, labels: torch.LongTensor,
+                      attention_mask: torch.Tensor | None = None, speech: list[torch.Tensor] | None = None,
+                      sound: list[torch.Tensor] | None = None, **media: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The final hidden states of the answer tokens (`labels != -100`), what the speech generator
+        reads: `[B, A, d]` packed to the left, with a `[B, A]` mask of the real ones."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        embeds, position_ids, _ = self.prepare_inputs(input_ids, attention_mask, speech, sound, **media)
+        hidden = self.backbone.model(inputs_embeds=embeds, attention_mask=attention_mask,
+                                     position_ids=position_ids).last_hidden_state
+        return gather_answer_states(hidden, labels)
 
     def lcmr(self, speech_features: list[torch.Tensor], transcript_ids: list[torch.Tensor],
              transcript_speech_index: torch.Tensor) -> torch.Tensor:
@@ -647,6 +658,20 @@ class LyraOutput(ModelOutput):
     speech_generator_loss: torch.Tensor | None = None
     kept_index: torch.Tensor | None = None
     retention: RetentionRecord | None = None
+
+
+def gather_answer_states(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of `hidden` `[B, L, d]` where `labels` `[B, L]` is set, packed to the left:
+    `[B, A, d]` and the `[B, A]` mask of real rows."""
+    answer = labels != -100
+    width = int(answer.sum(1).max())
+    states = hidden.new_zeros(hidden.shape[0], width, hidden.shape[-1])
+    mask = torch.zeros(hidden.shape[0], width, dtype=torch.bool, device=hidden.device)
+    for row in range(hidden.shape[0]):
+        count = int(answer[row].sum())
+        states[row, :count] = hidden[row, answer[row]]
+        mask[row, :count] = True
+    return states, mask
 
 
 def _scatter(embeds: torch.Tensor, mask: torch.Tensor, features: torch.Tensor, name: str) -> torch.Tensor:

@@ -19,15 +19,11 @@ Chunk borders:
     across chunks, and the label of each chunk's last frame is carried so a unit
     running across the border is merged once (`SpeechGeneratorStream`). The units of
     the concatenated chunks equal `SpeechGenerator.predict` on all states at once.
-  * units -> audio goes through `StreamingVocoder`: each chunk is synthesised with
-    `context_units` units of left context and the last `lookahead_units` units held
-    back until their right context exists. With the defaults (the vocoder's receptive
-    field bound: 23 units for the mHuBERT/LJ vocoder) the concatenated audio equals the
-    one-shot synthesis up to float rounding (< 1e-5, tests/test_vocoder.py); the held
-    back audio (>= 23 frames = 0.46 s) comes with the next chunk. `lookahead_units=0`
-    releases it at once; the samples within ~10 frames (0.2 s) before each border then
-    lack right context (measured on random weights: max |diff| 8.8e-4, 4.5 % of the
-    peak, all in the 9.3 frames before the border).
+  * units -> audio goes through the vocoder's own stream (`UnitVocoder.stream`,
+    lyra/model/vocoder.py). The code HiFi-GAN's holds back the units whose right context
+    has not arrived, so its chunks equal the one-shot synthesis within float rounding
+    (tests/test_vocoder.py); a Piper voice's voices every complete word as soon as the
+    next word starts, so its borders fall between words (lyra/model/piper_vocoder.py).
 """
 
 from __future__ import annotations
@@ -38,18 +34,27 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from transformers import DynamicCache
 
 from lyra.model.speechgen import SpeechGenerator
-from lyra.model.vocoder import CodeHiFiGAN, StreamingVocoder
+from lyra.model.vocoder import UnitVocoder
 
-SAMPLE_RATE = 16000
 _VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "mm_token_type_ids")
 _GENERATE_KEYS = {"max_new_tokens", "do_sample", "temperature", "top_k", "eos_token_id", "hidden_alignment"}
+
+
+class SpeechEvent(NamedTuple):
+    """One step of `stream_speech`: new text token ids, new units, audio that became final, and
+    the seconds this step spent in the speech generator and the vocoder."""
+
+    tokens: list[int]
+    units: list[int]
+    audio: np.ndarray
+    speech_seconds: float = 0.0
 
 
 @dataclass
@@ -59,7 +64,7 @@ class SpeechOutput:
     tokens: list[int]
     states: torch.Tensor  # (n, d_llm)
     units: list[int]
-    audio: np.ndarray  # 16 kHz float32
+    audio: np.ndarray  # float32 at the vocoder's sample rate
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -130,21 +135,18 @@ def decode_events(
 def stream_speech(
     model,
     generator: SpeechGenerator,
-    vocoder: CodeHiFiGAN,
+    vocoder: UnitVocoder,
     batch: dict[str, Any],
     chunk_tokens: int = 10,
-    dur_prediction: bool = True,
-    context_units: int | None = None,
-    lookahead_units: int | None = None,
     **generate_kwargs: Any,
-) -> Iterator[tuple[list[int], np.ndarray]]:
-    """Generate text and speech together; yields `(text_delta_token_ids, audio_chunk)`.
+) -> Iterator[SpeechEvent]:
+    """Generate text and speech together, as a stream of `SpeechEvent`s.
 
-    A tuple is yielded for every new text token (its id, empty audio) and for every
-    chunk of `chunk_tokens` hidden states turned into audio (no ids, the 16 kHz float32
-    samples that became final); the last yield flushes the rest. Either part may be
-    empty. Concatenating all audio chunks gives the utterance (see the module
-    docstring for what happens at chunk borders).
+    An event is yielded for every new text token (its id; no units, no audio) and for every
+    chunk of `chunk_tokens` hidden states (the units they gave and the float32 samples, at
+    `vocoder.sample_rate`, that became final); the last event flushes the rest. Concatenating
+    the events' audio gives the utterance, and their units the generator's whole unit sequence
+    (see the module docstring for what happens at chunk borders).
 
     `generate_kwargs`: max_new_tokens, do_sample, temperature, top_k, eos_token_id,
     hidden_alignment (see `decode_events`).
@@ -156,33 +158,32 @@ def stream_speech(
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     units_stream = generator.stream()
-    audio_stream = StreamingVocoder(vocoder, dur_prediction=dur_prediction, context_units=context_units,
-                                    lookahead_units=lookahead_units)
+    audio_stream = vocoder.stream()
     pending: list[torch.Tensor] = []
     empty = np.zeros(0, dtype=np.float32)
     for kind, value in decode_events(model, batch, **generate_kwargs):
         if kind == "token":
-            yield [value], empty
+            yield SpeechEvent([value], [], empty)
             continue
         pending.append(value)
         if len(pending) == chunk_tokens:
-            audio = audio_stream.push(units_stream.push(_states(pending, generator)))
+            started = time.perf_counter()
+            units = units_stream.push(_states(pending, generator))
+            audio = audio_stream.push(units)
             pending = []
-            if audio.size:
-                yield [], audio
-    if pending:
-        audio_stream.push(units_stream.push(_states(pending, generator)))
-    tail = audio_stream.flush()
-    yield [], tail
+            yield SpeechEvent([], units, audio, time.perf_counter() - started)
+    started = time.perf_counter()
+    units = units_stream.push(_states(pending, generator)) if pending else []
+    audio = np.concatenate([audio_stream.push(units), audio_stream.flush()])
+    yield SpeechEvent([], units, audio, time.perf_counter() - started)
 
 
 @torch.no_grad()
 def generate_speech(
     model,
     generator: SpeechGenerator,
-    vocoder: CodeHiFiGAN,
+    vocoder: UnitVocoder,
     batch: dict[str, Any],
-    dur_prediction: bool = True,
     **generate_kwargs: Any,
 ) -> SpeechOutput:
     """The non-streaming counterpart: all text first, then units and audio in one pass."""
@@ -197,18 +198,18 @@ def generate_speech(
     stacked = torch.stack(states)
     units = generator.predict(_states(states, generator).unsqueeze(0))[0]
     units_done = time.perf_counter()
-    audio = vocoder(units, dur_prediction=dur_prediction).float().cpu().numpy() if units else np.zeros(0, np.float32)
+    audio = vocoder.synthesize(units)
     end = time.perf_counter()
     timings = {"text_s": text_done - start, "units_s": units_done - text_done, "vocoder_s": end - units_done}
     return SpeechOutput(tokens, stacked, units, audio, timings)
 
 
-def write_wav(chunks: Iterable[np.ndarray | tuple], path: str | Path, sample_rate: int = SAMPLE_RATE) -> Path:
-    """Write audio chunks (arrays, or `stream_speech`'s tuples) as one 16-bit WAV,
+def write_wav(chunks: Iterable[np.ndarray | SpeechEvent], path: str | Path, sample_rate: int) -> Path:
+    """Write audio chunks (arrays, or `stream_speech`'s events) as one 16-bit WAV,
     atomically: a temp file in the same directory, renamed when complete."""
     import soundfile as sf
 
-    pieces = [np.asarray(c[1] if isinstance(c, tuple) else c, dtype=np.float32).reshape(-1) for c in chunks]
+    pieces = [np.asarray(c.audio if isinstance(c, SpeechEvent) else c, dtype=np.float32).reshape(-1) for c in chunks]
     audio = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -57,7 +57,7 @@ import numpy as np
 
 from lyra.data.audio import SAMPLE_RATE, AudioError
 from lyra.data.vision import VisionError, VisionLimits, sample_frame_indices
-from lyra.inference import Media, load_vocoder_dir
+from lyra.inference import Media, attach_vocoder
 from lyra.model import mlora
 from lyra.processing import PLACEHOLDER_PATTERN, LyraProcessor, ProcessedSample
 from lyra.serve.batcher import BatcherClosed, BatchKey, Completion, DynamicBatcher, Job
@@ -582,7 +582,7 @@ def synthesize_speech(model, job: Job, completion: Completion) -> tuple[np.ndarr
     it may run the model again: e.g. a forward pass over prompt + answer for the LLM
     hidden states that `model.speech_generator` turns into units, then the vocoder.
     The model's `speak(sample, answer_token_ids) -> (waveform, sample_rate)` needs its
-    speech generator and a vocoder (`--vocoder`); without them the request is refused
+    speech generator and its vocoder (recorded in the checkpoint, or `--vocoder`); without them the request is refused
     up front (`can_speak`), with this message.
     """
     if not can_speak(model):
@@ -1050,8 +1050,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--api-key", default=os.environ.get("LYRA_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on /v1 (default: $LYRA_API_KEY)")
     parser.add_argument("--served-model-name", default=None, help="the model id clients use")
-    parser.add_argument("--vocoder", default=None, metavar="DIR",
-                        help="unit vocoder folder (g_00500000 + config.json): answers in speech when asked")
+    parser.add_argument("--vocoder", default=None, metavar="SPEC",
+                        help="override the vocoder the model records (a code HiFi-GAN folder, a Piper .onnx "
+                             "voice or piper:<voice>); a model with a speech generator answers in speech when asked")
     parser.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size)
     parser.add_argument("--max-wait-ms", type=float, default=defaults.max_wait_ms,
                         help="how long the first request of a batch waits for others")
@@ -1099,8 +1100,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = config_from_args(args)
         model, tokenizer, info = load_model(args.model, args.device, args.dtype)
-        if args.vocoder:
-            model.attach_vocoder(load_vocoder_dir(args.vocoder).to(model.device))
+        attach_vocoder(model, args.vocoder, required=False)
         server = create_server(model, tokenizer, info, config)
     except (ValueError, FileNotFoundError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)

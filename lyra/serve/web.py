@@ -2,7 +2,7 @@
 answer as it streams and, with a model that can speak, hear it.
 
     python -m lyra.serve.web                              # http://127.0.0.1:7860
-    python -m lyra.serve.web --model outputs/nano/model --vocoder vocoder/ --port 7861
+    python -m lyra.serve.web --model outputs/nano/model --port 7861
 
 The page only listens on 127.0.0.1 unless --host says otherwise. Answers come from
 `lyra.inference.Assistant`, the same code path as `python -m lyra.chat`; the
@@ -27,8 +27,8 @@ from lyra.inference import (
     GenerationOptions,
     Media,
     default_model,
+    attach_vocoder,
     load_model,
-    load_vocoder_dir,
 )
 
 # No usage reports or update checks from gradio: the demo runs offline.
@@ -45,9 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default=None, help=f"checkpoint directory or preset (default: {default_model()})")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--vocoder", default=None, metavar="DIR",
-                        help="unit vocoder folder (g_00500000 + config.json): spoken answers, for a model "
-                             "with a speech generator")
+    parser.add_argument("--vocoder", default=None, metavar="SPEC",
+                        help="override the vocoder the model records (a code HiFi-GAN folder, a Piper .onnx voice "
+                             "or piper:<voice>); a model with a speech generator speaks its answers")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     parser.add_argument("--dtype", default="auto", help="auto | fp32 | bf16 | fp16")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="default answer length cap (the page can change it)")
@@ -66,16 +66,15 @@ class Session:
 class WebDemo:
     """The model, its assistant and (when it can speak) the vocoder, behind the page's handlers."""
 
-    def __init__(self, model, tokenizer, info: dict[str, Any], vocoder=None):
+    def __init__(self, model, tokenizer, info: dict[str, Any]):
         self.model, self.info = model, info
         self.assistant = Assistant(model, tokenizer)
-        self.vocoder = vocoder
         self.lock = threading.Lock()  # one generation at a time: the model is shared by every session
         self.audio_dir = Path(tempfile.mkdtemp(prefix="lyra-web-"))
 
     @property
     def can_speak(self) -> bool:
-        return self.vocoder is not None and bool(getattr(self.model, "can_speak", False))
+        return bool(getattr(self.model, "can_speak", False))
 
     # ------------------------------------------------------------------ one turn
     def turn(self, text: str, audio: str | None, audio_kind: str, image: str | None, video: str | None,
@@ -119,7 +118,7 @@ class WebDemo:
                 with self.lock:
                     on_text = lambda delta: events.put(("text", delta))
                     if wav_path is not None:
-                        reply = self.assistant.speak(messages, media, options, self.vocoder, wav_path, on_text=on_text)
+                        reply = self.assistant.speak(messages, media, options, wav_path, on_text=on_text)
                     else:
                         reply = self.assistant.reply(messages, media, options, on_text=on_text)
                 events.put(("done", reply, wav_path))
@@ -153,7 +152,7 @@ def build_app(demo: WebDemo, max_new_tokens: int = 256):
         notes.append("**Note:** this is a preset with untrained weights, so its answers are noise; "
                      "start the demo with `--model` pointing at a trained checkpoint.")
     notes.append("Spoken answers are on." if demo.can_speak else
-                 "Answers are text only (spoken answers need a model with a speech generator and `--vocoder`).")
+                 "Answers are text only (spoken answers need a model with a speech generator: stage 4).")
 
     def respond(text, audio, audio_kind, image, video, max_tokens, temperature, chat, session: Session):
         chat = list(chat or [])
@@ -229,21 +228,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         model, tokenizer, info = load_model(args.model, args.device, args.dtype)
-        vocoder = None
-        if args.vocoder:
-            vocoder = load_vocoder_dir(args.vocoder).to(model.device)
-            if model.speech_generator is None:
-                print(f"note: {info['model']} has no speech generator (stage 4), so answers are text only; "
-                      f"--vocoder is ignored", file=sys.stderr)
-                vocoder = None
-            else:
-                model.attach_vocoder(vocoder)
+        if args.vocoder and model.speech_generator is None:
+            print(f"note: {info['model']} has no speech generator (stage 4), so answers are text only; "
+                  f"--vocoder is ignored", file=sys.stderr)
+        attach_vocoder(model, args.vocoder, required=False)
     except (ValueError, FileNotFoundError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if info["untrained"]:
         print(f"note: '{info['model']}' is a preset with untrained weights; its answers are noise.", file=sys.stderr)
-    demo = WebDemo(model, tokenizer, info, vocoder)
+    demo = WebDemo(model, tokenizer, info)
     app = build_app(demo, args.max_new_tokens)
     print(f"Lyra web demo on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
     app.queue().launch(server_name=args.host, server_port=args.port, share=False, inbrowser=False,

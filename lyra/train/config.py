@@ -83,6 +83,9 @@ class TrainConfig:
     lmme: str | None = None  # e.g. "4,0.7": prune context tokens while training
     precision: str = "fp32"  # fp32 | bf16 (fp16 does not exist on CPU)
     gradient_checkpointing: bool = False
+    # Stage 4 with only the speech generator training: compute each sample's answer states once
+    # and reuse them every epoch (lyra/train/answer_states.py); memory grows with the data.
+    cache_answer_states: bool = False
     deepspeed: str | None = None  # a configs/deepspeed/*.json
     group_by_modality_length: bool = True
     save_steps: int = 500

@@ -1,4 +1,4 @@
-"""Lyra-Nano's training pipeline: the nano task's data, then three phases through the one recipe.
+"""Lyra-Nano's training pipeline: the nano task's data, two pretraining phases, then four through the one recipe.
 
     phase  config                          trains                                  data
     vision configs/train/nano_vision.yaml  ViT from scratch, on generator labels   training images
@@ -6,6 +6,7 @@
     base   configs/train/nano_base.yaml    LLM (scratch) + ViT (+ sound projector)  text questions, sounds
     stage1 configs/train/nano_stage1.yaml  speech projector (+ LCMR)               spoken questions
     stage2 configs/train/nano_stage2.yaml  "speech" MLoRA adapter + projector      multi-turn, one spoken
+    stage4 configs/train/nano_stage4.yaml  CTC speech generator (Piper phonemes)    one question, answer units
 
 The vision and sound phases are `lyra.train.nano_vision` and `lyra.train.nano_sound`
 (pretraining loops with throw-away linear heads) on one fresh model, saved after the sound phase
@@ -39,7 +40,7 @@ from lyra.data.nano_task import NanoTask, NanoTaskSpec, build_nano_task
 from lyra.memory import keep_freed_memory
 
 CONFIG_DIR = REPO_ROOT / "configs" / "train"
-PHASES = ("base", "stage1", "stage2")
+PHASES = ("base", "stage1", "stage2", "stage4")
 PHASE_CONFIGS = {phase: CONFIG_DIR / f"nano_{phase}.yaml" for phase in (*PHASES, "stage3")}  # stage 3: reproduce (d)
 VISION_CONFIG = CONFIG_DIR / "nano_vision.yaml"
 SOUND_CONFIG = CONFIG_DIR / "nano_sound.yaml"

@@ -29,9 +29,11 @@ from lyra.model.lyra import LyraForConditionalGeneration, checkpoint_tokenizer_s
 from lyra.processing import LyraProcessor
 from lyra.tokenizer import load_tokenizer
 from lyra.train.config import STAGES, TrainConfig, dump_train_config, load_train_config
+from lyra.train.answer_states import AnswerStateCache
 from lyra.train.trainer import (
     LyraTrainer,
     last_complete_checkpoint,
+    model_inputs,
     single_process_distributed_env,
     trainable_table,
 )
@@ -85,6 +87,14 @@ def configure_trainable(model: LyraForConditionalGeneration, config: TrainConfig
         model.speech_generator.requires_grad_(True)
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("the config trains nothing: set something under `trainable`")
+
+
+def answer_state_inputs(batch: dict) -> dict:
+    """What `LyraForConditionalGeneration.answer_states` takes from a collated batch."""
+    inputs = model_inputs(batch)
+    for key in ("transcript_ids", "transcript_speech_index", "tgt_units"):
+        inputs.pop(key, None)
+    return inputs
 
 
 def training_arguments(config: TrainConfig, report_to: str):
@@ -191,12 +201,18 @@ def build_trainer(config: TrainConfig, report_to: str = "none") -> LyraTrainer:
     dataset = LyraDataset(data.path, processor, root=data.root, image_root=data.image_root,
                           audio_root=data.audio_root, model_max_length=data.model_max_length,
                           on_bad_sample=data.on_bad_sample)
+    answer_states = None
+    if config.cache_answer_states:
+        AnswerStateCache.check_frozen(model)
+        answer_states = AnswerStateCache(answer_state_inputs)
     print(f"Lyra stage {config.stage}: {STAGES[config.stage]}\n{trainable_table(model)}", flush=True)
     return LyraTrainer(
         model=model, args=training_arguments(config, report_to), train_dataset=dataset,
         data_collator=LyraCollator.from_processor(processor), tokenizer=tokenizer,
         projector_lr=config.optim.projector_lr, tracker=BadSampleTracker(max_fraction=data.max_bad_fraction),
         group_by_modality_length=config.group_by_modality_length,
+        route_adapters=bool(mlora.adapter_names(model)) and not (config.trainable.adapter or config.trainable.llm),
+        answer_states=answer_states,
     )
 
 
@@ -211,6 +227,8 @@ def train(trainer: LyraTrainer, config: TrainConfig, resume: str | None = None) 
             print(f"--resume: no complete checkpoint in {output_dir}; starting from scratch", flush=True)
     elif resume:
         checkpoint = Path(resume)
+    if trainer.answer_states is not None:  # (on resume, the checkpoint's input norm replaces the one set here)
+        trainer.prepare_answer_states()
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     # Under ZeRO-3 every rank holds a shard: gather the full weights (all ranks take part).
     state = trainer.accelerator.get_state_dict(trainer.deepspeed) if trainer.is_deepspeed_enabled else None
