@@ -77,9 +77,10 @@ class Timer:
 
 
 def run_once(model, generator, vocoder, batch, chunk_tokens, lookahead, max_new_tokens, units_per_token) -> dict:
+    from lyra.model.hifigan import StreamingVocoder
     from lyra.model.speechgen import SpeechGeneratorStream
     from lyra.model.streaming import stream_speech
-    from lyra.model.vocoder import StreamingVocoder
+    from lyra.model.vocoder import HiFiGANVocoder
 
     timer = Timer()
     originals = [
@@ -100,8 +101,9 @@ def run_once(model, generator, vocoder, batch, chunk_tokens, lookahead, max_new_
         first_token = first_audio = None
         first_chunk = 0
         tokens = samples = 0
-        for ids, audio in stream_speech(model, generator, vocoder, batch, chunk_tokens=chunk_tokens,
-                                        lookahead_units=lookahead, max_new_tokens=max_new_tokens, eos_token_id=-1):
+        for ids, _, audio, _ in stream_speech(model, generator, HiFiGANVocoder(vocoder, lookahead_units=lookahead), batch,
+                                              chunk_tokens=chunk_tokens, max_new_tokens=max_new_tokens,
+                                              eos_token_id=-1):
             now = time.perf_counter()
             if ids and first_token is None:
                 first_token = now
@@ -144,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     from lyra.config import load_config
     from lyra.model.lyra import LyraForConditionalGeneration
     from lyra.model.speechgen import SpeechGenerator
-    from lyra.model.vocoder import CodeHiFiGAN, VocoderConfig
+    from lyra.model.hifigan import CodeHiFiGAN, VocoderConfig
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -131,8 +131,7 @@ def test_speech_out_streams_text_and_writes_a_wav(tmp_path, capsys):
     from lyra.model.lyra import LyraForConditionalGeneration
 
     (tmp_path / "vocoder").mkdir()
-    torch.save({"generator": small_vocoder().fairseq_state_dict()}, tmp_path / "vocoder" / "g_00500000")
-    (tmp_path / "vocoder" / "config.json").write_text(json.dumps(SMALL_VOCODER))
+    torch_save_small_vocoder(tmp_path / "vocoder")
     talking(LyraForConditionalGeneration.from_config(load_config("tiny"))).save_pretrained(tmp_path / "speaker")
     wav = tmp_path / "reply.wav"
     argv = ["--model", str(tmp_path / "speaker"), "--text", "hi", "--max-new-tokens", "4",
@@ -143,5 +142,77 @@ def test_speech_out_streams_text_and_writes_a_wav(tmp_path, capsys):
     assert rate == 16000 and len(audio) > 0
     assert abs(result["timings"]["audio_seconds"] - len(audio) / 16000) < 1e-3
     assert result["timings"]["first_audio_s"] <= result["timings"]["total_s"]
-    assert chat.main(argv[:-3] + ["--json"]) == 2  # --speech-out without --vocoder
-    assert "needs --vocoder DIR" in capsys.readouterr().err
+    assert chat.main(argv[:-3] + ["--json"]) == 2  # --speech-out without --vocoder, and none recorded
+    assert "names no vocoder for its hubert units; pass --vocoder" in capsys.readouterr().err
+
+    # a checkpoint that records its vocoder speaks without the flag
+    model = LyraForConditionalGeneration.from_pretrained(tmp_path / "speaker")
+    model.config.speech_generator.vocoder = str(tmp_path / "vocoder")
+    model.save_pretrained(tmp_path / "recorded")
+    assert chat.main(["--model", str(tmp_path / "recorded"), "--text", "hi", "--max-new-tokens", "4",
+                      "--speech-out", str(tmp_path / "again.wav"), "--json"]) == 0
+    assert sf.read(tmp_path / "again.wav")[0].size > 0
+    capsys.readouterr()
+
+    # a vocoder whose units are not the generator's
+    wrong = {**SMALL_VOCODER, "num_embeddings": 40}
+    (tmp_path / "vocoder" / "config.json").write_text(json.dumps(wrong))
+    torch.manual_seed(0)
+    from lyra.model.hifigan import CodeHiFiGAN, VocoderConfig
+
+    torch.save({"generator": CodeHiFiGAN(VocoderConfig.from_dict(wrong)).fairseq_state_dict()},
+               tmp_path / "vocoder" / "g_00500000")
+    assert chat.main(argv) == 2
+    assert "speaks 40 hubert units" in capsys.readouterr().err
+
+
+def test_the_piper_voice_speaks_a_model_trained_on_its_phonemes(tmp_path, capsys):
+    """A generator on piper-phoneme units (what Lyra-Nano's stage 4 trains) needs no flag: the
+    checkpoint names the installed voice. Its random units are still voiced at 22.05 kHz."""
+    from lyra.config import load_config
+    from lyra.model.lyra import LyraForConditionalGeneration
+
+    config = load_config("tiny")
+    config.speech_generator.unit_kind, config.speech_generator.num_units = "piper-phoneme", 256
+    config.speech_generator.vocoder = "piper:en_US-joe-medium"
+    talking(LyraForConditionalGeneration.from_config(config)).save_pretrained(tmp_path / "piper")
+    wav = tmp_path / "reply.wav"
+    assert chat.main(["--model", str(tmp_path / "piper"), "--text", "hi", "--max-new-tokens", "6",
+                      "--speech-out", str(wav), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    audio, rate = sf.read(wav)
+    assert rate == 22050 and audio.size > 0
+    assert result["timings"]["first_audio_after_token_s"] >= 0
+    assert abs(result["timings"]["audio_seconds"] - audio.size / rate) < 1e-3
+    # the hubert vocoder cannot speak phoneme units
+    hubert = tmp_path / "hubert"
+    hubert.mkdir()
+    torch_save_small_vocoder(hubert)
+    assert chat.main(["--model", str(tmp_path / "piper"), "--text", "hi", "--speech-out", str(wav),
+                      "--vocoder", str(hubert)]) == 2
+    error = capsys.readouterr().err
+    assert "speaks 50 hubert units" in error and "predicts 256 piper-phoneme units" in error
+
+
+@pytest.mark.parametrize("where,message", [
+    ("missing-dir/sub/reply.wav", None),  # created as needed: fine
+    ("is-a-file/reply.wav", "cannot write"),
+    ("a-dir", "it is a directory"),
+])
+def test_speech_out_path_is_checked_before_any_work(tmp_path, capsys, where, message):
+    (tmp_path / "is-a-file").write_text("x")
+    (tmp_path / "a-dir").mkdir()
+    code = chat.main(["--model", "tiny", "--text", "x", "--speech-out", str(tmp_path / where)])
+    error = capsys.readouterr().err
+    assert code == 2
+    if message is None:
+        assert "needs a model with a trained speech generator" in error  # the path passed; the model did not
+    else:
+        assert message in error and "cannot write" in error
+
+
+def torch_save_small_vocoder(folder):
+    import torch
+
+    torch.save({"generator": small_vocoder().generator.fairseq_state_dict()}, folder / "g_00500000")
+    (folder / "config.json").write_text(json.dumps(SMALL_VOCODER))

@@ -141,3 +141,21 @@ def test_config_round_trips_through_dict():
 def test_invalid_mrope_section_is_an_error():
     with pytest.raises(ValueError, match="mrope_section"):
         load_config("tiny", overrides={"text": {"mrope_section": [1, 1, 1]}})
+
+
+def test_unknown_unit_kind_is_an_error():
+    with pytest.raises(ValueError, match=r"speech_generator.unit_kind 'mel' is not a known unit kind; "
+                                         r"choose one of \['hubert', 'piper-phoneme'\]"):
+        load_config("tiny", overrides={"speech_generator": {"unit_kind": "mel"}})
+
+
+def test_a_vocoder_for_other_units_is_refused(tiny_model):
+    from conftest import small_vocoder
+
+    with pytest.raises(ValueError, match="no speech generator"):
+        tiny_model.attach_vocoder(small_vocoder())
+    tiny_model.config.speech_generator.num_units = 1000
+    tiny_model.add_speech_generator()
+    with pytest.raises(ValueError, match=r"'small code HiFi-GAN' speaks 50 hubert units .* the speech generator "
+                                         r"predicts 1000 hubert units"):
+        tiny_model.attach_vocoder(small_vocoder())

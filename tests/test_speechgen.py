@@ -98,13 +98,19 @@ def test_loss_is_ctc_sum_over_target_units():
 def test_upsampling_repeats_and_stretches_to_long_targets():
     gen = tiny_generator(0)
     hidden = torch.arange(3 * 64, dtype=torch.float).view(1, 3, 64)
-    frames, frame_mask = gen.upsample_states(hidden)
+    frames, frame_mask, offsets = gen.upsample_states(hidden)
     assert frames.shape == (1, 15, 64) and bool(frame_mask.all())
     assert torch.equal(frames[0, :, 0], hidden[0, :, 0].repeat_interleave(5))
+    assert offsets[0].tolist() == [0, 1, 2, 3, 4] * 3  # each frame's index among its state's copies
     # a target longer than 3 x 5 frames: 18 frames, frame f copies state floor(f * 3 / 18)
-    frames, frame_mask = gen.upsample_states(hidden, min_frames=torch.tensor([18]))
+    frames, frame_mask, offsets = gen.upsample_states(hidden, min_frames=torch.tensor([18]))
     assert frames.shape[1] == 18
     assert torch.equal(frames[0, :, 0], hidden[0, torch.arange(18) * 3 // 18, 0])
+    assert offsets[0].tolist() == list(range(6)) * 3
+    # rows of different lengths: padding frames get offset 0
+    two = torch.randn(2, 3, 64)
+    _, frame_mask, offsets = gen.upsample_states(two, torch.tensor([[1, 1, 1], [1, 0, 0]], dtype=torch.bool))
+    assert offsets[1].tolist() == [0, 1, 2, 3, 4] + [0] * 10 and frame_mask[1].sum() == 5
 
 
 def test_collapse_merges_repeats_before_dropping_blanks():
@@ -113,9 +119,18 @@ def test_collapse_merges_repeats_before_dropping_blanks():
     assert ctc_collapse([50, 7], blank=50, previous=7) == [7]  # a blank separates the two 7s
 
 
-def test_attention_is_causal_and_streaming_is_exact():
-    gen = tiny_generator(2).eval()
+@pytest.mark.parametrize("extras", [False, True])
+def test_attention_is_causal_and_streaming_is_exact(extras):
+    """Also with frame positions and the input ActNorm (after its initialisation)."""
+    gen = tiny_generator(2)
     hidden = torch.randn(1, 11, 64)
+    if extras:
+        cfg = load_config("tiny").speech_generator
+        cfg.frame_positions = cfg.input_norm = True
+        torch.manual_seed(2)
+        gen = SpeechGenerator.from_config(cfg, 64)
+        gen.input_norm.initialize(hidden[0] * 3 + 1)
+    gen.eval()
     with torch.no_grad():
         logits, _ = gen(hidden)
         changed, _ = gen(torch.cat([hidden[:, :6], torch.randn(1, 5, 64)], dim=1))
@@ -126,6 +141,45 @@ def test_attention_is_causal_and_streaming_is_exact():
         stream = gen.stream()
         units = [u for i in range(0, 11, chunk) for u in stream.push(hidden[0, i:i + chunk])]
         assert units == full, chunk
+
+
+def test_frame_positions_let_one_state_yield_several_units():
+    """Without them the copies of the first state are identical frames (causal attention over
+    copies of one vector): at most one unit. With them one state can say a whole word."""
+    for frame_positions, most in ((False, 1), (True, 5)):
+        cfg = load_config("tiny").speech_generator
+        cfg.frame_positions = frame_positions
+        torch.manual_seed(0)
+        gen = SpeechGenerator.from_config(cfg, 64)
+        hidden = torch.randn(1, 1, 64)
+        optimizer = torch.optim.Adam(gen.parameters(), lr=1e-2)
+        for _ in range(150):
+            loss = gen.loss(hidden, None, [[3, 8, 1, 9, 4]])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        assert len(gen.predict(hidden)[0]) <= most
+        if frame_positions:
+            assert gen.predict(hidden)[0] == [3, 8, 1, 9, 4]
+
+
+def test_input_norm_starts_from_the_first_batch_and_is_saved():
+    cfg = load_config("tiny").speech_generator
+    cfg.input_norm = True
+    gen = SpeechGenerator.from_config(cfg, 64).train()
+    hidden = torch.randn(2, 6, 64) * 4 + 7
+    mask = torch.tensor([[True] * 6, [True] * 3 + [False] * 3])
+    gen.loss(hidden, mask, [[1, 2], [3]])
+    norm = gen.input_norm
+    normalised = norm(hidden[mask.bool()])
+    torch.testing.assert_close(normalised.mean(0), torch.zeros(64), atol=1e-4, rtol=0)
+    torch.testing.assert_close(normalised.std(0, unbiased=False), torch.ones(64), atol=1e-3, rtol=0)
+    state = gen.state_dict()
+    assert bool(state["input_norm.initialized"])
+    again = SpeechGenerator.from_config(cfg, 64).train()
+    again.load_state_dict(state)
+    again.loss(torch.randn(1, 2, 64), None, [[1]])  # a resumed run keeps the saved statistics
+    assert torch.equal(again.input_norm.shift, norm.shift)
 
 
 def test_reference_checkpoint_keys_load():

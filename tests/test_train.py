@@ -180,3 +180,51 @@ def test_grouped_sampler_gives_every_step_one_modality():
     assert order == list(ModalityLengthGroupedSampler(lengths, modalities, group=4, seed=0))
     sampler.set_epoch(1)
     assert list(sampler) != order
+
+
+def with_units_everywhere(data):
+    """Every record of the sample set (speech and long speech included) with target units."""
+    records = [dict(r, tgt_unit="".join(f"<{(5 * i + k) % 50}>" for k in range(6)))
+               for i, r in enumerate(json.loads(data.read_text()))]
+    path = data.parent / "speechgen_all.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def test_stage4_batches_run_with_the_adapter_inference_would_use(sample_data, chain, tmp_path):
+    config = stage_config(4, with_units_everywhere(sample_data), tmp_path / "routed", init_from=str(chain[3][0]))
+    trainer = build_trainer(config)
+    assert trainer.route_adapters
+    seen = {}
+    for batch in trainer.get_train_dataloader():
+        trainer.route(batch)
+        seconds = max((w.shape[-1] / 16000 for w in batch.get("speech") or []), default=None)
+        seen[trainer.model.active_adapter] = seconds
+    assert seen[None] is None  # no speech: every adapter off
+    assert seen["speech"] <= 30 < seen["long_speech"]
+
+
+def test_stage4_answer_state_cache_gives_the_forward_loss(sample_data, chain, tmp_path):
+    data = with_units_everywhere(sample_data)
+    config = stage_config(4, data, tmp_path / "cached", init_from=str(chain[3][0]), cache_answer_states=True,
+                          **{"optim.max_steps": 4})
+    trainer = build_trainer(config)
+    model = trainer.model.eval()
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.route(batch)
+    cached = trainer.compute_loss(model, batch)
+    from lyra.train.trainer import model_inputs
+
+    with torch.no_grad():
+        direct = model(**model_inputs(batch), return_logits=False).speech_generator_loss
+    assert float(cached) == pytest.approx(float(direct), rel=1e-5)
+    assert float(trainer.compute_loss(model, batch)) == pytest.approx(float(direct), rel=1e-5)  # from the cache
+    model.train()
+    assert train(trainer, config) == 0
+    assert len(trainer.answer_states.rows) == len(json.loads(data.read_text()))  # each sample computed once
+    assert LyraForConditionalGeneration.from_pretrained(tmp_path / "cached" / "final").speech_generator is not None
+
+    moving = stage_config(4, data, tmp_path / "moving", init_from=str(chain[3][0]), cache_answer_states=True,
+                          **{"trainable.speech_projector": True})
+    with pytest.raises(ValueError, match=r"cache_answer_states needs .* \['speech_projector'\] train too"):
+        build_trainer(moving)

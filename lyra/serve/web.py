@@ -78,32 +78,32 @@ class WebDemo:
 
     # ------------------------------------------------------------------ one turn
     def turn(self, text: str, audio: str | None, audio_kind: str, image: str | None, video: str | None,
-             session: Session) -> tuple[list[dict[str, str]], Media, str]:
+             session: Session) -> tuple[list[dict[str, str]], Media, list]:
         """The candidate conversation for this turn: history + the new user message, all media
-        in placeholder order, and a short caption of what was attached (for the chat bubble)."""
+        in placeholder order, and what the chat bubble shows: the media themselves (an image
+        thumbnail, a video, an audio player), then the text."""
         text = (text or "").strip()
         new = Media()
-        placeholders, attached = [], []
+        placeholders, shown = [], []
         for path, kind, bucket in ((image, "image", new.images), (video, "video", new.videos)):
             if path:
                 _check_file(path, kind)
                 bucket.append(path)
                 placeholders.append(f"<{kind}>")
-                attached.append(Path(path).name)
+                shown.append({"path": path})
         if audio:
             kind = "sound" if audio_kind == SOUND else "speech"
             _check_file(audio, kind)
             (new.sound if kind == "sound" else new.speech).append(audio)
             placeholders.append(f"<{kind}>")
-            attached.append(Path(audio).name)
+            shown.append({"path": audio})
         if not text and not placeholders:
             raise ValueError("type a message or attach audio, an image or a video first")
         messages = session.messages + [{"role": "user", "content": "\n".join(placeholders + ([text] if text else []))}]
         old = session.media
         media = Media(old.images + new.images, old.videos + new.videos, old.speech + new.speech,
                       old.sound + new.sound)
-        caption = " ".join(f"[{name}]" for name in attached)
-        return messages, media, "\n\n".join(part for part in (caption, text) if part)
+        return messages, media, shown + ([text] if text else [])
 
     def answer(self, messages: list[dict[str, str]], media: Media, options: GenerationOptions) -> Iterator[tuple]:
         """Stream one answer: ("text", delta) items while it is generated, then ("done", reply, wav_path)."""
@@ -178,7 +178,7 @@ def build_app(demo: WebDemo, max_new_tokens: int = 256):
                 else:
                     reply, wav_path = event[1], event[2]
                     answer = reply.text or "(empty answer)"
-                    chat[-1] = {"role": "assistant", "content": answer}
+                    chat[-1] = {"role": "assistant", "content": [answer, {"path": wav_path}] if wav_path else answer}
                     session = Session(messages + [{"role": "assistant", "content": reply.text}], media)
                     yield chat, session, keep, keep, keep, keep, wav_path if wav_path else keep
         except (ValueError, FileNotFoundError, OSError) as error:
