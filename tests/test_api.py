@@ -325,6 +325,19 @@ def test_audio_output(loaded, client, openai_client, monkeypatch):
     assert status == 200 and events[-1] == "[DONE]"
     assert any("audio" in json.loads(e)["choices"][0]["delta"] for e in events[:-1] if json.loads(e)["choices"])
 
+    # the offline Piper voice speaking phoneme units (what the trained nano model uses): 22.05 kHz
+    from lyra.model.vocoder import load_vocoder
+
+    units = model.config.speech_generator
+    monkeypatch.setattr(units, "unit_kind", "piper-phoneme")
+    monkeypatch.setattr(units, "num_units", 256)
+    monkeypatch.setattr(model, "speech_generator", talking(type(model)(copy.deepcopy(model.config))).speech_generator)
+    monkeypatch.setattr(model, "_vocoder", [load_vocoder("piper:en_US-joe-medium")])
+    status, response = client.chat(body)
+    assert status == 200, response
+    samples, rate = sf.read(io.BytesIO(base64.b64decode(response["choices"][0]["message"]["audio"]["data"])))
+    assert rate == 22050 and samples.shape[0] > 0
+
 
 # ---------------------------------------------------------------------- errors
 WAV_1S = audio_b64(1.0)

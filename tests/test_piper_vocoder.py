@@ -44,15 +44,22 @@ def test_synthesis_is_heard_as_the_text(voice, judge):
 
 
 def test_stream_voices_each_word_once_it_is_complete(voice, judge):
+    """Each piece is the new words' stretch of a synthesis that starts with the words before them,
+    cut where the model's own alignment puts the word borders."""
     units = voice.text_to_units("two high beeps")
-    first_space = units.index(voice.word_boundary)
+    first, second = [i for i, u in enumerate(units) if u == voice.word_boundary]
     stream = voice.stream()
-    assert stream.push(units[:first_space]).size == 0  # "two" may go on: nothing yet
-    word = stream.push(units[first_space:first_space + 1])  # the boundary arrives: "two" is voiced
-    assert np.array_equal(word, voice.synthesize(units[:first_space]))
-    rest = [stream.push(units[first_space + 1:]), stream.flush()]
-    streamed = np.concatenate([word, *rest])
-    one_shot = voice.synthesize(units)
+    assert stream.push(units[:first]).size == 0  # "two" may go on: nothing yet
+    two = stream.push(units[first:first + 1])  # the boundary arrives: "two" is voiced
+    audio, ends = voice.synthesize_aligned(units[:first])
+    assert ends[-1] < audio.size and np.array_equal(two, audio[:ends[-1]])  # without the final silence
+    high = stream.push(units[first + 1:second + 1])
+    audio, ends = voice.synthesize_aligned(units[:second])
+    assert np.array_equal(high, audio[ends[first - 1]:ends[-1]])  # " high", after "two" as context
+    beeps = np.concatenate([stream.push(units[second + 1:]), stream.flush()])
+    audio, ends = voice.synthesize_aligned(units)
+    assert np.array_equal(beeps, audio[ends[second - 1]:])  # to the end of the utterance
+    streamed, one_shot = np.concatenate([two, high, beeps]), voice.synthesize(units)
     heard = judge.choose(streamed, voice.sample_rate, ANSWERS)[0]
     assert heard == judge.choose(one_shot, voice.sample_rate, ANSWERS)[0] == "two high beeps"
     assert stream.flush().size == 0

@@ -309,6 +309,32 @@ def test_prepare_units_cli_is_resumable(tmp_path, tiny_hubert, capsys, monkeypat
     assert sorted(p.name for p in out.parent.iterdir()) == ["units.json"]  # no temp files left
 
 
+def test_prepare_units_cli_writes_piper_phoneme_units(tmp_path, capsys):
+    sys.path.insert(0, str(REPO / "scripts"))
+    import prepare_units
+
+    from lyra.model.vocoder import load_vocoder
+
+    samples = [
+        {"id": "a", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "three circles"}]},
+        {"id": "b", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "red"},
+                                      {"from": "human", "value": "q2"}, {"from": "gpt", "value": "four"}]},
+        {"id": "c", "conversations": [{"from": "human", "value": "q"}]},
+    ]
+    data, out = tmp_path / "data.json", tmp_path / "units.json"
+    data.write_text(json.dumps(samples))
+    assert prepare_units.main(["--data", str(data), "--voice", "piper:en_US-joe-medium", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    voice = load_vocoder("piper:en_US-joe-medium")
+    assert parse_units(result[0]["tgt_unit"]) == voice.text_to_units("three circles")
+    # every answer of a conversation, in order: the generator reads all their tokens
+    assert parse_units(result[1]["tgt_unit"]) == [*voice.text_to_units("red"), voice.word_boundary,
+                                                  *voice.text_to_units("four")]
+    assert "tgt_unit" not in result[2]
+    assert "2 answers as piper:en_US-joe-medium phonemes, 0 kept their tgt_unit, 1 without an answer" in \
+        capsys.readouterr().out
+
+
 def test_fit_kmeans_cli_writes_centroids(tmp_path, tiny_hubert, capsys):
     sys.path.insert(0, str(REPO / "scripts"))
     import fit_kmeans

@@ -14,10 +14,14 @@ dropped before synthesis. Synthesis is deterministic (noise scales 0 by default)
 and a one-shot answer differ only where the stream cuts the sequence.
 
 Streaming (`stream()`): VITS sees a whole id sequence at once, so units are voiced a word at a
-time -- whenever a word-boundary unit (the space phoneme) arrives, every complete word so far
-is synthesised as one utterance and the rest waits; `flush` voices the last word. Each piece is
-its own VITS utterance: the border between two pieces gets the short silences VITS puts at an
-utterance's start and end, and each piece ends with utterance-final intonation.
+time: when a word-boundary unit (the space phoneme) arrives, the words completed since the last
+piece are synthesised after up to `context_words` words already voiced, and only their part of
+the audio is returned, cut at the word borders that the model's own phoneme alignment gives
+(`piper-tts`'s alignment output, patched into the ONNX model in memory; needs the `onnx`
+package). The new words are thus spoken as a continuation, not as utterances of their own; with
+3 words of context the nano answers streamed are heard as their one-shot synthesis
+(scripts/bench_speech_output.py). The pieces differ from the one-shot audio in their prosody
+(a shorter context), and the first word ends without the utterance's final silence.
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ class PiperVocoder:
     unit_kind = "piper-phoneme"
 
     def __init__(self, model_path: str | Path, name: str | None = None, length_scale: float = 1.0,
-                 noise_scale: float = 0.0, noise_w_scale: float = 0.0):
+                 noise_scale: float = 0.0, noise_w_scale: float = 0.0, context_words: int = 3):
         try:
             from piper import PiperVoice, SynthesisConfig
         except ImportError:
@@ -61,8 +65,13 @@ class PiperVocoder:
         config_path = model_path.with_name(model_path.name + ".json")
         if not config_path.is_file():
             raise FileNotFoundError(f"Piper voice config not found: {config_path} (it belongs next to {model_path})")
-        self.voice = PiperVoice.load(model_path, config_path)
+        try:
+            import onnx  # noqa: F401  (piper patches the model with it to report phoneme alignments)
+        except ImportError:
+            raise RuntimeError("streaming with a Piper voice needs `pip install onnx`") from None
+        self.voice = PiperVoice.load(model_path, config_path, include_alignments=True)
         self.name = name or str(model_path)
+        self.context_words = context_words
         self.synthesis = SynthesisConfig(length_scale=length_scale, noise_scale=noise_scale,
                                          noise_w_scale=noise_w_scale, normalize_audio=False)
         id_map = self.voice.config.phoneme_id_map
@@ -98,16 +107,24 @@ class PiperVocoder:
 
     # ------------------------------------------------------------------ units -> audio
     def synthesize(self, units: list[int]) -> np.ndarray:
+        return self.synthesize_aligned(units)[0]
+
+    def synthesize_aligned(self, units: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Audio of `units` and, per unit kept, the sample where its audio ends `[n]` (its pad
+        included), from the model's own durations."""
         ids = self._voice_ids(units)
         if not ids:
-            return np.zeros(0, np.float32)
+            return np.zeros(0, np.float32), np.zeros(0, np.int64)
         sequence = [self.bos, self.pad]
         for unit in ids:
             sequence += [unit, self.pad]
         sequence.append(self.eos)
         with self._lock:
-            audio = self.voice.phoneme_ids_to_audio(sequence, self.synthesis)
-        return np.clip(np.asarray(audio, dtype=np.float32).reshape(-1), -1.0, 1.0)
+            audio, samples = self.voice.phoneme_ids_to_audio(sequence, self.synthesis, include_alignments=True)
+        if samples is None or len(samples) != len(sequence):
+            raise RuntimeError(f"the Piper voice {self.name} reports no phoneme alignment")
+        ends = np.cumsum(samples)[3::2][: len(ids)]  # through the pad after each unit
+        return np.clip(np.asarray(audio, dtype=np.float32).reshape(-1), -1.0, 1.0), ends.astype(np.int64)
 
     def _voice_ids(self, units: list[int]) -> list[int]:
         """Units without markers, stripped of boundaries at either end; ids past the vocabulary are an error."""
@@ -126,21 +143,38 @@ class PiperVocoder:
 
 
 class PiperWordStream:
-    """Voices each complete word as soon as the unit after it (a word boundary) arrives."""
+    """Voices the words completed so far each time a word boundary arrives, as the continuation
+    of up to `context_words` words already voiced (see the module docstring)."""
 
     def __init__(self, vocoder: PiperVocoder):
         self.vocoder = vocoder
         self.pending: list[int] = []
+        self.voiced: list[list[int]] = []  # the words already returned, for left context
 
     def push(self, units: list[int]) -> np.ndarray:
         self.pending += [int(u) for u in units]
-        boundaries = [i for i, u in enumerate(self.pending) if u == self.vocoder.word_boundary]
-        if not boundaries:
+        boundary = self.vocoder.word_boundary
+        if boundary not in self.pending:
             return np.zeros(0, np.float32)
-        cut = boundaries[-1]
+        cut = len(self.pending) - 1 - self.pending[::-1].index(boundary)
         words, self.pending = self.pending[:cut], self.pending[cut + 1:]
-        return self.vocoder.synthesize(words)
+        return self._voice(words, final=False)
 
     def flush(self) -> np.ndarray:
         words, self.pending = self.pending, []
-        return self.vocoder.synthesize(words)
+        audio = self._voice(words, final=True)
+        self.voiced = []
+        return audio
+
+    def _voice(self, words: list[int], final: bool) -> np.ndarray:
+        """The audio of `words` spoken after the context (to the end of the utterance if `final`)."""
+        vocoder = self.vocoder
+        new = vocoder._voice_ids(words)
+        if not new:
+            return np.zeros(0, np.float32)
+        context = [u for word in self.voiced[-vocoder.context_words:] for u in (*word, vocoder.word_boundary)]
+        audio, ends = vocoder.synthesize_aligned(context + new)
+        start = int(ends[len(context) - 2]) if context else 0  # after the context's last word (its pad)
+        end = audio.size if final else int(ends[-1])
+        self.voiced.append(new)
+        return audio[start:end]
