@@ -1,6 +1,6 @@
 """Audio input: any file soundfile/librosa can decode -> 16 kHz mono float32.
 
-Whisper works on 16 kHz mono. Other rates are resampled (soxr via librosa) and
+Whisper works on 16 kHz mono. Other rates are resampled (soxr, as librosa's "soxr_hq") and
 multi-channel audio is downmixed by averaging, rather than rejected: users hand us
 phone calls, stereo podcasts and 44.1 kHz music alike.
 """
@@ -36,9 +36,9 @@ def to_mono_16k(samples: np.ndarray, sample_rate: int, source: str = "<array>") 
     if not np.isfinite(samples).all():
         raise AudioError(f"{source}: the audio contains NaN or infinite samples")
     if sample_rate != SAMPLE_RATE:
-        import librosa  # imported lazily: it pulls numba and scipy
+        import soxr  # librosa's resampler, called directly: librosa's first use costs seconds
 
-        samples = librosa.resample(samples, orig_sr=sample_rate, target_sr=SAMPLE_RATE, res_type="soxr_hq")
+        samples = soxr.resample(samples, sample_rate, SAMPLE_RATE, quality="HQ")
     return np.ascontiguousarray(samples, dtype=np.float32)
 
 

@@ -5,8 +5,9 @@ before it trains (LLM, adapters, encoders and projectors frozen, no dropout on t
 states are the same in every epoch, so they can be computed once per sample and reused: an epoch
 then costs only the generator's own forward and backward. `cache_answer_states: true` in a
 stage-4 config turns this on (Lyra-Nano's stage 4: 12 epochs for the price of about one). States
-are kept in memory, keyed by the dataset index; `fill` computes every sample's up front, so that
-the generator's input norm can start from the statistics of all of them.
+are kept in memory, keyed by the dataset index; `fill` computes every sample's up front (so that
+the generator's input norm can start from the statistics of all of them), after which training
+reads batches of cached states and target units (`dataset`, `collate`) and loads no media.
 """
 
 from __future__ import annotations
@@ -17,11 +18,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from lyra.processing import IGNORE_INDEX
+
 
 class AnswerStateCache:
     def __init__(self, model_inputs: Callable[[dict[str, Any]], dict[str, Any]]):
         self.model_inputs = model_inputs  # batch -> the keyword arguments of `answer_states`
         self.rows: dict[int, torch.Tensor] = {}  # dataset index -> [answer tokens, d]
+        self.units: dict[int, torch.Tensor] = {}  # dataset index -> its target units
 
     @staticmethod
     def check_frozen(model: nn.Module) -> None:
@@ -40,6 +44,8 @@ class AnswerStateCache:
             states, mask = model.answer_states(**self.model_inputs(batch))
             for row, index in enumerate(indices):
                 self.rows[index] = states[row, mask[row]].detach()
+                units = batch["tgt_units"][row]
+                self.units[index] = units[units != IGNORE_INDEX]
         rows = [self.rows[i] for i in indices]
         states = nn.utils.rnn.pad_sequence(rows, batch_first=True)
         lengths = torch.tensor([len(r) for r in rows], device=states.device)
@@ -55,3 +61,14 @@ class AnswerStateCache:
     def all_states(self) -> torch.Tensor:
         """Every cached answer state `[N, d]`."""
         return torch.cat(list(self.rows.values()))
+
+    def dataset(self) -> list[int]:
+        """The cached samples, as the indices that `collate` turns into batches."""
+        return sorted(self.rows)
+
+    def collate(self, indices: list[int]) -> dict[str, Any]:
+        """A batch of cached samples: their indices and padded target units (no media)."""
+        units = nn.utils.rnn.pad_sequence([self.units[i] for i in indices], batch_first=True,
+                                          padding_value=IGNORE_INDEX)
+        return {"sample_indices": torch.tensor(indices), "tgt_units": units, "num_samples": len(indices),
+                "skipped": []}

@@ -132,6 +132,8 @@ class LyraTrainer(Trainer):
         norm = self.model.speech_generator.input_norm
         if norm is not None and not bool(norm.initialized):
             norm.initialize(self.answer_states.all_states())
+        self.train_dataset = self.answer_states.dataset()  # from now on, batches of cached states
+        self.data_collator = self.answer_states.collate
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         for key in self._sums:
