@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from lyra.config import LyraConfig, load_config
-from lyra.data.audio import AudioError, load_audio
+from lyra.data.audio import AudioError, load_audio, to_mono_16k
 from lyra.data.vision import VisionLimits, VisionProcessor, load_image
 from lyra.model.speech import CLIP_SAMPLES, log_mel
 from lyra.processing import LyraProcessor
@@ -30,6 +30,16 @@ def test_other_sample_rate_is_resampled(tmp_path):
     assert loaded.shape[0] == 32000
     spectrum = np.abs(np.fft.rfft(loaded))
     assert abs(np.argmax(spectrum) * 16000 / loaded.shape[0] - 300.0) < 1.0  # pitch kept
+
+
+@pytest.mark.parametrize("rate,length", [(22050, 34025 * 22050 // 16000), (44100, 44100 * 3 + 7), (8000, 12345)])
+def test_resampling_equals_librosa_soxr_hq(rate, length):
+    """soxr is called directly, with librosa's output length: the same samples as before."""
+    import librosa
+
+    samples = np.random.default_rng(rate).standard_normal(length).astype(np.float32)
+    expected = librosa.resample(samples, orig_sr=rate, target_sr=16000, res_type="soxr_hq")
+    assert np.array_equal(to_mono_16k(samples, rate), expected)
 
 
 def test_stereo_is_downmixed_by_averaging(tmp_path):

@@ -38,7 +38,9 @@ def to_mono_16k(samples: np.ndarray, sample_rate: int, source: str = "<array>") 
     if sample_rate != SAMPLE_RATE:
         import soxr  # librosa's resampler, called directly: librosa's first use costs seconds
 
-        samples = soxr.resample(samples, sample_rate, SAMPLE_RATE, quality="HQ")
+        length = int(np.ceil(samples.shape[0] * SAMPLE_RATE / sample_rate))  # librosa's output length
+        samples = soxr.resample(samples, sample_rate, SAMPLE_RATE, quality="HQ")[:length]
+        samples = np.pad(samples, (0, length - samples.shape[0]))
     return np.ascontiguousarray(samples, dtype=np.float32)
 
 

@@ -79,14 +79,21 @@ def phase_configs(task: NanoTask, runs_dir: Path, seed: int = 0, overrides: dict
 def build_hash(task: NanoTask, configs: dict[str, Any], vision=None, sound=None) -> str:
     """What decides whether a trained nano model can be reused: the task (spec and generated
     data), the model preset file, the vision and sound pretraining configs and every phase's
-    resolved training config."""
+    resolved training config, without the paths that say where this checkout put them (so
+    that two checkouts of the same code give the same hash)."""
+
+    def settings(config) -> dict[str, Any]:
+        values = dataclasses.asdict(config)
+        values.pop("output_dir"), values.pop("init_from"), values["data"].pop("path")
+        return values
+
     blob = {
         "task_spec": task.manifest["spec_hash"],
         "task_data": task.manifest["data_hash"],
         "model_preset": hashlib.sha256((PRESET_DIR / "nano.yaml").read_bytes()).hexdigest(),
         "vision": dataclasses.asdict(vision) if vision is not None else None,
         "sound": dataclasses.asdict(sound) if sound is not None else None,
-        "phases": {phase: dataclasses.asdict(config) for phase, config in configs.items()},
+        "phases": {phase: settings(config) for phase, config in configs.items()},
     }
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
