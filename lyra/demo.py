@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from lyra.config import REPO_ROOT
-from lyra.data.dataset import atomic_write_text
+from lyra.utils.io import atomic_write_json, atomic_write_text
 from lyra.memory import keep_freed_memory
 
 # Held-out exact-match accuracy below which the demo fails (README, Lyra-Nano): well under what a
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     transcript = out / "demo_transcript.md"
     write_transcript(transcript, report)
-    atomic_write_text(out / "demo_transcript.json", json.dumps(report, indent=1, default=str) + "\n")
+    atomic_write_json(out / "demo_transcript.json", report, default=str)
     print(f"    wrote {transcript} and {transcript.with_suffix('.json')}; whole run {total:.0f} s")
     if below:
         print("error: held-out accuracy is below the floor the README states ("

@@ -176,7 +176,7 @@ class Assistant:
         Timings: `first_token_s` and `first_audio_s` from the call (the user's audio is complete
         then), `first_audio_after_token_s` between the two, `speech_compute_s` the time spent in
         the speech generator and the vocoder, `audio_seconds` and `audio_pieces` (chunks streamed)."""
-        from lyra.model.streaming import stream_speech, write_wav
+        from lyra.model.streaming import stream_speech, write_speech
 
         if not self.model.can_speak:
             raise ValueError("this model cannot speak: it needs a speech generator (stage 4) and its vocoder")
@@ -206,7 +206,7 @@ class Assistant:
             if len(audio):
                 first_audio = first_audio if first_audio is not None else now
                 chunks.append(audio)
-        write_wav(chunks, wav_path, vocoder.sample_rate)
+        write_speech(chunks, wav_path, vocoder.sample_rate)
         finished = time.perf_counter() - started
         first_token, first_audio = first_token or finished, first_audio or finished
         return Reply(

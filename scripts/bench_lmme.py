@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
+from lyra.utils.io import atomic_write_json
 from lyra.config import LMMEConfig, load_config
 from lyra.memory import reset_peak_rss, status_mib
 from lyra.model.lmme import SPEECH, TEXT, block_ranges, keep_count, lmme_decode, lmme_prefill
@@ -187,9 +188,7 @@ def write_outputs(rows: list[dict], args, config) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"device": args.device, "dtype": args.dtype, "preset": args.preset or "mid-size",
                "text": vars(config.text), "instruction_tokens": INSTRUCTION_TOKENS, "rows": rows}
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    tmp.replace(out)
+    atomic_write_json(out, payload)
     draw_png(rows, Path(args.png))
     print(f"wrote {out} and {args.png}")
 

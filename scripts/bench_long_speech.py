@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from lyra.utils.io import atomic_write_json
 from lyra.memory import reset_peak_rss, status_mib
 
 
@@ -75,10 +76,7 @@ def main() -> int:
     for row in rows:
         print("| " + " | ".join(str(row[c]) for c in columns) + " |")
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"preset": args.preset, "rows": rows}, indent=2))
-    tmp.replace(out)
+    atomic_write_json(out, {"preset": args.preset, "rows": rows})
     print(f"wrote {out}")
     return 0
 

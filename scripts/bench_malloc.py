@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from lyra.utils.io import atomic_write_json
+
 SETTINGS = ("glibc default", "keep_freed_memory")
 
 
@@ -98,11 +100,8 @@ def main() -> int:
         print(f"| {row['setting']} | {row['median_ms']:.0f} | {row['p90_ms']:.0f} | {row['peak_rss_mib']:.0f} | {row['steps']} |")
     print(f"\nspeed-up (default / keep_freed_memory): {speedup:.2f}x")
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps({"shape": dict(zip(("steps", "batch", "length", "answer_tokens"), shape)),
-                               "rows": rows, "speedup": speedup}, indent=2) + "\n")
-    tmp.replace(out)
+    atomic_write_json(out, {"shape": dict(zip(("steps", "batch", "length", "answer_tokens"), shape)),
+                            "rows": rows, "speedup": speedup})
     print(f"wrote {out}")
     return 0
 

@@ -31,6 +31,7 @@ import sys
 import time
 from pathlib import Path
 
+from lyra.utils.io import atomic_write_json
 from lyra.memory import reset_peak_rss, status_mib
 
 SIZES = [(300, 32), (1200, 128), (4800, 512)]
@@ -248,10 +249,7 @@ def main() -> int:
         "fp32_vs_fp64": accuracy,
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(out)
+    atomic_write_json(out, report)
     print(f"wrote {out}")
     return 0
 

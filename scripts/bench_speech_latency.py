@@ -30,15 +30,14 @@ and 0 = emit immediately) the median over --repeats runs is reported:
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from lyra.utils.io import atomic_write_json
 
 VOCODER_CONFIG = {  # config.json of the mHuBERT layer-11 km1000 LJSpeech unit vocoder
     "resblock": "1",
@@ -198,11 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         "reference": "LLaMA-Omni: 226 ms first-audio latency on GPU",
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{args.out.name}.", dir=args.out.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp, args.out)
+    atomic_write_json(args.out, result)
     print(f"wrote {args.out}")
     return 0
 

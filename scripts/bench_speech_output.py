@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from lyra.utils.io import atomic_write_json
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -93,10 +95,7 @@ def main(argv: list[str] | None = None) -> int:
               "answers": [{"type": t, "expected": w, **a.as_dict()} for a, w, t in zip(answers, expected, types)]}
     print(table(summary, per_type))
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=1) + "\n")
-    tmp.replace(out)
+    atomic_write_json(out, report)
     print(f"wrote {out} ({report['seconds']:.0f} s)")
     return 0
 

@@ -26,8 +26,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lyra.eval.metrics import corpus_wer, percent  # noqa: E402
+from lyra.utils.io import atomic_write_json  # noqa: E402
 from lyra.eval.runner import (  # noqa: E402
-    PredictionLog, add_model_arguments, atomic_write_json, default_predictions_path, first, load_assistant,
+    PredictionLog, add_model_arguments, default_predictions_path, first, load_assistant,
     model_meta, run_items,
 )
 

@@ -25,8 +25,9 @@ from lyra.eval.needle import (  # noqa: E402
     DEFAULT_NEEDLE, Needle, build_haystack, draw_heatmap, grid_scores, load_background, retrieval_score,
     synthesize_espeak, trial_id,
 )
+from lyra.utils.io import atomic_write_json  # noqa: E402
 from lyra.eval.runner import (  # noqa: E402
-    PredictionLog, add_model_arguments, atomic_write_json, default_predictions_path, load_assistant, model_meta,
+    PredictionLog, add_model_arguments, default_predictions_path, load_assistant, model_meta,
     run_items,
 )
 from lyra.inference import Media  # noqa: E402

@@ -22,8 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from lyra.utils.io import atomic_write_json  # noqa: E402
 from lyra.eval.runner import (  # noqa: E402
-    PredictionLog, add_model_arguments, atomic_write_json, default_predictions_path, first, load_assistant,
+    PredictionLog, add_model_arguments, default_predictions_path, first, load_assistant,
     model_meta, run_items,
 )
 from lyra.eval.speech_vqa import TASKS, SpeechVQAItem, judge_one, load_items, mmvet_scores, score_predictions  # noqa: E402

@@ -25,8 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lyra.data.audio import SAMPLE_RATE, load_video_audio  # noqa: E402
 from lyra.data.vision import load_video_frames  # noqa: E402
 from lyra.inference import Media  # noqa: E402
+from lyra.utils.io import atomic_write_json  # noqa: E402
 from lyra.eval.runner import (  # noqa: E402
-    META_KEY, PredictionLog, add_model_arguments, atomic_write_json, default_predictions_path, first, load_assistant,
+    META_KEY, PredictionLog, add_model_arguments, default_predictions_path, first, load_assistant,
     model_meta, run_items,
 )
 from lyra.eval.videomme import (  # noqa: E402

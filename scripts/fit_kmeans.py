@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from lyra.utils.io import atomic_file
 from lyra.data.audio import load_audio
 from lyra.data.units import HubertUnitExtractor, fit_kmeans, kmeans_inertia
 
@@ -74,11 +73,8 @@ def main(argv: list[str] | None = None) -> int:
             break
     data = torch.cat(features)[: args.max_frames].numpy()
     centroids = fit_kmeans(data, args.clusters, iterations=args.iterations, batch_size=args.batch_size, seed=args.seed)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{args.out.name}.", suffix=".npy", dir=args.out.parent)
-    os.close(fd)
-    np.save(tmp, centroids)
-    os.replace(tmp, args.out)
+    with atomic_file(args.out) as temporary:
+        np.save(temporary, centroids)
     print(f"{args.out}: {args.clusters} centroids of dim {hidden} from {data.shape[0]} frames; "
           f"inertia {kmeans_inertia(data, centroids):.4f}")
     return 0

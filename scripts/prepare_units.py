@@ -31,15 +31,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
+from lyra.utils.io import atomic_write_json
 from lyra.data.audio import load_audio
 from lyra.data.units import HubertUnitExtractor, dedup_units, format_units
 
@@ -47,20 +46,6 @@ from lyra.data.units import HubertUnitExtractor, dedup_units, format_units
 def sample_key(sample: dict[str, Any], index: int, field: str) -> str:
     ident = sample.get("id")
     return json.dumps([ident if ident is not None else f"#{index}", sample.get(field)])
-
-
-def write_json_atomic(data: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, ensure_ascii=False, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def existing_units(out: Path, field: str) -> dict[str, str]:
@@ -129,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             stats["errors"] += 1
             message = f"sample {index} (id {sample.get('id')!r}): {error}"
             if not args.skip_errors:
-                write_json_atomic(output + [dict(s) for s in samples[index + 1:]], args.out)
+                atomic_write_json(args.out, output + [dict(s) for s in samples[index + 1:]])
                 raise SystemExit(f"{message}\nprogress saved to {args.out}; rerun to resume, or pass --skip-errors")
             tqdm.write(f"skipped {message}")
             continue
@@ -140,9 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         stats["units"] += len(units)
         since_save += 1
         if since_save >= args.save_every:
-            write_json_atomic(output + [dict(s) for s in samples[index + 1:]], args.out)
+            atomic_write_json(args.out, output + [dict(s) for s in samples[index + 1:]])
             since_save = 0
-    write_json_atomic(output, args.out)
+    atomic_write_json(args.out, output)
     elapsed = time.perf_counter() - started
     rate = stats["units"] / stats["seconds"] if stats["seconds"] else 0.0
     print(
@@ -178,7 +163,7 @@ def phoneme_units(samples: list[dict[str, Any]], args) -> int:
         else:
             counts["no_answer"] += 1
         output.append(sample)
-    write_json_atomic(output, args.out)
+    atomic_write_json(args.out, output)
     print(f"{args.out}: {counts['encoded']} answers as {voice.name} phonemes, {counts['kept']} kept their "
           f"tgt_unit, {counts['no_answer']} without an answer")
     return 0

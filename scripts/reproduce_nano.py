@@ -162,7 +162,7 @@ def needle_grid(task, model_dir: Path, cache, lengths: list[float], depths: list
     about a held-out image, heard through MLoRA `adapter`; a trial scores when the greedy answer
     is the right one."""
     from lyra.data.audio import load_audio
-    from lyra.data.tts import write_wav_atomic
+    from lyra.data.audio import write_wav
     from lyra.data.vision import VisionLimits
     from lyra.eval.needle import (
         build_haystack,
@@ -192,7 +192,7 @@ def needle_grid(task, model_dir: Path, cache, lengths: list[float], depths: list
                     needle = load_audio(task.root / record["speech"][0])
                     audio, at = build_haystack(background, needle, length, depth, offset_seconds=7.0 * k)
                     wav = Path(tmp) / f"{trial_id(length, depth, k)}.wav"
-                    write_wav_atomic(wav, audio)
+                    write_wav(wav, audio)
                     reply = _ask(model, processor, tokenizer, task.root / record["image"], wav)
                     records.append({"length": length, "depth": depth, "sample": k, "needle_at": round(at, 2),
                                     "score": float(reply == record["meta"]["answers"][0]), "reply": reply,
@@ -296,7 +296,7 @@ def write_doc(path: Path, report: dict, argv: str) -> None:
         for depth, row in zip(grid["depths"], grid["scores"]):
             lines.append(f"| {depth:g} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in row) + " |")
     lines += ["", "## Reading the results", "", report.get("discussion", ""), ""]
-    from lyra.data.dataset import atomic_write_text
+    from lyra.utils.io import atomic_write_text
 
     atomic_write_text(path, "\n".join(lines))
 

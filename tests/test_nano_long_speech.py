@@ -11,7 +11,7 @@ import pytest
 from lyra.data.audio import SAMPLE_RATE, load_audio
 from lyra.data.nano_long_speech import LongSpeechSpec, build_long_speech
 from lyra.data.nano_task import NanoTask, NanoTaskSpec
-from lyra.data.tts import write_wav_atomic
+from lyra.data.audio import write_wav
 
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng speaks the chatter")
 
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espea
 def _task(root):
     """A one-record stage-1 task whose spoken question is a 1 s chirp (easy to find again)."""
     t = np.arange(SAMPLE_RATE) / SAMPLE_RATE
-    write_wav_atomic(root / "speech" / "q.wav", (0.5 * np.sin(2 * np.pi * (300 + 400 * t) * t)).astype(np.float32))
+    write_wav(root / "speech" / "q.wav", (0.5 * np.sin(2 * np.pi * (300 + 400 * t) * t)).astype(np.float32))
     record = {"id": "stage1-0", "image": "images/train/scene_0.png",
               "conversations": [{"from": "human", "value": "<image>\n<speech>"}, {"from": "gpt", "value": "two"}],
               "speech": ["speech/q.wav"], "speech_asr": ["How many shapes do you see?"],

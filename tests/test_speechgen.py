@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from lyra.config import load_config
 from lyra.model.speechgen import SpeechGenerator, ctc_collapse, reference_state_dict
-from lyra.model.streaming import generate_speech, stream_speech, write_wav
+from lyra.model.streaming import generate_speech, stream_speech, write_speech
 from lyra.model.hifigan import CodeHiFiGAN, VocoderConfig
 from lyra.model.vocoder import HiFiGANVocoder
 
@@ -240,7 +240,7 @@ def test_streaming_speech_matches_one_shot_and_starts_early(tiny_model, tmp_path
     assert first_audio < last_token  # speech started before the text ended
     # (the default look-ahead holds back the last 23 units of each push until the next)
 
-    path = write_wav(events, tmp_path / "out" / "answer.wav", vocoder.sample_rate)
+    path = write_speech(events, tmp_path / "out" / "answer.wav", vocoder.sample_rate)
     written, rate = sf.read(path, dtype="float32")
     assert rate == 16000 and written.shape == audio.shape
     assert np.abs(written - np.clip(audio, -1, 1)).max() <= 1 / 32767

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lyra.utils.io import atomic_file
+
 SAMPLE_RATE = 16000  # Hz, what Whisper's front end expects
 
 
@@ -42,6 +44,16 @@ def to_mono_16k(samples: np.ndarray, sample_rate: int, source: str = "<array>") 
         samples = soxr.resample(samples, sample_rate, SAMPLE_RATE, quality="HQ")[:length]
         samples = np.pad(samples, (0, length - samples.shape[0]))
     return np.ascontiguousarray(samples, dtype=np.float32)
+
+
+def write_wav(path: str | Path, audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> Path:
+    """A 16-bit mono WAV, written atomically (lyra/utils/io.py); samples are clipped to [-1, 1]."""
+    import soundfile as sf
+
+    samples = np.clip(np.asarray(audio, dtype=np.float32).reshape(-1), -1.0, 1.0)
+    with atomic_file(path) as temporary:
+        sf.write(str(temporary), samples, sample_rate, subtype="PCM_16", format="WAV")
+    return Path(path)
 
 
 def load_audio(path: str | Path) -> np.ndarray:

@@ -72,6 +72,7 @@ from lyra.processing import (
     collate,
     mm_token_types,
 )
+from lyra.utils.io import atomic_write_text
 
 logger = logging.getLogger("lyra.data")
 
@@ -826,15 +827,6 @@ def split_frame_grid(image: Image.Image, rows: int = 4, cols: int = 4) -> list[I
         for r in range(rows)
         for c in range(cols)
     ]
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a file through a temporary sibling and a rename, so readers never see half of it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- batching

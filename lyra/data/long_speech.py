@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lyra.utils.io import atomic_write_text
+
 logger = logging.getLogger("lyra.data.long_speech")
 
 QA_PROMPT = """Task:
@@ -419,7 +421,6 @@ def prepare_long_speech(
     import soundfile
     from tqdm import tqdm
 
-    from lyra.data.dataset import atomic_write_text
 
     if generator not in ("rules", "llm"):
         raise ValueError(f"generator must be 'rules' or 'llm', got {generator!r}")

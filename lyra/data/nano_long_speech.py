@@ -21,8 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from lyra.data.audio import SAMPLE_RATE, load_audio
+from lyra.data.audio import SAMPLE_RATE, load_audio, write_wav
 from lyra.data.nano_task import HELD_OUT_VOICE, VOICES, NanoTask
+from lyra.utils.io import atomic_write_json
 
 # No colours, shapes, counts, sign words or sounds, and no questions: the needle is the only one.
 CHATTER = (
@@ -64,7 +65,7 @@ def build_long_speech(task: NanoTask, spec: LongSpeechSpec | None = None, progre
     """Write the chatter recordings and haystacks under `long_speech/`, and `long_speech.json`; returns its path."""
     from tqdm.auto import tqdm
 
-    from lyra.data.tts import make_backend, synthesize_16k, write_wav_atomic
+    from lyra.data.tts import make_backend, synthesize_16k
     from lyra.eval.needle import build_haystack
 
     spec = spec or LongSpeechSpec()
@@ -83,7 +84,7 @@ def build_long_speech(task: NanoTask, spec: LongSpeechSpec | None = None, progre
     for voice, k in tqdm(jobs, desc="nano long speech: chatter (TTS)", disable=not progress, leave=False):
         backend, speaker = table[voice]
         samples = synthesize_16k(backends[backend], CHATTER[k], speaker)
-        write_wav_atomic(task.root / chatter_name(k, voice), samples)
+        write_wav(task.root / chatter_name(k, voice), samples)
         chatter.setdefault(voice, []).append(samples)
 
     rng = np.random.default_rng([spec.seed, 31])
@@ -96,17 +97,15 @@ def build_long_speech(task: NanoTask, spec: LongSpeechSpec | None = None, progre
         needle = load_audio(task.root / source["speech"][0])
         audio, at = build_haystack(background, needle, length, float(rng.uniform(0.0, 1.0)))
         relative = f"{DIRECTORY}/haystacks/{i:04d}.wav"
-        write_wav_atomic(task.root / relative, audio)
+        write_wav(task.root / relative, audio)
         record = {key: value for key, value in source.items() if key != "speech_asr"}  # the transcript is the needle only
         record["id"] = f"long-{i}"
         record["speech"] = [relative]
         record["meta"] = {**source["meta"], "needle_at": round(at, 2), "seconds": round(length, 2)}
         records.append(record)
     records += task.records("stage2")[: spec.clean_records]
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(records, indent=1) + "\n")
-    tmp.replace(out)
-    manifest.write_text(json.dumps(stamp) + "\n")
+    atomic_write_json(out, records)
+    atomic_write_json(manifest, stamp)
     return out
 
 

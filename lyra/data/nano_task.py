@@ -40,7 +40,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -50,8 +49,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from lyra.data.audio import SAMPLE_RATE
+from lyra.data.audio import SAMPLE_RATE, write_wav
 from lyra.data.units import format_units
+from lyra.utils.io import atomic_file, atomic_write_text
 
 TASK_VERSION = 4  # bump when the generator's output changes for the same spec
 
@@ -371,18 +371,13 @@ class _Writer:
         self.hashes: dict[str, str] = {}
 
     def image(self, relative: str, image: Image.Image) -> str:
-        path = self.root / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-        image.save(tmp, format="PNG", optimize=False)
-        os.replace(tmp, path)
+        with atomic_file(self.root / relative) as temporary:
+            image.save(temporary, format="PNG", optimize=False)
         self.hashes[relative] = hashlib.sha1(np.asarray(image).tobytes()).hexdigest()
         return relative
 
     def audio(self, relative: str, samples: np.ndarray) -> str:
-        from lyra.data.tts import write_wav_atomic
-
-        write_wav_atomic(self.root / relative, samples)
+        write_wav(self.root / relative, samples)
         pcm = (np.clip(samples, -1, 1) * 32767).astype(np.int16)  # what the 16-bit WAV holds
         self.hashes[relative] = hashlib.sha1(pcm.tobytes()).hexdigest()
         return relative
@@ -555,8 +550,6 @@ def build_nano_task(root: str | Path, spec: NanoTaskSpec | None = None, progress
             eval_records.append(_record(f"eval-sound-{j}-speech", "sound", path, qas, {0}, [voice], "<sound>"))
     for record in eval_records:
         record["meta"]["held_out"] = True
-
-    from lyra.data.dataset import atomic_write_text
 
     content_of = {path: {"kind": "scene", "objects": objects} for split in scenes for path, objects in scenes[split]}
     content_of.update({path: {"kind": "sign", "word": word, "ink": ink}

@@ -48,7 +48,8 @@ from typing import Any
 
 import numpy as np
 
-from lyra.data.audio import SAMPLE_RATE, to_mono_16k
+from lyra.data.audio import to_mono_16k, write_wav
+from lyra.utils.io import atomic_write_text
 
 logger = logging.getLogger("lyra.data.tts")
 
@@ -325,17 +326,6 @@ def synthesize_16k(backend: TTSBackend, text: str, speaker: dict[str, Any]) -> n
     return audio
 
 
-def write_wav_atomic(path: str | Path, audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
-    """16-bit WAV written to a temporary sibling and renamed, so a crash never leaves half a file."""
-    import soundfile as sf
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.wav")
-    sf.write(str(tmp), audio, sample_rate, subtype="PCM_16")
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------- WER
 def word_error_rate(references: list[str], hypotheses: list[str], normalize: bool = True) -> float:
     """Corpus WER: word edits over reference words, after Whisper's English normaliser."""
@@ -383,7 +373,7 @@ def _synthesize_task(task: tuple[int, str, dict[str, Any], str]) -> tuple[int, s
     index, text, speaker, path = task
     assert _BACKEND is not None
     try:
-        write_wav_atomic(path, synthesize_16k(_BACKEND, text, speaker))
+        write_wav(path, synthesize_16k(_BACKEND, text, speaker))
         return index, None
     except Exception as error:  # reported and counted by the caller
         return index, f"{type(error).__name__}: {error}"
@@ -417,7 +407,7 @@ def prepare_speech_instructions(
     """
     from tqdm import tqdm
 
-    from lyra.data.dataset import BadSampleError, RecordStore, atomic_write_text
+    from lyra.data.dataset import BadSampleError, RecordStore
 
     output_path = Path(output_path)
     root = Path(root) if root is not None else output_path.parent

@@ -30,9 +30,9 @@ from lyra.data.dataset import (
     DataFileError,
     LyraDataset,
     inspect_record,
-    atomic_write_text,
 )
 from lyra.processing import PLACEHOLDERS
+from lyra.utils.io import atomic_write_text
 
 HINTS: dict[str, str] = {
     "malformed_json": "fix the JSON at the line and column given",

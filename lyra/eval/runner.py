@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from lyra.data.vision import VisionLimits
+from lyra.utils.io import atomic_write_text
 
 META_KEY = "_meta"
 
@@ -65,7 +64,7 @@ class PredictionLog:
             self.records[str(record["id"])] = record
         repaired = "\n".join(complete) + "\n"
         if repaired != raw:  # drop a truncated tail so appends start on a fresh line
-            _atomic_write_text(self.path, repaired)
+            atomic_write_text(self.path, repaired)
 
     def done(self, item_id: str) -> bool:
         record = self.records.get(item_id)
@@ -85,23 +84,6 @@ class PredictionLog:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: str | Path, data: Any) -> None:
-    """Write JSON through a temporary file in the same folder and an atomic rename."""
-    _atomic_write_text(Path(path), json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def default_predictions_path(out: str | Path) -> Path:

@@ -72,7 +72,7 @@ def speak_and_judge(assistant, judge, messages: list[dict[str, str]], media, can
     `wav_path`: where to keep the streamed answer (a temporary file otherwise)."""
     from lyra.inference import GenerationOptions
 
-    model, vocoder = assistant.model, assistant.model.vocoder
+    vocoder = assistant.model.vocoder
     options = GenerationOptions(max_new_tokens=max_new_tokens)
     with tempfile.TemporaryDirectory(prefix="lyra-spoken-") as tmp:
         path = Path(wav_path) if wav_path is not None else Path(tmp) / "answer.wav"

@@ -34,12 +34,13 @@ import json
 import logging
 import re
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from lyra.utils.io import atomic_directory
 
 logger = logging.getLogger(__name__)
 
@@ -429,10 +430,9 @@ def convert_reference_checkpoint(
             raise _with_context(adapter_dir, error) from None
         adapters[name] = (convert_reference_adapter_config(config), _cast(lora, dtype), _cast(projector, dtype))
 
-    dst_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{dst_dir.name}.", suffix=".tmp", dir=dst_dir.parent))
-    try:
-        from huggingface_hub import save_torch_state_dict
+    from huggingface_hub import save_torch_state_dict
+
+    with atomic_directory(dst_dir) as tmp_dir:  # an existing dst_dir is replaced only once all is written
 
         save_torch_state_dict(state, tmp_dir)
         if generator:
@@ -448,15 +448,4 @@ def convert_reference_checkpoint(
             shutil.copyfile(src_dir / "config.json", tmp_dir / REFERENCE_CONFIG_FILE)
         else:
             logger.warning("%s has no config.json; %s is not written", src_dir, REFERENCE_CONFIG_FILE)
-        if dst_dir.exists():  # overwrite: move the old one aside first, delete it last
-            old = dst_dir.with_name(f".{dst_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            dst_dir.rename(old)
-            tmp_dir.rename(dst_dir)
-            shutil.rmtree(old)
-        else:
-            tmp_dir.rename(dst_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
     logger.info("converted %s -> %s (%d tensors, adapters: %s)", src_dir, dst_dir, len(state), sorted(adapters))

@@ -33,6 +33,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
 
 from lyra.config import LMMEConfig, TokenIds
+from lyra.utils.io import atomic_write_json
 
 TEXT, IMAGE, VIDEO, SPEECH, SOUND = range(5)  # context_types values
 MODALITY_NAMES = {IMAGE: "image", VIDEO: "video", SPEECH: "speech", SOUND: "sound"}
@@ -140,10 +141,7 @@ class RetentionRecord:
         return {"layers": self.layers, "kept": self.kept, "context": self.context}
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_json()))
-        tmp.replace(path)
+        atomic_write_json(path, self.to_json(), indent=None)
 
     @classmethod
     def load(cls, path: str | Path) -> "RetentionRecord":

@@ -15,7 +15,6 @@ Checkpoint layout (`save_pretrained`): `config.json` (`{"model_type": "lyra", "l
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from lyra.model.projector import FrameConcatProjector
 from lyra.model.speechgen import SpeechGenerator
 from lyra.model.speech import FrameCache, WhisperEncoder, encode_audio, waveform_tensor
 from lyra.model.vocoder import UnitVocoder, check_vocoder
+from lyra.utils.io import move_into, replace_directory
 
 CONFIG_FILE = "config.json"
 TOKENIZER_DIR = "tokenizer"  # its own folder: HF tokenizer loading would misread our config.json
@@ -491,15 +491,7 @@ class LyraForConditionalGeneration(nn.Module):
                 mlora.save_adapter(self, name, staging, state_dict)
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(staging / TOKENIZER_DIR))
-            if replace:
-                _replace_directory(staging, directory)
-            else:
-                for entry in staging.iterdir():
-                    target = directory / entry.name
-                    if target.is_dir():
-                        shutil.rmtree(target)
-                    os.replace(entry, target)
-                staging.rmdir()
+            (replace_directory if replace else move_into)(staging, directory)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -592,18 +584,6 @@ def read_checkpoint_config(directory: str | Path) -> LyraConfig:
             f"LyraForConditionalGeneration.from_qwen2vl"
         )
     return LyraConfig.from_dict(data["lyra"], source=str(path))
-
-
-def _replace_directory(staging: Path, directory: Path) -> None:
-    """Move a fully written `staging` dir to `directory`, replacing it if present."""
-    if directory.exists():
-        old = directory.with_name(f".{directory.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(directory, old)
-        os.replace(staging, directory)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, directory)
 
 
 def _copy_backbone_dims(hf: Qwen2VLConfig, config: LyraConfig) -> None:

@@ -18,15 +18,14 @@ names), `projector.safetensors` (`fc1.*`, `fc2.*`).
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from lyra.utils.io import atomic_directory
 
 ADAPTER_DIR = "adapters"
 BASE = "base"  # projector slot used while every adapter is off
@@ -127,9 +126,7 @@ def save_adapter(model, name: str, directory: str | Path, state: dict[str, torch
         projector = {k.removeprefix("speech_projector."): v for k, v in state.items()
                      if k.startswith("speech_projector.")}
     target = Path(directory) / ADAPTER_DIR / name
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
-    try:
+    with atomic_directory(target) as staging:
         config = model.adapter_configs[name]
         (staging / "adapter_config.json").write_text(json.dumps(config.to_dict(), indent=2, default=list))
         backbone_state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
@@ -138,12 +135,6 @@ def save_adapter(model, name: str, directory: str | Path, state: dict[str, torch
                   str(staging / "adapter_model.safetensors"))
         save_file({k: v.contiguous() for k, v in projector.items()},
                   str(staging / "projector.safetensors"))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
 
 

@@ -28,8 +28,6 @@ Chunk borders:
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -40,6 +38,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
+from lyra.data.audio import write_wav
 from lyra.model.speechgen import SpeechGenerator
 from lyra.model.vocoder import UnitVocoder
 
@@ -204,24 +203,10 @@ def generate_speech(
     return SpeechOutput(tokens, stacked, units, audio, timings)
 
 
-def write_wav(chunks: Iterable[np.ndarray | SpeechEvent], path: str | Path, sample_rate: int) -> Path:
-    """Write audio chunks (arrays, or `stream_speech`'s events) as one 16-bit WAV,
-    atomically: a temp file in the same directory, renamed when complete."""
-    import soundfile as sf
-
+def write_speech(chunks: Iterable[np.ndarray | SpeechEvent], path: str | Path, sample_rate: int) -> Path:
+    """Audio chunks (arrays, or `stream_speech`'s events) as one 16-bit WAV, written atomically."""
     pieces = [np.asarray(c.audio if isinstance(c, SpeechEvent) else c, dtype=np.float32).reshape(-1) for c in chunks]
-    audio = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".wav", dir=path.parent)
-    os.close(fd)
-    try:
-        sf.write(tmp, np.clip(audio, -1.0, 1.0), sample_rate, subtype="PCM_16", format="WAV")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_wav(path, np.concatenate(pieces) if pieces else np.zeros(0, np.float32), sample_rate)
 
 
 def _states(states: list[torch.Tensor], generator: SpeechGenerator) -> torch.Tensor:

@@ -36,7 +36,6 @@ import json
 import os
 import re
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +43,7 @@ import numpy as np
 import torch
 
 from lyra.config import default_cache_dir
+from lyra.utils.io import atomic_file
 
 __all__ = [
     "read_ctranslate2",
@@ -488,22 +488,8 @@ def cached_whisper_tiny_en(cache_dir: str | os.PathLike[str] | None = None) -> P
                 "embedding rows"
             )
 
-    directory.mkdir(parents=True, exist_ok=True)
-    # Write to a temp file in the same directory, then rename over the target: the
-    # rename is atomic on one filesystem, so a concurrent or interrupted run never
-    # leaves (or reads) a half-written checkpoint.
-    fd, tmp_name = tempfile.mkstemp(
-        dir=directory, prefix=f".{_CHECKPOINT_NAME}.", suffix=".tmp"
-    )
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save({"dims": dims, "model_state_dict": state}, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        # mkstemp creates 0600; the cache may be shared, so make it world-readable.
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    # a concurrent or interrupted run never leaves (or reads) a half-written checkpoint; the
+    # cache may be shared, so the file is world-readable
+    with atomic_file(target, mode=0o644) as temporary:
+        torch.save({"dims": dims, "model_state_dict": state}, temporary)
     return target

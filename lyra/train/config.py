@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from lyra.config import dataclass_from_dict
+from lyra.utils.io import atomic_write_text
 
 STAGES = {
     0: "base model from scratch (models without pretrained weights, e.g. nano): LLM + ViT on text/image data",
@@ -123,7 +124,4 @@ def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None)
 
 
 def dump_train_config(config: TrainConfig, path: str | Path) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
-    tmp.replace(path)
+    atomic_write_text(path, yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))

@@ -27,7 +27,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 import sys
 import time
@@ -38,6 +37,7 @@ from typing import Any
 from lyra.config import PRESET_DIR, REPO_ROOT
 from lyra.data.nano_task import NanoTask, NanoTaskSpec, build_nano_task
 from lyra.memory import keep_freed_memory
+from lyra.utils.io import atomic_directory
 
 CONFIG_DIR = REPO_ROOT / "configs" / "train"
 PHASES = ("base", "stage1", "stage2", "stage4")
@@ -173,16 +173,9 @@ def shared_frame_cache():
 
 def publish(final_dir: Path, model_dir: Path, record: dict[str, Any]) -> None:
     """Copy a phase's `final/` to `model_dir` (replacing it whole) with its build record."""
-    staging = model_dir.with_name(f".{model_dir.name}.staging-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(final_dir, staging)
-    (staging / BUILD_FILE).write_text(json.dumps(record, indent=1) + "\n")
-    old = model_dir.with_name(f".{model_dir.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if model_dir.exists():
-        os.replace(model_dir, old)
-    os.replace(staging, model_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_directory(model_dir) as staging:
+        shutil.copytree(final_dir, staging, dirs_exist_ok=True)
+        (staging / BUILD_FILE).write_text(json.dumps(record, indent=1) + "\n")
 
 
 def train_nano(out: str | Path = REPO_ROOT / "outputs" / "nano", spec: NanoTaskSpec | None = None, seed: int = 0,
