@@ -19,7 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lyra.data.tts import ROUNDTRIP_PROMPTS, make_backend, roundtrip_wer  # noqa: E402
+from lyra.data.tts import make_backend  # noqa: E402
+from lyra.eval.tts_roundtrip import ROUNDTRIP_PROMPTS, roundtrip_wer  # noqa: E402
 from lyra.model.speech import load_openai_whisper  # noqa: E402
 
 

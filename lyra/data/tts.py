@@ -326,29 +326,6 @@ def synthesize_16k(backend: TTSBackend, text: str, speaker: dict[str, Any]) -> n
     return audio
 
 
-# ----------------------------------------------------------------------------- WER
-def word_error_rate(references: list[str], hypotheses: list[str], normalize: bool = True) -> float:
-    """Corpus WER: word edits over reference words, after Whisper's English normaliser."""
-    if normalize:
-        from whisper.normalizers import EnglishTextNormalizer
-
-        normalizer = EnglishTextNormalizer()
-        references = [normalizer(r) for r in references]
-        hypotheses = [normalizer(h) for h in hypotheses]
-    edits = words = 0
-    for ref, hyp in zip(references, hypotheses):
-        r, h = ref.split(), hyp.split()
-        row = list(range(len(h) + 1))
-        for i in range(1, len(r) + 1):
-            previous, row[0] = row[0], i
-            for j in range(1, len(h) + 1):
-                current = min(row[j] + 1, row[j - 1] + 1, previous + (r[i - 1] != h[j - 1]))
-                previous, row[j] = row[j], current
-        edits += row[len(h)]
-        words += len(r)
-    return edits / max(words, 1)
-
-
 # ----------------------------------------------------------------------------- conversion job
 @dataclass
 class ConversionStats:
@@ -492,60 +469,3 @@ def _record_result(stats: ConversionStats, failed: set[int], index: int, error: 
     stats.failed += 1
     stats.failures.append((index, error))
     logger.warning("TTS failed for sample #%d: %s", index, error)
-
-
-# ----------------------------------------------------------------------------- round trip
-ROUNDTRIP_PROMPTS = [
-    "What is the man holding in his right hand?",
-    "Please describe this picture in one short sentence.",
-    "How many people are sitting at the table?",
-    "What colour is the car parked next to the house?",
-    "Which animal is standing on the grass?",
-    "What is written on the sign above the door?",
-    "Is the woman wearing a hat or a scarf?",
-    "What is the weather like in this photo?",
-    "Where could this photograph have been taken?",
-    "What is the title of this book? Option A is Cooking. Option B is History. Option C is Travel.",
-    "Which option best describes the chart? Option A is rising prices. Option B is falling prices.",
-    "What time is shown on the clock on the wall?",
-    "Why is the child smiling at the camera?",
-    "What is the boy doing with the red ball?",
-    "Describe the main events of the video in detail.",
-    "How many windows can you see on the building?",
-    "What kind of food is served on the plate?",
-    "Answer the question using a single word or phrase.",
-    "Summarize the key points of this document for me.",
-    "Which team is winning the game according to the score board?",
-    "What is the highest value shown in the bar chart?",
-    "Can you explain what the diagram is trying to show?",
-    "What is the name of the street in this picture?",
-    "Is there anything unusual about this scene?",
-]
-"""Instruction-like prompts (already in spoken form) for TTS -> Whisper round trips."""
-
-
-def transcribe_16k(model, clips: list[np.ndarray], batch: int = 16) -> list[str]:
-    """Greedy English transcription of clips (each under 30 s) with an openai-whisper model."""
-    import torch
-    import whisper
-
-    options = whisper.DecodingOptions(language="en", fp16=False, temperature=0.0, without_timestamps=True)
-    texts: list[str] = []
-    for start in range(0, len(clips), batch):
-        mels = torch.stack([
-            whisper.log_mel_spectrogram(whisper.pad_or_trim(torch.from_numpy(c)), n_mels=model.dims.n_mels)
-            for c in clips[start : start + batch]
-        ])
-        with torch.no_grad():
-            texts.extend(result.text for result in whisper.decode(model, mels, options))
-    return texts
-
-
-def roundtrip_wer(
-    backend: TTSBackend, prompts: list[str], model, seed: int = 0, speaker_every: int = 4
-) -> tuple[float, list[str]]:
-    """Synthesise each prompt (speakers rotating every `speaker_every` prompts), transcribe it
-    with Whisper, and return (WER, transcripts)."""
-    clips = [synthesize_16k(backend, text, backend.speaker(i // speaker_every, seed)) for i, text in enumerate(prompts)]
-    hypotheses = transcribe_16k(model, clips)
-    return word_error_rate(prompts, hypotheses), hypotheses

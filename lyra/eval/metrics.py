@@ -124,16 +124,10 @@ def vqa_exact_match(prediction: str, answers: Sequence[str]) -> float:
 
 def levenshtein(a: Sequence, b: Sequence) -> int:
     """Edit distance (insertions, deletions, substitutions, each costing 1) between two
-    sequences: characters of strings, or words of token lists."""
-    if len(a) < len(b):
-        a, b = b, a
-    previous = list(range(len(b) + 1))
-    for i, item in enumerate(a, start=1):
-        current = [i]
-        for j, other in enumerate(b, start=1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (item != other)))
-        previous = current
-    return previous[-1]
+    sequences: characters of strings, or words of token lists (rapidfuzz, jiwer's engine)."""
+    from rapidfuzz.distance import Levenshtein
+
+    return int(Levenshtein.distance(a, b))
 
 
 def _anls_text(text: str) -> str:
@@ -225,14 +219,18 @@ def corpus_wer(references: Sequence[str], hypotheses: Sequence[str],
         normalizer: applied to every string before splitting into words; default Whisper's
             `EnglishTextNormalizer`. Pass `str` to score the raw text.
     """
+    import jiwer
+
     if len(references) != len(hypotheses):
         raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
     normalize = normalizer or whisper_normalizer()
-    errors = words = 0
-    for reference, hypothesis in zip(references, hypotheses):
-        ref_words, hyp_words = normalize(reference).split(), normalize(hypothesis).split()
-        errors += levenshtein(ref_words, hyp_words)
-        words += len(ref_words)
+    pairs = [(" ".join(normalize(r).split()), " ".join(normalize(h).split())) for r, h in zip(references, hypotheses)]
+    scored = [(r, h) for r, h in pairs if r]  # jiwer needs words in every reference
+    errors = sum(len(h.split()) for r, h in pairs if not r)  # the rest: every word inserted
+    if scored:
+        counts = jiwer.process_words([r for r, _ in scored], [h for _, h in scored])
+        errors += counts.substitutions + counts.deletions + counts.insertions
+    words = sum(len(r.split()) for r, _ in scored)
     return WERStats(errors=errors, reference_words=words, utterances=len(references))
 
 
