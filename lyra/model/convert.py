@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from lyra.model.speech import load_whisper_encoder_state, map_whisper_encoder_key
 from lyra.utils.io import atomic_directory
 
 logger = logging.getLogger(__name__)
@@ -63,38 +64,9 @@ _DROPPED = re.compile(r"(^|\.)(rotary_emb|rotary_pos_emb)\.inv_freq$")
 
 _LORA_SEGMENTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 
-# HF `WhisperEncoder` (encoder-relative) -> openai-whisper `AudioEncoder`.
-_WHISPER_RULES: list[tuple[re.Pattern[str], str]] = [
-    (re.compile(r"conv([12])\.(weight|bias)"), r"conv\1.\2"),
-    (re.compile(r"embed_positions\.weight"), "positional_embedding"),
-    (re.compile(r"layers\.(\d+)\.self_attn\.q_proj\.(weight|bias)"), r"blocks.\1.attn.query.\2"),
-    (re.compile(r"layers\.(\d+)\.self_attn\.k_proj\.(weight|bias)"), r"blocks.\1.attn.key.\2"),
-    (re.compile(r"layers\.(\d+)\.self_attn\.v_proj\.(weight|bias)"), r"blocks.\1.attn.value.\2"),
-    (re.compile(r"layers\.(\d+)\.self_attn\.out_proj\.(weight|bias)"), r"blocks.\1.attn.out.\2"),
-    (re.compile(r"layers\.(\d+)\.self_attn_layer_norm\.(weight|bias)"), r"blocks.\1.attn_ln.\2"),
-    (re.compile(r"layers\.(\d+)\.fc1\.(weight|bias)"), r"blocks.\1.mlp.0.\2"),
-    (re.compile(r"layers\.(\d+)\.fc2\.(weight|bias)"), r"blocks.\1.mlp.2.\2"),
-    (re.compile(r"layers\.(\d+)\.final_layer_norm\.(weight|bias)"), r"blocks.\1.mlp_ln.\2"),
-    (re.compile(r"layer_norm\.(weight|bias)"), r"ln_post.\1"),
-    # Already in openai-whisper names: keep.
-    (re.compile(r"positional_embedding"), "positional_embedding"),
-    (re.compile(r"blocks\.(\d+)\.(attn\.(?:query|key|value|out)|attn_ln|mlp\.[02]|mlp_ln)\.(weight|bias)"),
-     r"blocks.\1.\2.\3"),
-    (re.compile(r"ln_post\.(weight|bias)"), r"ln_post.\1"),
-]
-
 _VISION_PARTS = re.compile(r"(patch_embed\.proj\.weight|blocks\.\d+\.\S+|merger\.\S+)")
 _LLM_PARTS = re.compile(r"(embed_tokens\.weight|layers\.\d+\.\S+|norm\.weight)")
 _PROJECTOR_KEY = re.compile(r"(?:base_model\.model\.)?(?:model\.)*mm_speech_projector\.linear([12])\.(weight|bias)")
-
-
-def map_whisper_encoder_key(key: str) -> str:
-    """Encoder-relative Whisper key (HF `WhisperEncoder` or openai-whisper names) to
-    openai-whisper `AudioEncoder` names. Raises `KeyError` for anything else."""
-    for pattern, replacement in _WHISPER_RULES:
-        if pattern.fullmatch(key):
-            return pattern.sub(replacement, key)
-    raise KeyError(f"unknown Whisper encoder key '{key}'")
 
 
 def _map_backbone_key(key: str) -> str | None:
@@ -398,8 +370,6 @@ def convert_reference_checkpoint(
     del reference
 
     if whisper is not None:
-        from lyra.model.speech import load_whisper_encoder_state
-
         encoder = load_whisper_encoder_state(whisper)
         state = {k: v for k, v in state.items() if not k.startswith("speech_encoder.")}
         state.update({"speech_encoder.whisper." + map_whisper_encoder_key(k): v for k, v in encoder.items()})

