@@ -42,12 +42,12 @@ test: setup
 	$(PY) -m pytest tests
 
 demo: setup
-	$(PY) -m lyra.demo
+	$(PY) -m lyra.nano.demo
 
 # The paper's ablations in miniature on the demo's nano model (trains it first if needed):
 # writes docs/nano_results.md and outputs/nano/reproduce_nano.json.
 reproduce-nano: setup
-	$(PY) scripts/reproduce_nano.py
+	$(PY) -m lyra.nano.reproduce
 
 clean-venv:
 	rm -rf $(VENV)

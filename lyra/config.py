@@ -1,11 +1,15 @@
-"""Typed model configuration for Lyra, loadable from YAML.
+"""Typed configuration for Lyra: the model's, and the machinery every config of the project uses.
 
 A `LyraConfig` fixes every hyper-parameter of the model: the Qwen2-VL backbone
 (vision tower + LLM), the Whisper speech encoder, the speech and sound projectors and
 the special-token ids that splice non-text inputs into the sequence.
 
-Presets live in `configs/model/<name>.yaml` (tiny, nano, mini, base, pro). YAML is
-merged in strict mode: an unknown key is an error that names the key and the file.
+Every config (this one, the training recipe's, the nano phases') is a `config_dataclass`: a
+dataclass whose fields pydantic checks when it is built and when a field is assigned, so an
+unknown key or a value of the wrong type is an error that names the key and the file. YAML files
+are read by `load_yaml_config`, with overrides in one dotted syntax everywhere
+(`--set optim.lr=1e-4`, `{"optim.lr": 1e-4}`; values are YAML). Model presets (tiny, nano, mini,
+base, pro) ship inside the package (`lyra/presets/*.yaml`, read with importlib.resources).
 """
 
 from __future__ import annotations
@@ -13,14 +17,110 @@ from __future__ import annotations
 import dataclasses
 import os
 import typing
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import field
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
+from pydantic import ConfigDict, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-PRESET_DIR = REPO_ROOT / "configs" / "model"
+PRESETS = files("lyra") / "presets"
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used: the message names the file, the key and what was wrong."""
+
+
+def config_dataclass(cls: type[T]) -> type[T]:
+    """A typed config class: unknown keys are refused and every field is type-checked when the
+    config is built and when a field is assigned."""
+    return pydantic_dataclass(cls, config=ConfigDict(extra="forbid", validate_assignment=True))
+
+
+def build_config(cls: type[T], data: Any, source: str = "<dict>") -> T:
+    """`cls` from a (nested) mapping, or a `ConfigError` listing every bad key."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: expected a mapping of config keys, got {type(data).__name__}")
+    try:
+        return TypeAdapter(cls).validate_python(dict(data))
+    except ValidationError as error:
+        raise ConfigError(_describe(error, cls, source)) from None
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """`["optim.lr=1e-4", "data.path=x.json"]` -> `{"optim.lr": 0.0001, ...}` (values are YAML)."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. optim.lr=1e-4)")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return overrides
+
+
+def apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any] | None, source: str = "<dict>") -> dict[str, Any]:
+    """A copy of `data` with each dotted key of `overrides` set (intermediate mappings created)."""
+    merged = _copy_tree(data)
+    for dotted, value in (overrides or {}).items():
+        node = merged
+        *parents, leaf = dotted.split(".")
+        for depth, key in enumerate(parents):
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{source}: cannot set '{dotted}': '{'.'.join(parents[:depth + 1])}' is not a section")
+        node[leaf] = value
+    return merged
+
+
+def load_yaml_config(cls: type[T], source: str | Path | Traversable, overrides: Mapping[str, Any] | None = None) -> T:
+    """`cls` from a YAML file (a path or a packaged resource) with dotted `overrides` applied."""
+    name = str(source)
+    if not source.is_file():
+        raise FileNotFoundError(f"config file not found: {name}")
+    try:
+        data = yaml.safe_load(source.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{name} is not valid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{name}: expected a mapping of config keys, got {type(data).__name__}")
+    return build_config(cls, apply_overrides(data, overrides, name), name)
+
+
+def _copy_tree(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: _copy_tree(v) if isinstance(v, dict) else v for k, v in data.items()}
+
+
+def _describe(error: ValidationError, cls: type, source: str) -> str:
+    """One line per problem: `source: key.path: what was wrong (got VALUE)`."""
+    lines, unknown = [], {}
+    for item in error.errors():
+        location = ".".join(str(part) for part in item["loc"])
+        if item["type"] == "unexpected_keyword_argument":
+            parent, _, key = location.rpartition(".")
+            unknown.setdefault(parent, []).append(key)
+        elif location:
+            lines.append(f"{location}: {item['msg']} (got {item.get('input')!r})")
+        else:
+            lines.append(item["msg"].removeprefix("Value error, "))
+    for parent, keys in unknown.items():
+        where = f"'{parent}'" if parent else "the top level"
+        lines.append(f"unknown key(s) {sorted(keys)} in {where}; allowed: {_field_names(cls, parent)}")
+    return f"{source}: " + "; ".join(lines)
+
+
+def _field_names(cls: type, dotted: str) -> list[str]:
+    """The field names of the (nested) config class at `dotted` below `cls`."""
+    for part in filter(None, dotted.split(".")):
+        hint = typing.get_type_hints(cls).get(part)
+        cls = next((c for c in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(c)), None)
+        if cls is None:
+            return []
+    return sorted(f.name for f in dataclasses.fields(cls))
 
 
 def default_cache_dir() -> Path:
@@ -29,7 +129,7 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "lyra"
 
 
-@dataclass
+@config_dataclass
 class TextConfig:
     """The Qwen2-VL language model (a Qwen2 decoder with M-RoPE)."""
 
@@ -51,7 +151,7 @@ class TextConfig:
         return self.hidden_size // self.num_attention_heads
 
 
-@dataclass
+@config_dataclass
 class VisionConfig:
     """The Qwen2-VL ViT; `out_hidden_size` is the LLM width its patch merger maps to."""
 
@@ -65,7 +165,7 @@ class VisionConfig:
     in_channels: int = 3
 
 
-@dataclass
+@config_dataclass
 class AudioEncoderConfig:
     """A Whisper encoder (openai-whisper `ModelDimensions` names).
 
@@ -82,7 +182,7 @@ class AudioEncoderConfig:
     checkpoint: str | None = None
 
 
-@dataclass
+@config_dataclass
 class ProjectorConfig:
     """Concatenate `frames_per_token` encoder frames, then Linear -> ReLU -> Linear."""
 
@@ -90,7 +190,7 @@ class ProjectorConfig:
     hidden_size: int = 2048
 
 
-@dataclass
+@config_dataclass
 class SpeechConfig:
     encoder: AudioEncoderConfig = field(default_factory=AudioEncoderConfig)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
@@ -101,7 +201,7 @@ class SpeechConfig:
     frozen_encoder_cache_mib: float = 0.0  # >0: reuse encoder outputs for repeated audio (frozen encoder, or no grad)
 
 
-@dataclass
+@config_dataclass
 class SoundConfig:
     """Sound events (AudioCaps-style clips): own projector and `<sound>` placeholder.
 
@@ -115,7 +215,7 @@ class SoundConfig:
     max_seconds: float = 30.0
 
 
-@dataclass
+@config_dataclass
 class TokenIds:
     """Ids of the special tokens in the tokenizer the model was trained with."""
 
@@ -129,7 +229,7 @@ class TokenIds:
     sound: int = 151658  # <|sound_pad|>, Lyra's own
 
 
-@dataclass
+@config_dataclass
 class LMMEConfig:
     """Latent multi-modality extractor: prune context tokens between LLM layer blocks."""
 
@@ -153,7 +253,7 @@ class LMMEConfig:
         return config
 
 
-@dataclass
+@config_dataclass
 class LCMRConfig:
     """Latent cross-modality regulariser: soft-DTW between speech tokens and transcript."""
 
@@ -171,7 +271,7 @@ UNIT_KINDS = {
 }
 
 
-@dataclass
+@config_dataclass
 class SpeechGeneratorConfig:
     """CTC speech-unit generator on the LLM's hidden states (after LLaMA-Omni)."""
 
@@ -192,7 +292,7 @@ class SpeechGeneratorConfig:
     vocoder: str | None = None
 
 
-@dataclass
+@config_dataclass
 class LyraConfig:
     name: str = "custom"
     text: TextConfig = field(default_factory=TextConfig)
@@ -258,67 +358,21 @@ class LyraConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> "LyraConfig":
-        return dataclass_from_dict(cls, data, source, prefix="")
-
-
-def dataclass_from_dict(cls: type, data: Any, source: str, prefix: str = "") -> Any:
-    """Recursively build dataclass `cls` from a mapping, rejecting unknown keys."""
-    if not isinstance(data, dict):
-        raise ValueError(f"{source}: expected a mapping for '{prefix or 'config'}', got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        where = f"'{prefix}'" if prefix else "the top level"
-        raise ValueError(f"{source}: unknown key(s) {unknown} in {where}; allowed: {sorted(known)}")
-    kwargs = {}
-    for key, value in data.items():
-        target = _dataclass_in(hints[key])
-        if target is not None and value is not None:
-            kwargs[key] = dataclass_from_dict(target, value, source, f"{prefix}.{key}" if prefix else key)
-        else:
-            kwargs[key] = value
-    return cls(**kwargs)
-
-
-def _dataclass_in(hint: Any) -> type | None:
-    """The dataclass type inside a hint such as `X` or `X | None`, else None."""
-    if dataclasses.is_dataclass(hint):
-        return hint
-    for arg in typing.get_args(hint):
-        if dataclasses.is_dataclass(arg):
-            return arg
-    return None
+        return build_config(cls, data, source)
 
 
 def available_presets() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    return sorted(entry.name.removesuffix(".yaml") for entry in PRESETS.iterdir() if entry.name.endswith(".yaml"))
 
 
-def load_config(name_or_path: str | Path, overrides: dict[str, Any] | None = None) -> LyraConfig:
-    """Load a preset by name (`tiny`, `nano`, `mini`, `base`, `pro`) or a YAML file path."""
+def load_config(name_or_path: str | Path, overrides: Mapping[str, Any] | None = None) -> LyraConfig:
+    """Load a preset by name (`tiny`, `nano`, `mini`, `base`, `pro`) or a YAML file path;
+    `overrides` are dotted keys (`{"text.hidden_size": 64}`)."""
     path = Path(name_or_path)
-    if path.suffix not in (".yaml", ".yml"):
-        path = PRESET_DIR / f"{name_or_path}.yaml"
-        if not path.is_file():
-            raise ValueError(
-                f"unknown model preset '{name_or_path}'; available: {available_presets()} "
-                f"(or pass the path of a YAML config file)"
-            )
-    elif not path.is_file():
-        raise FileNotFoundError(f"model config file not found: {path}")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
-    if overrides:
-        data = _deep_merge(data, overrides)
-    return LyraConfig.from_dict(data, source=str(path))
-
-
-def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
+    if path.suffix in (".yaml", ".yml"):
+        return load_yaml_config(LyraConfig, path, overrides)
+    preset = PRESETS / f"{name_or_path}.yaml"
+    if not preset.is_file():
+        raise ConfigError(f"unknown model preset '{name_or_path}'; available: {available_presets()} "
+                          f"(or pass the path of a YAML config file)")
+    return load_yaml_config(LyraConfig, preset, overrides)

@@ -43,9 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="outputs/bench_speech_output.json")
     args = parser.parse_args(argv)
 
-    from lyra.data.nano_task import all_answers
+    from lyra.nano.task import all_answers
     from lyra.eval.heard import WhisperJudge
-    from lyra.eval.nano import prompt_for_turn, variant_of
+    from lyra.nano.evaluate import prompt_for_turn, variant_of
     from lyra.eval.speech_output import speak_and_judge, summarize
     from lyra.inference import Assistant, Media, attach_vocoder, load_model
 

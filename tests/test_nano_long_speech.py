@@ -1,4 +1,4 @@
-"""Long-speech records for the nano stage 3 (lyra/data/nano_long_speech.py), real TTS chatter."""
+"""Long-speech records for the nano stage 3 (lyra/nano/long_speech.py), real TTS chatter."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from lyra.data.audio import SAMPLE_RATE, load_audio
-from lyra.data.nano_long_speech import LongSpeechSpec, build_long_speech
-from lyra.data.nano_task import NanoTask, NanoTaskSpec
+from lyra.nano.long_speech import LongSpeechSpec, build_long_speech
+from lyra.nano.task import NanoTask, NanoTaskSpec
 from lyra.data.audio import write_wav
 
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng speaks the chatter")

@@ -1,4 +1,4 @@
-"""The nano task generator (lyra/data/nano_task.py) and the demo's build cache (lyra/train/nano.py).
+"""The nano task generator (lyra/nano/task.py) and the demo's build cache (lyra/nano/pipeline.py).
 
 Small specs and no TTS, so the whole file runs in seconds; the full nano model is never trained here.
 """
@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from lyra.data import nano_task
-from lyra.data.nano_task import (
+from lyra.nano.task import (
     COLOURS,
     DISTRACTOR_INKS,
     HELD_OUT_OBJECTS,
@@ -78,7 +78,7 @@ def test_the_split_is_by_content(task):
 
 
 def test_distractor_signs_are_read_but_never_asked_their_ink(task):
-    from lyra.train.nano_vision import image_targets
+    from lyra.nano.vision import image_targets
 
     media = task.media()
     distractors = {p: c for p, c in media.items() if c["kind"] == "sign" and c["ink"] not in COLOURS}
@@ -170,8 +170,8 @@ def test_records_load_through_the_training_dataset(task):
 
 def test_build_hash_decides_reuse(task, tmp_path):
     from lyra.train import nano
-    from lyra.train.nano_sound import SoundPretrainConfig
-    from lyra.train.nano_vision import VisionPretrainConfig
+    from lyra.nano.sound import SoundPretrainConfig
+    from lyra.nano.vision import VisionPretrainConfig
 
     configs = nano.phase_configs(task, tmp_path / "runs", seed=0)
     wanted = nano.build_hash(task, configs, VisionPretrainConfig())
@@ -199,7 +199,7 @@ def test_build_hash_decides_reuse(task, tmp_path):
 
 
 def test_vision_targets_follow_the_scene():
-    from lyra.train.nano_vision import EMPTY_COLOUR, EMPTY_SHAPE, image_targets
+    from lyra.nano.vision import EMPTY_COLOUR, EMPTY_SHAPE, image_targets
 
     content = {"kind": "scene", "objects": [{"colour": "blue", "shape": "cross", "cell": 0},
                                             {"colour": "blue", "shape": "cross", "cell": 8}]}
@@ -217,7 +217,7 @@ def test_vision_pretraining_learns_the_cells(task):
 
     from lyra.config import load_config
     from lyra.model.lyra import LyraForConditionalGeneration
-    from lyra.train.nano_vision import VisionPretrainConfig, pretrain_vision
+    from lyra.nano.vision import VisionPretrainConfig, pretrain_vision
 
     torch.manual_seed(0)
     config = load_config("nano", {"text": {"vocab_size": 1024}, "tokens": load_config("tiny").tokens.__dict__})
@@ -230,7 +230,7 @@ def test_vision_pretraining_learns_the_cells(task):
 
 
 def test_sound_labels_follow_the_class():
-    from lyra.train.nano_sound import KINDS, NO_LABEL, clip_labels
+    from lyra.nano.sound import KINDS, NO_LABEL, clip_labels
 
     assert clip_labels("beep3_low") == (KINDS.index("beep"), 2, 0)
     assert clip_labels("beep1_high") == (KINDS.index("beep"), 0, 1)
@@ -248,7 +248,7 @@ def test_sound_pretraining_separates_held_out_clips(task):
     from lyra.config import load_config
     from lyra.model.lyra import LyraForConditionalGeneration
     from lyra.model.speech import FrameCache
-    from lyra.train.nano_sound import SoundPretrainConfig, pretrain_sound
+    from lyra.nano.sound import SoundPretrainConfig, pretrain_sound
 
     torch.manual_seed(0)
     config = load_config("nano", {"text": {"vocab_size": 1024}, "tokens": load_config("tiny").tokens.__dict__})

@@ -1,19 +1,22 @@
 """Typed training configuration, one YAML per stage and size in `configs/train/`.
 
-Defaults follow the paper's Table 7. YAML is strict: an unknown key is an error naming
-it. The resolved configuration is written next to every run as `train_config.yaml`.
+Defaults follow the paper's Table 7. YAML is strict (lyra/config.py): an unknown key or a value
+of the wrong type is an error naming it; overrides are dotted (`--set optim.lr=1e-4`). The
+resolved configuration is written next to every run as `train_config.yaml`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import field
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from lyra.config import dataclass_from_dict
+from lyra.config import ConfigError, config_dataclass, load_yaml_config
 from lyra.utils.io import atomic_write_text
 
 STAGES = {
@@ -25,7 +28,7 @@ STAGES = {
 }
 
 
-@dataclass
+@config_dataclass
 class DataSection:
     path: str = ""  # LLaVA-style JSON / JSONL
     root: str | None = None  # base of relative media paths (default: the JSON's folder)
@@ -39,7 +42,7 @@ class DataSection:
     workers: int = 2
 
 
-@dataclass
+@config_dataclass
 class TrainableSection:
     """What a stage trains; everything else is frozen."""
 
@@ -54,7 +57,7 @@ class TrainableSection:
     speech_generator: bool = False
 
 
-@dataclass
+@config_dataclass
 class OptimSection:
     lr: float = 2e-4
     projector_lr: float | None = None  # None: same as lr
@@ -69,7 +72,7 @@ class OptimSection:
     adam_beta2: float = 0.999  # lower (0.98) for short runs from scratch: the step size adapts faster
 
 
-@dataclass
+@config_dataclass
 class TrainConfig:
     stage: int = 1
     model: str = "tiny"  # a preset, or a checkpoint directory
@@ -107,19 +110,16 @@ class TrainConfig:
             raise ValueError(f"stage {self.stage} starts from stage {self.stage - 1}'s output: set init_from")
 
 
-def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    path = Path(path)
-    if not path.is_file():
+def load_train_config(path: str | Path | Traversable, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
+    """A stage's config from its YAML with dotted `overrides` (`{"optim.lr": 1e-4}`), checked."""
+    source = Path(path) if isinstance(path, str) else path
+    if not source.is_file():
         raise FileNotFoundError(f"training config not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
-    for dotted, value in (overrides or {}).items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    config = dataclass_from_dict(TrainConfig, data, source=str(path))
-    config.validate()
+    config = load_yaml_config(TrainConfig, source, overrides)
+    try:
+        config.validate()
+    except ValueError as error:
+        raise ConfigError(f"{path}: {error}") from None
     return config
 
 

@@ -18,9 +18,8 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
 
-from lyra.config import LMMEConfig, load_config
+from lyra.config import LMMEConfig, load_config, parse_overrides
 from lyra.data.dataset import BadSampleTracker, LyraCollator, LyraDataset
 from lyra.data.vision import VisionLimits
 from lyra.memory import keep_freed_memory
@@ -149,13 +148,10 @@ def run(stage: int, argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not torch.cuda.is_available():
         keep_freed_memory()  # CPU training: no page faults on every large tensor (lyra/memory.py)
-    overrides = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        overrides[key] = yaml.safe_load(value)
-    if args.output_dir:
-        overrides["output_dir"] = args.output_dir
     try:
+        overrides = parse_overrides(args.set)
+        if args.output_dir:
+            overrides["output_dir"] = args.output_dir
         config = load_train_config(args.config, overrides)
         if config.stage != stage:
             raise ValueError(f"{args.config} is a stage-{config.stage} config; run scripts/train_stage{config.stage}.py")

@@ -1,14 +1,14 @@
 """Lyra-Nano's training pipeline: the nano task's data, two pretraining phases, then four through the one recipe.
 
     phase  config                          trains                                  data
-    vision configs/train/nano_vision.yaml  ViT from scratch, on generator labels   training images
-    sound  configs/train/nano_sound.yaml   sound projector, on generator labels    training sound clips
-    base   configs/train/nano_base.yaml    LLM (scratch) + ViT (+ sound projector)  text questions, sounds
-    stage1 configs/train/nano_stage1.yaml  speech projector (+ LCMR)               spoken questions
-    stage2 configs/train/nano_stage2.yaml  "speech" MLoRA adapter + projector      multi-turn, one spoken
-    stage4 configs/train/nano_stage4.yaml  CTC speech generator (Piper phonemes)    one question, answer units
+    vision lyra/nano/configs/vision.yaml  ViT from scratch, on generator labels   training images
+    sound  lyra/nano/configs/sound.yaml   sound projector, on generator labels    training sound clips
+    base   lyra/nano/configs/base.yaml    LLM (scratch) + ViT (+ sound projector)  text questions, sounds
+    stage1 lyra/nano/configs/stage1.yaml  speech projector (+ LCMR)               spoken questions
+    stage2 lyra/nano/configs/stage2.yaml  "speech" MLoRA adapter + projector      multi-turn, one spoken
+    stage4 lyra/nano/configs/stage4.yaml  CTC speech generator (Piper phonemes)    one question, answer units
 
-The vision and sound phases are `lyra.train.nano_vision` and `lyra.train.nano_sound`
+The vision and sound phases are `lyra.nano.vision` and `lyra.nano.sound`
 (pretraining loops with throw-away linear heads) on one fresh model, saved after the sound phase
 with its ViT and sound projector pretrained; the base phase starts there.
 Every later phase is `lyra.train.recipe.build_trainer` + `train` on its YAML, with the data path,
@@ -18,7 +18,7 @@ is copied to `out/model` with `out/model/nano_build.json`, whose `hash` (of the 
 generated data, the model preset and the resolved training configs) decides whether a later
 run may reuse it instead of training again.
 
-    python -m lyra.train.nano [--out outputs/nano] [--seed 0] [--force]
+    python -m lyra.nano.pipeline [--out outputs/nano] [--seed 0] [--force]
 """
 
 from __future__ import annotations
@@ -31,20 +31,27 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-from lyra.config import PRESET_DIR, REPO_ROOT
-from lyra.data.nano_task import NanoTask, NanoTaskSpec, build_nano_task
+from lyra.config import PRESETS
 from lyra.memory import keep_freed_memory
+from lyra.nano.task import NanoTask, NanoTaskSpec, build_nano_task
 from lyra.utils.io import atomic_directory
 
-CONFIG_DIR = REPO_ROOT / "configs" / "train"
+CONFIGS = files("lyra.nano") / "configs"  # shipped with the package
 PHASES = ("base", "stage1", "stage2", "stage4")
-PHASE_CONFIGS = {phase: CONFIG_DIR / f"nano_{phase}.yaml" for phase in (*PHASES, "stage3")}  # stage 3: reproduce (d)
-VISION_CONFIG = CONFIG_DIR / "nano_vision.yaml"
-SOUND_CONFIG = CONFIG_DIR / "nano_sound.yaml"
+PHASE_CONFIGS = {phase: CONFIGS / f"{phase}.yaml" for phase in (*PHASES, "stage3")}  # stage 3: reproduce (d)
+VISION_CONFIG = CONFIGS / "vision.yaml"
+SOUND_CONFIG = CONFIGS / "sound.yaml"
 BUILD_FILE = "nano_build.json"
+DEFAULT_OUT = Path("outputs") / "nano"
+
+
+def config_name(config) -> str:
+    """How a phase's packaged config is shown: its path in the source tree."""
+    return f"lyra/nano/configs/{config.name}"
 
 
 @dataclass
@@ -90,7 +97,7 @@ def build_hash(task: NanoTask, configs: dict[str, Any], vision=None, sound=None)
     blob = {
         "task_spec": task.manifest["spec_hash"],
         "task_data": task.manifest["data_hash"],
-        "model_preset": hashlib.sha256((PRESET_DIR / "nano.yaml").read_bytes()).hexdigest(),
+        "model_preset": hashlib.sha256((PRESETS / "nano.yaml").read_bytes()).hexdigest(),
         "vision": dataclasses.asdict(vision) if vision is not None else None,
         "sound": dataclasses.asdict(sound) if sound is not None else None,
         "phases": {phase: settings(config) for phase, config in configs.items()},
@@ -112,16 +119,16 @@ def cached_build(model_dir: Path, wanted_hash: str) -> dict[str, Any] | None:
 
 def run_encoder_phases(task: NanoTask, output_dir: Path, vision, sound, seed: int = 0, progress: bool = True,
                        frame_cache=None) -> list[PhaseReport]:
-    """A fresh nano model whose ViT (lyra/train/nano_vision.py), then sound projector
-    (lyra/train/nano_sound.py) are pretrained, saved to `output_dir/final` with the tokenizer
+    """A fresh nano model whose ViT (lyra/nano/vision.py), then sound projector
+    (lyra/nano/sound.py) are pretrained, saved to `output_dir/final` with the tokenizer
     for the base phase to start from. The sound phase fills `frame_cache`."""
     from transformers import set_seed
 
     from lyra.config import load_config
     from lyra.model.lyra import LyraForConditionalGeneration
     from lyra.tokenizer import load_tokenizer
-    from lyra.train.nano_sound import pretrain_sound
-    from lyra.train.nano_vision import pretrain_vision
+    from lyra.nano.sound import pretrain_sound
+    from lyra.nano.vision import pretrain_vision
 
     set_seed(seed)
     model_config = load_config("nano")
@@ -131,7 +138,7 @@ def run_encoder_phases(task: NanoTask, output_dir: Path, vision, sound, seed: in
     reports = []
     for phase, pretrain, config, config_file in (("vision", pretrain_vision, vision, VISION_CONFIG),
                                                  ("sound", pretrain_sound, sound, SOUND_CONFIG)):
-        print(f"\n==> nano {phase}: {config_file.relative_to(REPO_ROOT)}", flush=True)
+        print(f"\n==> nano {phase}: {config_name(config_file)}", flush=True)
         wall, cpu = time.perf_counter(), time.process_time()
         report = pretrain(model, task, config, seed=seed, progress=progress)
         print(f"{phase} probes on held-out media: {report['held_out_probe_accuracy_after']}", flush=True)
@@ -148,7 +155,7 @@ def run_phase(phase: str, config, frame_cache=None) -> PhaseReport:
     from lyra.train.recipe import build_trainer, train
 
     wall, cpu = time.perf_counter(), time.process_time()
-    print(f"\n==> nano {phase}: {PHASE_CONFIGS[phase].relative_to(REPO_ROOT)} -> {config.output_dir}", flush=True)
+    print(f"\n==> nano {phase}: {config_name(PHASE_CONFIGS[phase])} -> {config.output_dir}", flush=True)
     trainer = build_trainer(config)
     if frame_cache is not None:
         trainer.model.frame_cache = frame_cache
@@ -178,7 +185,7 @@ def publish(final_dir: Path, model_dir: Path, record: dict[str, Any]) -> None:
         (staging / BUILD_FILE).write_text(json.dumps(record, indent=1) + "\n")
 
 
-def train_nano(out: str | Path = REPO_ROOT / "outputs" / "nano", spec: NanoTaskSpec | None = None, seed: int = 0,
+def train_nano(out: str | Path = DEFAULT_OUT, spec: NanoTaskSpec | None = None, seed: int = 0,
                force: bool = False, frame_cache=None, progress: bool = True) -> tuple[Path, dict[str, Any], bool]:
     """Generate the task and train every phase, unless `out/model` already holds this build.
 
@@ -188,10 +195,8 @@ def train_nano(out: str | Path = REPO_ROOT / "outputs" / "nano", spec: NanoTaskS
     started = time.perf_counter()
     task = build_nano_task(out / "data", spec or NanoTaskSpec(), progress=progress)
     data_seconds = time.perf_counter() - started
-    from lyra.train.nano_sound import load_sound_config
-    from lyra.train.nano_vision import load_vision_config
-
-    vision, sound = load_vision_config(VISION_CONFIG), load_sound_config(SOUND_CONFIG)
+    vision = load_yaml_config(VisionPretrainConfig, VISION_CONFIG)
+    sound = load_yaml_config(SoundPretrainConfig, SOUND_CONFIG)
     encoders_dir = out / "runs" / "encoders"
     configs = phase_configs(task, out / "runs", seed, init_from=str(encoders_dir / "final"))
     wanted = build_hash(task, configs, vision, sound)
@@ -207,8 +212,8 @@ def train_nano(out: str | Path = REPO_ROOT / "outputs" / "nano", spec: NanoTaskS
         "hash": wanted, "seed": seed, "task": task.manifest,
         "data_seconds": round(data_seconds, 1),
         "phases": [dataclasses.asdict(r) for r in reports],
-        "configs": {"vision": str(VISION_CONFIG.relative_to(REPO_ROOT)), "sound": str(SOUND_CONFIG.relative_to(REPO_ROOT)),
-                    **{phase: str(PHASE_CONFIGS[phase].relative_to(REPO_ROOT)) for phase in PHASES}},
+        "configs": {"vision": config_name(VISION_CONFIG), "sound": config_name(SOUND_CONFIG),
+                    **{phase: config_name(PHASE_CONFIGS[phase]) for phase in PHASES}},
         "trained_at": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     publish(Path(configs[PHASES[-1]].output_dir) / "final", model_dir, record)
@@ -216,9 +221,9 @@ def train_nano(out: str | Path = REPO_ROOT / "outputs" / "nano", spec: NanoTaskS
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lyra.train.nano", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m lyra.nano.pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(REPO_ROOT / "outputs" / "nano"))
+    parser.add_argument("--out", default=str(DEFAULT_OUT))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="train again even if the build hash matches")
     args = parser.parse_args(argv)

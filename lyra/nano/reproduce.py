@@ -1,6 +1,6 @@
 """`make reproduce-nano`: the paper's claims in miniature, on Lyra-Nano and the nano task.
 
-Starts from the demo's build (`python -m lyra.demo`, trained here if missing) and writes
+Starts from the demo's build (`python -m lyra.nano.demo`, trained here if missing) and writes
 docs/nano_results.md (tables, with the command that made each) and a JSON of every number:
 
   (a) Table 3 -- stage 1 with CE only vs CE + lambda * LCMR: spoken- vs text-question accuracy;
@@ -12,7 +12,7 @@ docs/nano_results.md (tables, with the command that made each) and a JSON of eve
 (a) and (b) retrain the stage over `--seeds` and report mean and spread; seed 0 of the
 paper's setting (LCMR on, MLoRA) is the demo's own run.
 
-    python scripts/reproduce_nano.py [--out outputs/nano] [--seeds 0,1,2] [--doc docs/nano_results.md]
+    python -m lyra.nano.reproduce [--out outputs/nano] [--seeds 0,1,2] [--doc docs/nano_results.md]
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ import time
 from pathlib import Path
 
 from lyra.config import REPO_ROOT, LMMEConfig
-from lyra.data.nano_task import NanoTaskSpec, build_nano_task
+from lyra.nano.task import NanoTaskSpec, build_nano_task
 from lyra.memory import keep_freed_memory
 
-COMMAND = "python scripts/reproduce_nano.py"
+COMMAND = "python -m lyra.nano.reproduce"
 
 
 def mean_spread(values: list[float]) -> str:
@@ -43,7 +43,7 @@ def mean_spread(values: list[float]) -> str:
 
 
 def evaluate(model_dir: Path, task, cache, variants: tuple[str, ...]) -> dict:
-    from lyra.eval.nano import evaluate_nano
+    from lyra.nano.evaluate import evaluate_nano
     from lyra.inference import load_model
 
     model, tokenizer, _ = load_model(str(model_dir), device="cpu", dtype="fp32")
@@ -54,7 +54,7 @@ def evaluate(model_dir: Path, task, cache, variants: tuple[str, ...]) -> dict:
 
 def train_variant(task, runs: Path, phase: str, seed: int, init_from: str, overrides: dict, cache) -> Path:
     """One phase, trained once per (name, seed): reused when its `final/` exists."""
-    from lyra.train.nano import phase_configs, run_phase
+    from lyra.nano.pipeline import phase_configs, run_phase
 
     config = phase_configs(task, runs, seed, {phase: overrides}, phases=(phase,), init_from=init_from)[phase]
     final = Path(config.output_dir) / "final"
@@ -66,7 +66,7 @@ def train_variant(task, runs: Path, phase: str, seed: int, init_from: str, overr
 def lcmr_ablation(task, out: Path, work: Path, seeds: list[int], cache) -> dict:
     """Stage 1 from the demo's base model with lambda = 0 and the config's lambda."""
     from lyra.train.config import load_train_config
-    from lyra.train.nano import PHASE_CONFIGS
+    from lyra.nano.pipeline import PHASE_CONFIGS
 
     weight = load_train_config(PHASE_CONFIGS["stage1"]).lcmr_weight
     base = str(out / "runs" / "base" / "final")
@@ -111,7 +111,7 @@ def mlora_ablation(task, out: Path, work: Path, seeds: list[int], cache, full_lr
 
 
 def lmme_comparison(task, model_dir: Path, cache, limit: int) -> dict:
-    from lyra.eval.nano import generate_answers
+    from lyra.nano.evaluate import generate_answers
     from lyra.inference import load_model
 
     model, tokenizer, _ = load_model(str(model_dir), device="cpu", dtype="fp32")
@@ -139,10 +139,10 @@ def background_speech() -> Path:
 
 def long_speech_stage(task, work: Path, model_dir: Path, cache) -> tuple[Path, dict]:
     """Stage 3 from the demo model: the "long_speech" adapter on questions hidden in chatter
-    (lyra/data/nano_long_speech.py); reused while its config, data spec and the build match."""
-    from lyra.data.nano_long_speech import LongSpeechSpec, build_long_speech
+    (lyra/nano/long_speech.py); reused while its config, data spec and the build match."""
+    from lyra.nano.long_speech import LongSpeechSpec, build_long_speech
     from lyra.train.config import load_train_config
-    from lyra.train.nano import PHASE_CONFIGS, run_phase
+    from lyra.nano.pipeline import PHASE_CONFIGS, run_phase
 
     spec = LongSpeechSpec()
     data = build_long_speech(task, spec)
@@ -224,12 +224,12 @@ def write_doc(path: Path, report: dict, argv: str) -> None:
         "",
         f"Made by `{argv}` in {report['seconds'] / 60:.1f} min on {report['machine']}. Model: the demo's build "
         f"`{report['build']}` (`make demo`); every number is held-out accuracy (exact match of the greedy answer) "
-        "on content never seen in training (lyra/data/nano_task.py). Image questions = colour, shape, count, "
+        "on content never seen in training (lyra/nano/task.py). Image questions = colour, shape, count, "
         "word, ink. Spread is the standard deviation over seeds.",
         "",
         "## (a) LCMR (paper Table 3): stage 1 with and without the latent cross-modality regularizer",
         "",
-        f"Stage 1 (speech projector only, `configs/train/nano_stage1.yaml`) from the same base model, seeds "
+        f"Stage 1 (speech projector only, `lyra/nano/configs/stage1.yaml`) from the same base model, seeds "
         f"{report['seeds']}. Text questions go through the frozen base LLM: {100 * a['text_image_accuracy']:.1f} %.",
         "",
         "| stage 1 loss | spoken, training voices | spoken, held-out voice | gap to text (training voices) |",
@@ -244,7 +244,7 @@ def write_doc(path: Path, report: dict, argv: str) -> None:
         "",
         "## (b) MLoRA vs full fine-tune (paper Table 6): is image-text ability kept?",
         "",
-        f"Stage 2 (`configs/train/nano_stage2.yaml`) from the same stage-1 model, seeds {report['seeds']}. "
+        f"Stage 2 (`lyra/nano/configs/stage2.yaml`) from the same stage-1 model, seeds {report['seeds']}. "
         f"The base model answers text questions about images at {100 * b['base_text']:.1f} %. With MLoRA, "
         "text requests run with the adapter off, so they are the base model's answers by construction.",
         "",
@@ -277,9 +277,9 @@ def write_doc(path: Path, report: dict, argv: str) -> None:
         f"(pyannote.audio's sample, cycled), and asked together with its held-out image; {d['samples']} questions "
         "per cell, heard through one MLoRA adapter for the whole grid. The demo model's \"speech\" adapter "
         "only ever trained on spoken questions alone in one 30 s window. Stage 3 "
-        "(`configs/train/nano_stage3.yaml`, from the demo model) trains the \"long_speech\" adapter on "
+        "(`lyra/nano/configs/stage3.yaml`, from the demo model) trains the \"long_speech\" adapter on "
         f"{long['training']['records']} training questions hidden in {long['training']['seconds'][0]:g}-"
-        f"{long['training']['seconds'][1]:g} s of TTS chatter (`lyra/data/nano_long_speech.py`) and "
+        f"{long['training']['seconds'][1]:g} s of TTS chatter (`lyra/nano/long_speech.py`) and "
         f"{long['training']['clean_records']} of stage 2's records, {long['training']['epochs']} epoch(s); the real "
         "call is never trained on.",
     ]
@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     seeds = [int(s) for s in args.seeds.split(",")]
 
-    from lyra.train.nano import shared_frame_cache, train_nano
+    from lyra.nano.pipeline import shared_frame_cache, train_nano
 
     model_dir, build, _ = train_nano(out)
     task = build_nano_task(out / "data", NanoTaskSpec())

@@ -1,4 +1,4 @@
-"""Held-out accuracy on the nano task (lyra/data/nano_task.py), per question type, for text and
+"""Held-out accuracy on the nano task (lyra/nano/task.py), per question type, for text and
 spoken questions.
 
 A question counts as right when greedy decoding reproduces the answer exactly, `<|im_end|>`
@@ -58,7 +58,7 @@ class Accuracy:
                    and not (image_only and k[1] == "sound"))
 
     def types(self) -> list[str]:
-        from lyra.data.nano_task import QUESTION_TYPES
+        from lyra.nano.task import QUESTION_TYPES
 
         return [t for t in QUESTION_TYPES if any(k[1] == t for k in self.asked)]
 

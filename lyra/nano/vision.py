@@ -12,7 +12,7 @@ are used; held-out colour x shape pairs and word x ink pairs never appear. (With
 label, count was the base phase's most fragile skill: 94 % held-out in one run, 33 % in the
 next after an unrelated change.)
 
-    config = load_vision_config("configs/train/nano_vision.yaml")
+    config = load_yaml_config(VisionPretrainConfig, VISION_CONFIG)  # lyra/nano/configs/vision.yaml
     report = pretrain_vision(model, task, config)  # trains model.backbone.model.visual in place
 """
 
@@ -27,13 +27,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lyra.data.nano_task import COLOURS, NUMBERS, SHAPES, WORDS, NanoTask
+from lyra.nano.task import COLOURS, NUMBERS, SHAPES, WORDS, NanoTask
 from lyra.data.vision import VisionLimits, VisionProcessor, load_image
 
 EMPTY_COLOUR, EMPTY_SHAPE = len(COLOURS), len(SHAPES)  # the "nothing in this cell" classes
 
 
-@dataclass
+@config_dataclass
 class VisionPretrainConfig:
     steps: int = 400
     batch_size: int = 32  # images per step, half scenes and half signs
@@ -41,21 +41,6 @@ class VisionPretrainConfig:
     warmup_steps: int = 20
     image_max_pixels: int = 7056  # 84 x 84: 3 x 3 merged tokens
     eval_images: int = 200  # held-out images for the probe accuracies in the report
-
-
-def load_phase_config(cls: type, path: str | Path, overrides: dict[str, Any] | None = None):
-    """A pretraining phase's dataclass `cls` from its YAML (unknown keys are errors)."""
-    import yaml
-
-    from lyra.config import dataclass_from_dict
-
-    values = yaml.safe_load(Path(path).read_text()) or {}
-    values.update(overrides or {})
-    return dataclass_from_dict(cls, values, str(path))
-
-
-def load_vision_config(path: str | Path, overrides: dict[str, Any] | None = None) -> VisionPretrainConfig:
-    return load_phase_config(VisionPretrainConfig, path, overrides)
 
 
 def warmup_cosine(step: int, steps: int, warmup_steps: int) -> float:

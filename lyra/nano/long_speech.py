@@ -5,7 +5,7 @@ training voice) whose recording is hidden at a random depth in tens of seconds o
 everyday sentences that mention nothing the task asks about, read by the training voices in
 turn, like a conversation. The model learns to find the one question in long speech and answer
 it (stage-2 records are mixed in: the adapter starts from the base LLM, so it learns spoken
-questions too); `scripts/reproduce_nano.py` (d) then hides held-out questions in a real recorded call it
+questions too); `python -m lyra.nano.reproduce` (d) then hides held-out questions in a real recorded call it
 never heard. Built under `<task root>/long_speech/` (records: `long_speech.json`), reused while
 the task and spec match.
 """
@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from lyra.data.audio import SAMPLE_RATE, load_audio, write_wav
-from lyra.data.nano_task import HELD_OUT_VOICE, VOICES, NanoTask
+from lyra.nano.task import HELD_OUT_VOICE, VOICES, NanoTask
 from lyra.utils.io import atomic_write_json
 
 # No colours, shapes, counts, sign words or sounds, and no questions: the needle is the only one.

@@ -11,7 +11,7 @@ away. The clips' encoder frames go into the shared frame cache, so the base phas
 does not encode them again. Held-out clips (pitches and lengths no training clip has) are only
 scored.
 
-    config = load_sound_config("configs/train/nano_sound.yaml")
+    config = load_yaml_config(SoundPretrainConfig, SOUND_CONFIG)  # lyra/nano/configs/sound.yaml
     report = pretrain_sound(model, task, config)  # trains model.sound_projector in place
 """
 
@@ -26,24 +26,20 @@ import torch
 import torch.nn.functional as F
 
 from lyra.data.audio import load_audio
-from lyra.data.nano_task import SOUNDS, NanoTask
-from lyra.train.nano_vision import load_phase_config, warmup_cosine
+from lyra.nano.task import SOUNDS, NanoTask
+from lyra.nano.vision import warmup_cosine
 
 KINDS = ("beep", "rise", "fall", "noise")
 PITCHES = ("low", "high")
 NO_LABEL = -100  # the count and pitch of a sweep or a noise burst
 
 
-@dataclass
+@config_dataclass
 class SoundPretrainConfig:
     steps: int = 80
     batch_size: int = 16  # clips per step
     lr: float = 2.0e-3
     warmup_steps: int = 8
-
-
-def load_sound_config(path: str | Path, overrides: dict[str, Any] | None = None) -> SoundPretrainConfig:
-    return load_phase_config(SoundPretrainConfig, path, overrides)
 
 
 def clip_labels(sound_class: str) -> tuple[int, int, int]:

@@ -1,9 +1,9 @@
 """`make demo`: train Lyra-Nano on the nano task, measure it, then talk with it.
 
-1. generate the nano task (lyra/data/nano_task.py; cached in outputs/nano/data);
+1. generate the nano task (lyra/nano/task.py; cached in outputs/nano/data);
 2. train the nano model: ViT and sound-projector pretraining, the base phase from scratch,
    stage 1 (speech projector + LCMR), stage 2 (MLoRA), stage 4 (the speech generator, on the
-   Piper voice's phonemes) -- lyra/train/nano.py, cached: a second run whose task and configs
+   Piper voice's phonemes) -- lyra/nano/pipeline.py, cached: a second run whose task and configs
    hash the same reuses outputs/nano/model and trains nothing;
 3. measure held-out accuracy per question type, for text and for spoken questions, and stop
    with an error when it falls below `ACCURACY_FLOOR`;
@@ -13,7 +13,7 @@
    says what it hears in each wav, free and as a choice among the task's answers;
 5. write outputs/nano/demo_transcript.md (and .json) with everything it did.
 
-    python -m lyra.demo [--out outputs/nano] [--retrain] [--seed 0]
+    python -m lyra.nano.demo [--out outputs/nano] [--retrain] [--seed 0]
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ ACCURACY_FLOOR = {"text": 0.80, "speech": 0.75}
 SPOKEN_QUESTIONS = 3
 HEADLINE = ("Held-out = images and sound clips whose content never occurs in training (colour x shape and "
             "word x ink pairs, sound pitches and lengths held out); spoken questions are read by the training "
-            "voices (scripts/reproduce_nano.py also scores a voice never trained on).")
+            "voices (python -m lyra.nano.reproduce also scores a voice never trained on).")
 
 
 def step(message: str) -> None:
@@ -78,7 +78,7 @@ def talk(model_dir: Path, model, tokenizer, task, out: Path, seed: int) -> list[
     import soundfile as sf
 
     from lyra.data.audio import load_audio
-    from lyra.data.nano_task import all_answers
+    from lyra.nano.task import all_answers
     from lyra.eval.heard import WhisperJudge
     from lyra.inference import Assistant, GenerationOptions, Media, attach_vocoder
 
@@ -120,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     out = Path(args.out)
 
-    from lyra.data.nano_task import NanoTaskSpec, build_nano_task
-    from lyra.train.nano import shared_frame_cache, train_nano
+    from lyra.nano.task import NanoTaskSpec, build_nano_task
+    from lyra.nano.pipeline import shared_frame_cache, train_nano
 
     step("1/5 the nano task: generated scenes, signs, sound clips and spoken questions (cached)")
     tick = time.perf_counter()
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{phase['train_loss']:.3f}")
 
     step("3/5 held-out accuracy (exact match of the greedy answer; text vs spoken questions)")
-    from lyra.eval.nano import evaluate_nano
+    from lyra.nano.evaluate import evaluate_nano
     from lyra.inference import load_model
 
     model, tokenizer, _ = load_model(str(model_dir), device="cpu", dtype="fp32")
@@ -207,7 +207,7 @@ def write_transcript(path: Path, report: dict) -> None:
 Model `{report['model']}` (build {report['build']}, {'reused from an earlier run' if report['reused'] else 'trained in this run'}).
 Whole run: {report['seconds']:.0f} s.
 
-## Training phases (lyra/train/nano.py, configs/train/nano_*.yaml)
+## Training phases (lyra/nano/pipeline.py, lyra/nano/configs/*.yaml)
 
 | phase | steps | samples | wall s | CPU s | final train loss |
 |---|---|---|---|---|---|
