@@ -307,6 +307,9 @@ class LyraConfig:
     tokenizer: str | None = None
     # eager | sdpa | flash_attention_2
     attn_implementation: str = "sdpa"
+    # Written by the HF Trainer (from TrainingArguments.use_cache); Lyra's own loops decide
+    # caching themselves, so this is recorded, never read.
+    use_cache: bool = True
 
     def __post_init__(self) -> None:
         self.validate()

@@ -14,16 +14,18 @@ from typing import Any, Callable
 
 import torch
 
-from lyra.config import REPO_ROOT, LMMEConfig, available_presets, load_config
+from lyra.config import LMMEConfig, available_presets, load_config
 from lyra.data.audio import SAMPLE_RATE
 from lyra.data.vision import VisionLimits
 from lyra.model import mlora
 from lyra.model.lyra import LyraForConditionalGeneration, checkpoint_tokenizer_source, read_checkpoint_config
+from lyra.model.streaming import stream_speech, write_speech
+from lyra.model.vocoder import load_vocoder
 from lyra.processing import LyraProcessor, collate
 from lyra.tokenizer import load_tokenizer
 
 # Where `make demo` leaves the trained nano model; used by default when present.
-DEFAULT_CHECKPOINT = REPO_ROOT / "outputs" / "nano" / "model"
+DEFAULT_CHECKPOINT = Path("outputs") / "nano" / "model"  # relative to the working directory
 
 
 def default_model() -> str:
@@ -176,8 +178,6 @@ class Assistant:
         Timings: `first_token_s` and `first_audio_s` from the call (the user's audio is complete
         then), `first_audio_after_token_s` between the two, `speech_compute_s` the time spent in
         the speech generator and the vocoder, `audio_seconds` and `audio_pieces` (chunks streamed)."""
-        from lyra.model.streaming import stream_speech, write_speech
-
         if not self.model.can_speak:
             raise ValueError("this model cannot speak: it needs a speech generator (stage 4) and its vocoder")
         if options.lmme is not None and options.lmme.enabled:
@@ -253,8 +253,6 @@ def attach_vocoder(model: LyraForConditionalGeneration, override: str | None = N
 
     `required=False` (servers): a model that cannot speak, having no speech generator or no
     vocoder to name, stays text-only and None is returned instead of an error."""
-    from lyra.model.vocoder import load_vocoder
-
     if not required and (model.speech_generator is None
                          or not (override or model.config.speech_generator.vocoder)):
         return None

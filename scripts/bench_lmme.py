@@ -31,9 +31,9 @@ from lyra.model.lyra import LyraForConditionalGeneration
 INSTRUCTION_TOKENS = 64
 DECODE_TOKENS = 32
 MID_SIZE = {  # a mid-size CPU config: Qwen2-shaped, 8 layers of width 512
-    "text": {"vocab_size": 4096, "hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 8,
-             "num_attention_heads": 8, "num_key_value_heads": 2, "mrope_section": [8, 12, 12],
-             "max_position_embeddings": 262144},
+    "text.vocab_size": 4096, "text.hidden_size": 512, "text.intermediate_size": 1536, "text.num_hidden_layers": 8,
+    "text.num_attention_heads": 8, "text.num_key_value_heads": 2, "text.mrope_section": [8, 12, 12],
+    "text.max_position_embeddings": 262144,
 }
 
 

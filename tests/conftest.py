@@ -12,6 +12,8 @@ import torch
 from lyra.config import load_config
 from lyra.model.lyra import LyraForConditionalGeneration
 
+REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout: data/demo, scripts/, configs/train/
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):

@@ -21,11 +21,11 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from lyra.config import REPO_ROOT
 from lyra.inference import Assistant, GenerationOptions, Media, load_model
 from lyra.serve.api import ServerConfig, build_parser, config_from_args, create_server
 
-from conftest import small_vocoder, talking, tone
+from conftest import REPO_ROOT, small_vocoder, talking, tone
+
 
 KEY = "test-key"
 IMAGE_PATH = REPO_ROOT / "data" / "demo" / "circle.png"

@@ -11,9 +11,9 @@ import pytest
 import soundfile as sf
 
 from lyra import chat
-from lyra.config import REPO_ROOT
 
-from conftest import SMALL_VOCODER, small_vocoder, talking, tone
+from conftest import REPO_ROOT, SMALL_VOCODER, small_vocoder, talking, tone
+
 
 IMAGE = str(REPO_ROOT / "data" / "demo" / "circle.png")
 SPEECH = str(REPO_ROOT / "data" / "demo" / "question.wav")

@@ -19,12 +19,12 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from lyra.config import REPO_ROOT
 from lyra.eval import videomme
 from lyra.eval.runner import PredictionLog
 from lyra.inference import Assistant, Reply
 
-from conftest import tone
+from conftest import REPO_ROOT, tone
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():

@@ -150,13 +150,13 @@ def test_config_round_trips_through_dict():
 
 def test_invalid_mrope_section_is_an_error():
     with pytest.raises(ValueError, match="mrope_section"):
-        load_config("tiny", overrides={"text": {"mrope_section": [1, 1, 1]}})
+        load_config("tiny", overrides={"text.mrope_section": [1, 1, 1]})
 
 
 def test_unknown_unit_kind_is_an_error():
     with pytest.raises(ValueError, match=r"speech_generator.unit_kind 'mel' is not a known unit kind; "
                                          r"choose one of \['hubert', 'piper-phoneme'\]"):
-        load_config("tiny", overrides={"speech_generator": {"unit_kind": "mel"}})
+        load_config("tiny", overrides={"speech_generator.unit_kind": "mel"})
 
 
 def test_a_vocoder_for_other_units_is_refused(tiny_model):

@@ -124,7 +124,7 @@ def test_merge_script(tmp_path, model):
     import subprocess
     import sys
 
-    from lyra.config import REPO_ROOT
+    from conftest import REPO_ROOT
 
     batch = train_adapter(model, "speech")
     inputs = {k: v for k, v in batch.items() if k != "labels"}

@@ -146,7 +146,7 @@ def test_loss_ignores_masked_labels(tiny_model):
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_save_and_load_round_trip(tmp_path, tied):
-    config = load_config("tiny", overrides={"text": {"tie_word_embeddings": tied}})
+    config = load_config("tiny", overrides={"text.tie_word_embeddings": tied})
     torch.manual_seed(0)
     model = LyraForConditionalGeneration.from_config(config).eval()
     model.save_pretrained(tmp_path / "ckpt")
@@ -242,7 +242,7 @@ def test_sound_uses_its_own_projector_and_placeholder(tiny_model):
 
 
 def test_frozen_encoder_cache_reuses_outputs(tiny_config):
-    config = load_config("tiny", overrides={"speech": {"frozen_encoder_cache_mib": 16}})
+    config = load_config("tiny", overrides={"speech.frozen_encoder_cache_mib": 16})
     torch.manual_seed(0)
     model = LyraForConditionalGeneration.from_config(config).eval()
     model.speech_encoder.requires_grad_(False)

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lyra.data import nano_task
+from lyra.nano import pipeline as nano
+from lyra.nano import task as nano_task
 from lyra.nano.task import (
     COLOURS,
     DISTRACTOR_INKS,
@@ -169,7 +170,6 @@ def test_records_load_through_the_training_dataset(task):
 
 
 def test_build_hash_decides_reuse(task, tmp_path):
-    from lyra.train import nano
     from lyra.nano.sound import SoundPretrainConfig
     from lyra.nano.vision import VisionPretrainConfig
 
@@ -178,6 +178,9 @@ def test_build_hash_decides_reuse(task, tmp_path):
     assert wanted != nano.build_hash(task, configs, VisionPretrainConfig(steps=7))
     assert wanted != nano.build_hash(task, configs, VisionPretrainConfig(), SoundPretrainConfig())
     assert wanted == nano.build_hash(task, nano.phase_configs(task, tmp_path / "runs", seed=0), VisionPretrainConfig())
+    # where a checkout puts its runs does not matter, only what they are
+    assert wanted == nano.build_hash(task, nano.phase_configs(task, tmp_path / "elsewhere", seed=0),
+                                     VisionPretrainConfig())
     assert wanted != nano.build_hash(task, nano.phase_configs(task, tmp_path / "runs", seed=1), VisionPretrainConfig())
     changed = nano.phase_configs(task, tmp_path / "runs", seed=0, overrides={"stage2": {"optim.lr": 1.0e-4}})
     assert wanted != nano.build_hash(task, changed, VisionPretrainConfig())

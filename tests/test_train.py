@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from lyra.config import REPO_ROOT
+from conftest import REPO_ROOT
 from lyra.data.dataset import make_sample_set
 from lyra.model.lyra import LyraForConditionalGeneration
 from lyra.model import mlora

@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import soundfile as sf
 
 from lyra.utils.io import atomic_file
 
@@ -48,8 +49,6 @@ def to_mono_16k(samples: np.ndarray, sample_rate: int, source: str = "<array>") 
 
 def write_wav(path: str | Path, audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> Path:
     """A 16-bit mono WAV, written atomically (lyra/utils/io.py); samples are clipped to [-1, 1]."""
-    import soundfile as sf
-
     samples = np.clip(np.asarray(audio, dtype=np.float32).reshape(-1), -1.0, 1.0)
     with atomic_file(path) as temporary:
         sf.write(str(temporary), samples, sample_rate, subtype="PCM_16", format="WAV")
@@ -63,8 +62,6 @@ def load_audio(path: str | Path) -> np.ndarray:
         FileNotFoundError: the file does not exist.
         AudioError: it cannot be decoded, or it holds no samples.
     """
-    import soundfile as sf
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"audio file not found: {path}")

@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import numpy as np
+import soundfile as sf
 import torch
 from PIL import Image
 
@@ -63,8 +64,8 @@ from lyra.data.vision import VisionError, load_image, load_video_frames, sample_
 from lyra.model.speech import num_clips
 from lyra.processing import (
     IGNORE_INDEX,
-    PLACEHOLDER_PATTERN,
     PLACEHOLDERS,
+    PLACEHOLDER_PATTERN,
     EncodedTurn,
     LyraProcessor,
     ProcessedSample,
@@ -965,7 +966,6 @@ def make_sample_set(root: str | Path, num_samples: int = 32, seed: int = 0, long
     and `scripts/bench_dataloader.py`.
     """
     import av
-    import soundfile as sf
 
     root = Path(root)
     rng = np.random.default_rng(seed)

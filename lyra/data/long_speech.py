@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import re
 import time
@@ -33,9 +34,13 @@ import urllib.error
 import urllib.request
 import zlib
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import soundfile
+from tqdm import tqdm
 
 from lyra.utils.io import atomic_write_text
 
@@ -415,12 +420,6 @@ def prepare_long_speech(
     without paying twice; requests run on `workers` threads. Audio paths are written relative
     to `root` (default: the output's folder).
     """
-    import os
-    from concurrent.futures import ThreadPoolExecutor
-
-    import soundfile
-    from tqdm import tqdm
-
 
     if generator not in ("rules", "llm"):
         raise ValueError(f"generator must be 'rules' or 'llm', got {generator!r}")

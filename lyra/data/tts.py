@@ -36,6 +36,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import multiprocessing
 import os
 import random
 import re
@@ -47,8 +48,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import soundfile as sf
+import torch
+from tqdm import tqdm
 
 from lyra.data.audio import to_mono_16k, write_wav
+from lyra.data.dataset import BadSampleError, RecordStore
 from lyra.utils.io import atomic_write_text
 
 logger = logging.getLogger("lyra.data.tts")
@@ -261,8 +266,6 @@ class EspeakBackend(TTSBackend):
         }
 
     def synthesize(self, text: str, speaker: dict[str, Any]) -> tuple[np.ndarray, int]:
-        import soundfile as sf
-
         with tempfile.TemporaryDirectory(prefix="lyra-espeak-") as tmp:
             out = Path(tmp) / "out.wav"
             subprocess.run(
@@ -294,8 +297,6 @@ class ChatTTSBackend(TTSBackend):
         return {"slot": slot, "seed": seed}
 
     def synthesize(self, text: str, speaker: dict[str, Any]) -> tuple[np.ndarray, int]:
-        import torch
-
         slot = int(speaker["slot"])
         if slot not in self._speakers:
             torch.manual_seed(int(speaker["seed"]) * 1_000_003 + slot)
@@ -382,10 +383,6 @@ def prepare_speech_instructions(
     manifest in `audio_dir` refuses a resume with another backend, seed or speaker period unless
     `overwrite`). All files are written atomically.
     """
-    from tqdm import tqdm
-
-    from lyra.data.dataset import BadSampleError, RecordStore
-
     output_path = Path(output_path)
     root = Path(root) if root is not None else output_path.parent
     audio_dir = Path(audio_dir) if audio_dir is not None else root / "speech"
@@ -440,8 +437,6 @@ def prepare_speech_instructions(
             _record_result(stats, failed, index, error)
             bar.update(1)
     else:
-        import multiprocessing
-
         with multiprocessing.get_context("spawn").Pool(workers, _init_worker, (backend, options)) as pool:
             for index, error in pool.imap_unordered(_synthesize_task, tasks, chunksize=4):
                 _record_result(stats, failed, index, error)

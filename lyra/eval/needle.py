@@ -24,8 +24,11 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import soundfile as sf
+from PIL import Image, ImageDraw, ImageFont
 
 from lyra.data.audio import SAMPLE_RATE, load_audio, to_mono_16k
+from lyra.eval.metrics import whisper_normalizer
 
 GAP_SECONDS = 0.3  # silence around the needle
 SNAP_SECONDS = 0.5  # how far the needle may move to land in a pause
@@ -60,7 +63,6 @@ def synthesize_espeak(text: str, voice: str = "en-us", words_per_minute: int = 1
     if binary is None:
         raise RuntimeError("espeak-ng is not installed (apt-get install espeak-ng, or `make setup`); "
                            "it speaks the needle -- or pass recorded needle audio instead")
-    import soundfile as sf
 
     with tempfile.TemporaryDirectory(prefix="lyra-needle-") as folder:
         out = Path(folder) / "needle.wav"
@@ -117,8 +119,6 @@ def build_haystack(background: np.ndarray, needle: np.ndarray, length_seconds: f
 
 def normalize_text(text: str) -> str:
     """Whisper's English normaliser ("Seven." -> "7"), so spelling of numbers does not matter."""
-    from lyra.eval.metrics import whisper_normalizer
-
     return " ".join(whisper_normalizer()(text).split())
 
 
@@ -157,8 +157,6 @@ def draw_heatmap(scores: list[list[float | None]], lengths: Sequence[float], dep
                  title: str = "Needle in a speech haystack", cell: int = 56):
     """The length x depth grid as a PIL image: one cell per (depth, length), coloured by the
     mean retrieval score and labelled with it, axes in seconds and percent depth."""
-    from PIL import Image, ImageDraw, ImageFont
-
     font = ImageFont.load_default(size=13)
     small = ImageFont.load_default(size=11)
     left, top, right, bottom = 70, 64, 90, 56

@@ -15,7 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from tqdm import tqdm
+
+from lyra.config import LMMEConfig
 from lyra.data.vision import VisionLimits
+from lyra.inference import Assistant, GenerationOptions, load_model
 from lyra.utils.io import atomic_write_text
 
 META_KEY = "_meta"
@@ -107,8 +111,6 @@ def run_items(items: Sequence[Any], log: PredictionLog, answer: Callable[[Any], 
     (bad file, decoding, over a length limit) is recorded as {"id", "error"} and the run goes
     on; anything else (e.g. KeyboardInterrupt) stops it with the finished items saved.
     """
-    from tqdm import tqdm
-
     pending = [item for item in items if not log.done(item_id(item))]
     failed = 0
     for item in tqdm(pending, desc=desc, unit="item", file=sys.stderr, dynamic_ncols=True):
@@ -156,9 +158,6 @@ def vision_limits_from_args(args: argparse.Namespace) -> VisionLimits:
 
 def load_assistant(args: argparse.Namespace):
     """(Assistant, GenerationOptions, model info) from the model flags."""
-    from lyra.config import LMMEConfig
-    from lyra.inference import Assistant, GenerationOptions, load_model
-
     options = GenerationOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 lmme=LMMEConfig.parse(args.lmme) if args.lmme else None)
     model, tokenizer, info = load_model(args.model, args.device, args.dtype)

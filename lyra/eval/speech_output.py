@@ -28,6 +28,7 @@ import torch
 
 from lyra.data.audio import SAMPLE_RATE
 from lyra.eval.metrics import corpus_wer
+from lyra.inference import GenerationOptions
 from lyra.model import mlora
 from lyra.processing import IGNORE_INDEX, collate
 
@@ -68,8 +69,6 @@ def speak_and_judge(assistant, judge, messages: list[dict[str, str]], media, can
     """Answer `messages` in streaming speech and judge it (see the module docstring).
 
     `wav_path`: where to keep the streamed answer (a temporary file otherwise)."""
-    from lyra.inference import GenerationOptions
-
     vocoder = assistant.model.vocoder
     options = GenerationOptions(max_new_tokens=max_new_tokens)
     with tempfile.TemporaryDirectory(prefix="lyra-spoken-") as tmp:

@@ -7,6 +7,7 @@ intelligible and the transcripts (`speech_asr`) match the audio (scripts/tts_rou
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from lyra.data.tts import TTSBackend, synthesize_16k
 from lyra.eval.metrics import corpus_wer
@@ -42,7 +43,6 @@ ROUNDTRIP_PROMPTS = [
 
 def transcribe_16k(model, clips: list[np.ndarray], batch: int = 16) -> list[str]:
     """Greedy English transcription of clips (each under 30 s) with an openai-whisper model."""
-    import torch
     import whisper
 
     options = whisper.DecodingOptions(language="en", fp16=False, temperature=0.0, without_timestamps=True)

@@ -28,11 +28,12 @@ from transformers import DynamicCache, Qwen2VLConfig, Qwen2VLForConditionalGener
 from transformers.utils import ModelOutput
 
 from lyra.config import AudioEncoderConfig, LMMEConfig, LyraConfig
+from lyra.losses.lcmr import lcmr_loss
 from lyra.model import mlora
 from lyra.model.lmme import RetentionRecord, context_types, lmme_decode, lmme_prefill
 from lyra.model.projector import FrameConcatProjector
+from lyra.model.speech import FrameCache, WhisperEncoder, encode_audio, load_whisper_encoder_state, waveform_tensor
 from lyra.model.speechgen import SpeechGenerator
-from lyra.model.speech import FrameCache, WhisperEncoder, encode_audio, waveform_tensor
 from lyra.model.vocoder import UnitVocoder, check_vocoder
 from lyra.utils.io import move_into, replace_directory
 from lyra.utils.state_dict import check_state_dict
@@ -147,8 +148,6 @@ class LyraForConditionalGeneration(nn.Module):
         Dimensions are read from the checkpoints; the projectors start random (stage 1
         trains them). `base_config` supplies everything else (token ids, limits).
         """
-        from lyra.model.speech import load_whisper_encoder_state
-
         qwen2vl_dir = Path(qwen2vl_dir)
         if not (qwen2vl_dir / "config.json").is_file():
             raise FileNotFoundError(f"{qwen2vl_dir} is not a Qwen2-VL checkpoint directory (no config.json)")
@@ -404,8 +403,6 @@ class LyraForConditionalGeneration(nn.Module):
              transcript_speech_index: torch.Tensor) -> torch.Tensor:
         """LCMR between the projected tokens of the transcribed speech inputs and the LLM's
         embeddings of their transcripts (soft-DTW; lyra.losses.lcmr)."""
-        from lyra.losses.lcmr import lcmr_loss
-
         if transcript_speech_index is None or len(transcript_speech_index) != len(transcript_ids):
             raise ValueError("transcript_speech_index must give the speech input of every transcript")
         table = self.backbone.get_input_embeddings()

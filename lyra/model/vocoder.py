@@ -29,6 +29,8 @@ import numpy as np
 import torch
 
 from lyra.config import UNIT_KINDS, SpeechGeneratorConfig
+from lyra.model.hifigan import StreamingVocoder, load_code_hifigan
+from lyra.model.piper_vocoder import PiperVocoder, installed_voice
 
 
 class UnitAudioStream(Protocol):
@@ -89,16 +91,12 @@ class HiFiGANVocoder:
         return self.generator(units, dur_prediction=self.dur_prediction).float().cpu().numpy().reshape(-1)
 
     def stream(self) -> UnitAudioStream:
-        from lyra.model.hifigan import StreamingVocoder
-
         return StreamingVocoder(self.generator, dur_prediction=self.dur_prediction,
                                 context_units=self.context_units, lookahead_units=self.lookahead_units)
 
 
 def load_vocoder(spec: str | Path, device: str | torch.device = "cpu") -> UnitVocoder:
     """The vocoder named by `spec` (see the module docstring), with a clear error otherwise."""
-    from lyra.model.piper_vocoder import PiperVocoder, installed_voice
-
     text = str(spec)
     if text.startswith("piper:"):
         return PiperVocoder(installed_voice(text.removeprefix("piper:")), name=text)
@@ -110,8 +108,6 @@ def load_vocoder(spec: str | Path, device: str | torch.device = "cpu") -> UnitVo
     if path.is_dir():
         checkpoints = sorted(path.glob("g_*"))
         if checkpoints and (path / "config.json").is_file():
-            from lyra.model.hifigan import load_code_hifigan
-
             return HiFiGANVocoder(load_code_hifigan(checkpoints[-1], path / "config.json", device=device), name=text)
         voices = sorted(path.glob("*.onnx"))
         if len(voices) == 1:

@@ -27,9 +27,16 @@ import sys
 import time
 from pathlib import Path
 
-from lyra.config import REPO_ROOT
-from lyra.utils.io import atomic_write_json, atomic_write_text
+import soundfile as sf
+
+from lyra.data.audio import load_audio
+from lyra.eval.heard import WhisperJudge
+from lyra.inference import Assistant, GenerationOptions, Media, attach_vocoder, load_model
 from lyra.memory import keep_freed_memory
+from lyra.nano.evaluate import evaluate_nano
+from lyra.nano.pipeline import DEFAULT_OUT, shared_frame_cache, train_nano
+from lyra.nano.task import NanoTaskSpec, all_answers, build_nano_task
+from lyra.utils.io import atomic_write_json, atomic_write_text
 
 # Held-out exact-match accuracy below which the demo fails (README, Lyra-Nano): well under what a
 # run gives, so that only a broken pipeline trips it.
@@ -64,7 +71,7 @@ def ask_with_chat_cli(model_dir: Path, image: Path, speech: Path, wav: Path) -> 
     command = [sys.executable, "-m", "lyra.chat", "--model", str(model_dir), "--image", str(image),
                "--speech", str(speech), "--speech-out", str(wav), "--json", "--max-new-tokens", "8"]
     shown = " ".join(["python", *command[1:]])
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, timeout=600,
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if result.returncode != 0:
         raise RuntimeError(f"{shown} failed ({result.returncode}):\n{result.stderr[-2000:]}")
@@ -75,13 +82,6 @@ def talk(model_dir: Path, model, tokenizer, task, out: Path, seed: int) -> list[
     """Ask the spoken questions (the first through the chat CLI, the rest in this process with
     `model` loaded from `model_dir`, on the same code path), keep each answer's wav and judge what
     is heard in it."""
-    import soundfile as sf
-
-    from lyra.data.audio import load_audio
-    from lyra.nano.task import all_answers
-    from lyra.eval.heard import WhisperJudge
-    from lyra.inference import Assistant, GenerationOptions, Media, attach_vocoder
-
     judge = WhisperJudge()
     attach_vocoder(model)
     assistant = Assistant(model, tokenizer)
@@ -112,16 +112,13 @@ def talk(model_dir: Path, model, tokenizer, task, out: Path, seed: int) -> list[
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(REPO_ROOT / "outputs" / "nano"))
+    parser.add_argument("--out", default=str(DEFAULT_OUT))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--retrain", action="store_true", help="train even if outputs/nano/model matches")
     args = parser.parse_args(argv)
     keep_freed_memory()  # ~1.5x faster CPU training steps (lyra/memory.py)
     started = time.perf_counter()
     out = Path(args.out)
-
-    from lyra.nano.task import NanoTaskSpec, build_nano_task
-    from lyra.nano.pipeline import shared_frame_cache, train_nano
 
     step("1/5 the nano task: generated scenes, signs, sound clips and spoken questions (cached)")
     tick = time.perf_counter()
@@ -147,8 +144,6 @@ def main(argv: list[str] | None = None) -> int:
               f"{phase['train_loss']:.3f}")
 
     step("3/5 held-out accuracy (exact match of the greedy answer; text vs spoken questions)")
-    from lyra.nano.evaluate import evaluate_nano
-    from lyra.inference import load_model
 
     model, tokenizer, _ = load_model(str(model_dir), device="cpu", dtype="fp32")
     model.frame_cache = cache

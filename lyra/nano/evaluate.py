@@ -21,12 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from lyra.config import LMMEConfig
 from lyra.data.dataset import LyraCollator, LyraDataset
 from lyra.data.vision import VisionLimits
 from lyra.model import mlora
+from lyra.nano.task import QUESTION_TYPES
 from lyra.processing import IGNORE_INDEX, LyraProcessor, collate
+from lyra.train.trainer import MODEL_INPUT_KEYS
 
 VARIANTS = {"text": "-text", "speech": "-speech", "voice": "-voice"}  # eval record id suffixes
 VARIANT_NAMES = {"text": "text question", "speech": "spoken question (training voices)",
@@ -58,8 +61,6 @@ class Accuracy:
                    and not (image_only and k[1] == "sound"))
 
     def types(self) -> list[str]:
-        from lyra.nano.task import QUESTION_TYPES
-
         return [t for t in QUESTION_TYPES if any(k[1] == t for k in self.asked)]
 
     def variants(self) -> list[str]:
@@ -107,8 +108,6 @@ def _route(model, has_speech: bool) -> None:
 @torch.no_grad()
 def answer_positions_correct(model, batch: dict[str, Any]) -> list[list[bool]]:
     """Per sample, per assistant turn (contiguous label run): whether greedy decoding gives it."""
-    from lyra.train.trainer import MODEL_INPUT_KEYS
-
     inputs = {k: v for k, v in batch.items() if k in MODEL_INPUT_KEYS and k not in ("labels",)}
     inputs.pop("transcript_ids", None)
     inputs.pop("transcript_speech_index", None)
@@ -140,8 +139,6 @@ def answer_positions_correct(model, batch: dict[str, Any]) -> list[list[bool]]:
 def evaluate_nano(model, tokenizer, eval_file: str | Path, variants: tuple[str, ...] = ("text", "speech"),
                   batch_size: int = 16, progress: bool = True, limit: int | None = None) -> Accuracy:
     """Teacher-forced exact-match accuracy of every turn of the held-out conversations."""
-    from tqdm.auto import tqdm
-
     started = time.perf_counter()
     eval_file = Path(eval_file)
     records = json.loads(eval_file.read_text())
@@ -200,8 +197,6 @@ def generate_answers(model, tokenizer, eval_file: str | Path, variants: tuple[st
                      batch_size: int = 1) -> tuple[Accuracy, list[float]]:
     """Greedy decoding of the scored turns (LMME applied if given). Returns the accuracy and the
     prefill seconds of each prompt (time to the first new token, batch size 1 by default)."""
-    from tqdm.auto import tqdm
-
     eval_file = Path(eval_file)
     root = eval_file.parent
     records = [r for r in json.loads(eval_file.read_text()) if variant_of(r["id"]) in variants]

@@ -20,8 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from lyra.data.audio import SAMPLE_RATE, load_audio, write_wav
+from lyra.data.tts import make_backend, synthesize_16k
+from lyra.eval.needle import build_haystack
 from lyra.nano.task import HELD_OUT_VOICE, VOICES, NanoTask
 from lyra.utils.io import atomic_write_json
 
@@ -63,11 +66,6 @@ def chatter_name(sentence: int, voice: str) -> str:
 
 def build_long_speech(task: NanoTask, spec: LongSpeechSpec | None = None, progress: bool = True) -> Path:
     """Write the chatter recordings and haystacks under `long_speech/`, and `long_speech.json`; returns its path."""
-    from tqdm.auto import tqdm
-
-    from lyra.data.tts import make_backend, synthesize_16k
-    from lyra.eval.needle import build_haystack
-
     spec = spec or LongSpeechSpec()
     folder = task.root / DIRECTORY
     out = task.root / RECORDS_FILE  # beside the other phase files: media paths are relative to the task root

@@ -35,9 +35,16 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-from lyra.config import PRESETS
+from lyra.config import PRESETS, load_config, load_yaml_config
 from lyra.memory import keep_freed_memory
+from lyra.model.lyra import LyraForConditionalGeneration
+from lyra.model.speech import FrameCache
+from lyra.nano.sound import SoundPretrainConfig, pretrain_sound
 from lyra.nano.task import NanoTask, NanoTaskSpec, build_nano_task
+from lyra.nano.vision import VisionPretrainConfig, pretrain_vision
+from lyra.tokenizer import load_tokenizer
+from lyra.train.config import load_train_config
+from lyra.train.recipe import build_trainer, train
 from lyra.utils.io import atomic_directory
 
 CONFIGS = files("lyra.nano") / "configs"  # shipped with the package
@@ -69,8 +76,6 @@ def phase_configs(task: NanoTask, runs_dir: Path, seed: int = 0, overrides: dict
                   phases: tuple[str, ...] = PHASES, init_from: str | None = None):
     """The resolved `TrainConfig` of each phase: data, output and `init_from` filled in, then
     `overrides[phase]` (dotted keys, as `--set` takes them) applied."""
-    from lyra.train.config import load_train_config
-
     configs = {}
     previous = init_from
     for phase in phases:
@@ -124,12 +129,6 @@ def run_encoder_phases(task: NanoTask, output_dir: Path, vision, sound, seed: in
     for the base phase to start from. The sound phase fills `frame_cache`."""
     from transformers import set_seed
 
-    from lyra.config import load_config
-    from lyra.model.lyra import LyraForConditionalGeneration
-    from lyra.tokenizer import load_tokenizer
-    from lyra.nano.sound import pretrain_sound
-    from lyra.nano.vision import pretrain_vision
-
     set_seed(seed)
     model_config = load_config("nano")
     model = LyraForConditionalGeneration.from_config(model_config)
@@ -152,8 +151,6 @@ def run_encoder_phases(task: NanoTask, output_dir: Path, vision, sound, seed: in
 
 def run_phase(phase: str, config, frame_cache=None) -> PhaseReport:
     """Train one phase with the recipe; the model shares `frame_cache` (frozen Whisper outputs)."""
-    from lyra.train.recipe import build_trainer, train
-
     wall, cpu = time.perf_counter(), time.process_time()
     print(f"\n==> nano {phase}: {config_name(PHASE_CONFIGS[phase])} -> {config.output_dir}", flush=True)
     trainer = build_trainer(config)
@@ -171,9 +168,6 @@ def run_phase(phase: str, config, frame_cache=None) -> PhaseReport:
 
 def shared_frame_cache():
     """One frame cache for every phase of a process, sized by the nano preset."""
-    from lyra.config import load_config
-    from lyra.model.speech import FrameCache
-
     mib = load_config("nano").speech.frozen_encoder_cache_mib
     return FrameCache(mib) if mib > 0 else None
 

@@ -21,15 +21,30 @@ import argparse
 import hashlib
 import importlib.util
 import json
+import os
+import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from lyra.config import REPO_ROOT, LMMEConfig
-from lyra.nano.task import NanoTaskSpec, build_nano_task
+import torch
+
+from lyra.config import LMMEConfig
+from lyra.data.audio import load_audio, write_wav
+from lyra.data.vision import VisionLimits
+from lyra.eval.needle import build_haystack, draw_heatmap, grid_scores, load_background, trial_id
+from lyra.inference import load_model
 from lyra.memory import keep_freed_memory
+from lyra.model import mlora
+from lyra.nano.evaluate import evaluate_nano, generate_answers
+from lyra.nano.long_speech import LongSpeechSpec, build_long_speech
+from lyra.nano.pipeline import DEFAULT_OUT, PHASE_CONFIGS, phase_configs, run_phase, shared_frame_cache, train_nano
+from lyra.nano.task import NanoTaskSpec, build_nano_task
+from lyra.processing import LyraProcessor, collate
+from lyra.train.config import load_train_config
+from lyra.utils.io import atomic_write_text
 
 COMMAND = "python -m lyra.nano.reproduce"
 
@@ -43,9 +58,6 @@ def mean_spread(values: list[float]) -> str:
 
 
 def evaluate(model_dir: Path, task, cache, variants: tuple[str, ...]) -> dict:
-    from lyra.nano.evaluate import evaluate_nano
-    from lyra.inference import load_model
-
     model, tokenizer, _ = load_model(str(model_dir), device="cpu", dtype="fp32")
     model.frame_cache = cache
     accuracy = evaluate_nano(model, tokenizer, task.files["eval"], variants=variants, batch_size=32, progress=False)
@@ -54,8 +66,6 @@ def evaluate(model_dir: Path, task, cache, variants: tuple[str, ...]) -> dict:
 
 def train_variant(task, runs: Path, phase: str, seed: int, init_from: str, overrides: dict, cache) -> Path:
     """One phase, trained once per (name, seed): reused when its `final/` exists."""
-    from lyra.nano.pipeline import phase_configs, run_phase
-
     config = phase_configs(task, runs, seed, {phase: overrides}, phases=(phase,), init_from=init_from)[phase]
     final = Path(config.output_dir) / "final"
     if not (final / "config.json").is_file():
@@ -65,9 +75,6 @@ def train_variant(task, runs: Path, phase: str, seed: int, init_from: str, overr
 
 def lcmr_ablation(task, out: Path, work: Path, seeds: list[int], cache) -> dict:
     """Stage 1 from the demo's base model with lambda = 0 and the config's lambda."""
-    from lyra.train.config import load_train_config
-    from lyra.nano.pipeline import PHASE_CONFIGS
-
     weight = load_train_config(PHASE_CONFIGS["stage1"]).lcmr_weight
     base = str(out / "runs" / "base" / "final")
     text = evaluate(Path(base), task, cache, ("text",))["text"]["image"]  # stage 1 leaves the LLM as it is
@@ -111,9 +118,6 @@ def mlora_ablation(task, out: Path, work: Path, seeds: list[int], cache, full_lr
 
 
 def lmme_comparison(task, model_dir: Path, cache, limit: int) -> dict:
-    from lyra.nano.evaluate import generate_answers
-    from lyra.inference import load_model
-
     model, tokenizer, _ = load_model(str(model_dir), device="cpu", dtype="fp32")
     model.frame_cache = cache
     rows = {}
@@ -140,10 +144,6 @@ def background_speech() -> Path:
 def long_speech_stage(task, work: Path, model_dir: Path, cache) -> tuple[Path, dict]:
     """Stage 3 from the demo model: the "long_speech" adapter on questions hidden in chatter
     (lyra/nano/long_speech.py); reused while its config, data spec and the build match."""
-    from lyra.nano.long_speech import LongSpeechSpec, build_long_speech
-    from lyra.train.config import load_train_config
-    from lyra.nano.pipeline import PHASE_CONFIGS, run_phase
-
     spec = LongSpeechSpec()
     data = build_long_speech(task, spec)
     key = hashlib.sha256(PHASE_CONFIGS["stage3"].read_bytes() + spec.fingerprint().encode()).hexdigest()[:12]
@@ -161,20 +161,6 @@ def needle_grid(task, model_dir: Path, cache, lengths: list[float], depths: list
     """A held-out spoken question, hidden at `depth` in `length` seconds of a real conversation,
     about a held-out image, heard through MLoRA `adapter`; a trial scores when the greedy answer
     is the right one."""
-    from lyra.data.audio import load_audio
-    from lyra.data.audio import write_wav
-    from lyra.data.vision import VisionLimits
-    from lyra.eval.needle import (
-        build_haystack,
-        draw_heatmap,
-        grid_scores,
-        load_background,
-        trial_id,
-    )
-    from lyra.inference import load_model
-    from lyra.model import mlora
-    from lyra.processing import LyraProcessor
-
     model, tokenizer, _ = load_model(str(model_dir), device="cpu", dtype="fp32")
     model.frame_cache = cache
     mlora.use_adapter(model, adapter)
@@ -205,10 +191,6 @@ def needle_grid(task, model_dir: Path, cache, lengths: list[float], depths: list
 
 
 def _ask(model, processor, tokenizer, image: Path, speech) -> str:
-    import torch
-
-    from lyra.processing import collate
-
     messages = [{"role": "user", "content": "<image>\n<speech>"}]
     sample = processor(messages, images=[image], speech=[speech])
     batch = collate([sample], model.config.tokens.pad, padding_side="left")
@@ -296,29 +278,26 @@ def write_doc(path: Path, report: dict, argv: str) -> None:
         for depth, row in zip(grid["depths"], grid["scores"]):
             lines.append(f"| {depth:g} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in row) + " |")
     lines += ["", "## Reading the results", "", report.get("discussion", ""), ""]
-    from lyra.utils.io import atomic_write_text
 
     atomic_write_text(path, "\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(REPO_ROOT / "outputs" / "nano"))
+    parser.add_argument("--out", default=str(DEFAULT_OUT))
     parser.add_argument("--seeds", default="0,1,2", help="three seeds: ~20 min on 2 cores")
     parser.add_argument("--full-ft-lr", type=float, default=2e-4)
     parser.add_argument("--lmme-limit", type=int, default=150, help="held-out questions per variant for (c)")
     parser.add_argument("--needle-lengths", default="10,30,60,120,240")
     parser.add_argument("--needle-depths", default="0,0.25,0.5,0.75,1")
     parser.add_argument("--needle-samples", type=int, default=2)
-    parser.add_argument("--doc", default=str(REPO_ROOT / "docs" / "nano_results.md"))
+    parser.add_argument("--doc", default="docs/nano_results.md", help="where the results page is written")
     parser.add_argument("--json", default=None, help="default: <out>/reproduce_nano.json")
     args = parser.parse_args(argv)
     keep_freed_memory()
     started = time.perf_counter()
     out = Path(args.out)
     seeds = [int(s) for s in args.seeds.split(",")]
-
-    from lyra.nano.pipeline import shared_frame_cache, train_nano
 
     model_dir, build, _ = train_nano(out)
     task = build_nano_task(out / "data", NanoTaskSpec())
@@ -388,9 +367,6 @@ def _grid_mean(scores: list[list[float | None]]) -> float:
 
 
 def _machine() -> str:
-    import os
-    import platform
-
     return f"{platform.machine()} CPU, {os.cpu_count()} cores"
 
 

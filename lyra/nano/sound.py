@@ -11,20 +11,20 @@ away. The clips' encoder frames go into the shared frame cache, so the base phas
 does not encode them again. Held-out clips (pitches and lengths no training clip has) are only
 scored.
 
-    config = load_yaml_config(SoundPretrainConfig, SOUND_CONFIG)  # lyra/nano/configs/sound.yaml
+    config = load_yaml_config(SoundPretrainConfig, "lyra/nano/configs/sound.yaml")
     report = pretrain_sound(model, task, config)  # trains model.sound_projector in place
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
+from lyra.config import config_dataclass
 from lyra.data.audio import load_audio
 from lyra.nano.task import SOUNDS, NanoTask
 from lyra.nano.vision import warmup_cosine
@@ -87,8 +87,6 @@ def pretrain_sound(model, task: NanoTask, config: SoundPretrainConfig, seed: int
                    progress: bool = True) -> dict[str, Any]:
     """Train `model.sound_projector` in place on the task's training clips; returns a report
     with the probes' accuracy on held-out clips before and after."""
-    from tqdm.auto import tqdm
-
     torch.manual_seed(seed)
     encoder = model.sound_encoder if model.sound_encoder is not None else model.speech_encoder
     trainable = [p.requires_grad for p in encoder.parameters()]

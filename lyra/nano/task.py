@@ -48,9 +48,12 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+from tqdm.auto import tqdm
 
 from lyra.data.audio import SAMPLE_RATE, write_wav
+from lyra.data.tts import make_backend, synthesize_16k
 from lyra.data.units import format_units
+from lyra.model.vocoder import load_vocoder
 from lyra.utils.io import atomic_file, atomic_write_text
 
 TASK_VERSION = 4  # bump when the generator's output changes for the same spec
@@ -422,7 +425,6 @@ def build_nano_task(root: str | Path, spec: NanoTaskSpec | None = None, progress
     root.mkdir(parents=True)
     writer = _Writer(root)
     seed = spec.seed
-    from tqdm.auto import tqdm
 
     # Media: scenes, signs, sounds (train and held-out content never mix).
     scenes: dict[str, list[tuple[str, list[dict[str, Any]]]]] = {"train": [], "eval": []}
@@ -578,8 +580,6 @@ def build_nano_task(root: str | Path, spec: NanoTaskSpec | None = None, progress
 
 def _answer_units(vocoder: str):
     """Answer text -> the phoneme units that `vocoder` (a Piper voice) speaks, memoised."""
-    from lyra.model.vocoder import load_vocoder
-
     voice = load_vocoder(vocoder)
     if not hasattr(voice, "text_to_units"):
         raise ValueError(f"nano stage-4 units need a Piper voice (phoneme units); {vocoder!r} is a {voice.unit_kind} "
@@ -590,10 +590,6 @@ def _answer_units(vocoder: str):
 
 def synthesize_questions(root: Path, writer: _Writer, voices: Iterable[str], progress: bool = True) -> None:
     """Every question text of `all_question_texts()` read by each voice, as 16 kHz WAV."""
-    from tqdm.auto import tqdm
-
-    from lyra.data.tts import make_backend, synthesize_16k
-
     table = {name: (backend, speaker) for name, backend, speaker in VOICES}
     backends: dict[str, Any] = {}
     jobs = [(text, voice) for voice in voices for text in all_question_texts()]

@@ -12,7 +12,7 @@ are used; held-out colour x shape pairs and word x ink pairs never appear. (With
 label, count was the base phase's most fragile skill: 94 % held-out in one run, 33 % in the
 next after an unrelated change.)
 
-    config = load_yaml_config(VisionPretrainConfig, VISION_CONFIG)  # lyra/nano/configs/vision.yaml
+    config = load_yaml_config(VisionPretrainConfig, "lyra/nano/configs/vision.yaml")
     report = pretrain_vision(model, task, config)  # trains model.backbone.model.visual in place
 """
 
@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
-from lyra.nano.task import COLOURS, NUMBERS, SHAPES, WORDS, NanoTask
+from lyra.config import config_dataclass
 from lyra.data.vision import VisionLimits, VisionProcessor, load_image
+from lyra.nano.task import COLOURS, NUMBERS, SHAPES, WORDS, NanoTask
 
 EMPTY_COLOUR, EMPTY_SHAPE = len(COLOURS), len(SHAPES)  # the "nothing in this cell" classes
 
@@ -122,8 +122,6 @@ def pretrain_vision(model, task: NanoTask, config: VisionPretrainConfig, seed: i
                     progress: bool = True) -> dict[str, Any]:
     """Train `model`'s ViT (with its merger) in place on the task's training images; returns a
     report with the probes' accuracy on held-out images before and after."""
-    from tqdm.auto import tqdm
-
     torch.manual_seed(seed)
     processor = VisionProcessor(VisionLimits(image_max_pixels=config.image_max_pixels))
     train_pixels, train_grids, train_targets = load_split(task, "train", processor)

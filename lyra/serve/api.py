@@ -54,13 +54,15 @@ from typing import Any, Callable
 from urllib.parse import unquote, urlsplit
 
 import numpy as np
+import soundfile as sf
+from PIL import Image
 
 from lyra.data.audio import SAMPLE_RATE, AudioError
 from lyra.data.vision import VisionError, VisionLimits, sample_frame_indices
-from lyra.inference import Media, attach_vocoder
+from lyra.inference import Media, attach_vocoder, load_model
 from lyra.model import mlora
 from lyra.processing import PLACEHOLDER_PATTERN, LyraProcessor, ProcessedSample
-from lyra.serve.batcher import BatcherClosed, BatchKey, Completion, DynamicBatcher, Job
+from lyra.serve.batcher import BatchKey, BatcherClosed, Completion, DynamicBatcher, Job
 
 log = logging.getLogger("lyra.serve")
 
@@ -450,8 +452,6 @@ def _data_ref(body: dict, kind: str, where: str) -> MediaRef:
 # ---------------------------------------------------------------------- media decoding
 def decode_image(data: bytes, max_pixels: int, param: str):
     """Image bytes -> RGB PIL image, refusing unsupported formats and oversized images."""
-    from PIL import Image
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -486,8 +486,6 @@ def read_local_file(path: Path, max_bytes: int, param: str) -> bytes:
 
 def decode_audio(data: bytes, fmt: str, max_seconds: float, param: str) -> tuple[np.ndarray, int]:
     """Audio bytes -> (samples [T] or [T, C] float32, sample rate), duration checked before decoding."""
-    import soundfile as sf
-
     try:
         info = sf.info(io.BytesIO(data))
     except Exception as error:
@@ -592,8 +590,6 @@ def synthesize_speech(model, job: Job, completion: Completion) -> tuple[np.ndarr
 
 
 def wav_base64(waveform: np.ndarray, sample_rate: int) -> str:
-    import soundfile as sf
-
     buffer = io.BytesIO()
     sf.write(buffer, np.clip(waveform, -1.0, 1.0), sample_rate, format="WAV", subtype="PCM_16")
     return base64.b64encode(buffer.getvalue()).decode("ascii")
@@ -1095,7 +1091,6 @@ def main(argv: list[str] | None = None) -> int:
     if not isinstance(level, int):
         parser.error(f"unknown --log-level {args.log_level!r}; use DEBUG, INFO, WARNING or ERROR")
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from lyra.inference import load_model
 
     try:
         config = config_from_args(args)

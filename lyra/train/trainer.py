@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 from transformers import Trainer
 
 from lyra.data.audio import SAMPLE_RATE
@@ -120,8 +121,6 @@ class LyraTrainer(Trainer):
     def prepare_answer_states(self) -> None:
         """Fill the answer-state cache with one pass over the training data, then start the speech
         generator's input norm from all of them (unless a resumed checkpoint already set it)."""
-        from tqdm.auto import tqdm
-
         # one modality per batch, so that each runs with the adapter inference would use
         loader = torch.utils.data.DataLoader(self.train_dataset, batch_size=self.args.per_device_train_batch_size,
                                              sampler=self._grouped_sampler(self.train_dataset, 1),
