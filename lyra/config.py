@@ -4,7 +4,7 @@ A `LyraConfig` fixes every hyper-parameter of the model: the Qwen2-VL backbone
 (vision tower + LLM), the Whisper speech encoder, the speech and sound projectors and
 the special-token ids that splice non-text inputs into the sequence.
 
-Every config (this one, the training recipe's, the nano phases') is a `config_dataclass`: a
+Every config (the model's, the training recipes', each recipe phase's) is a `config_dataclass`: a
 dataclass whose fields pydantic checks when it is built and when a field is assigned, so an
 unknown key or a value of the wrong type is an error that names the key and the file. YAML files
 are read by `load_yaml_config`, with overrides in one dotted syntax everywhere
@@ -53,7 +53,10 @@ def build_config(cls: type[T], data: Any, source: str = "<dict>") -> T:
 
 
 def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
-    """`["optim.lr=1e-4", "data.path=x.json"]` -> `{"optim.lr": 0.0001, ...}` (values are YAML)."""
+    """`["optim.lr=3e-4", "data.path=x.json"]` -> `{"optim.lr": "3e-4", "data.path": "x.json"}`.
+
+    Values are parsed as YAML (`true`, `2`, `[1, 2]`); YAML reads `3e-4` as text, which the typed
+    field then converts (a float field accepts "3e-4", an int field refuses "two")."""
     overrides = {}
     for item in items:
         key, sep, value = item.partition("=")

@@ -18,7 +18,7 @@ def keep_freed_memory() -> bool:
     By default glibc gives every allocation over 32 MiB its own fresh `mmap`, and returns it on
     free, so each training step pays page faults for every large tensor again: with a 152K
     vocabulary, the LM head's logits and the tied embedding's gradients are ~80 MiB each, and the
-    faults cost a nano training step a third of its time (`scripts/bench_malloc.py`). After this
+    faults cost a small model's training step a third of its time (`scripts/bench_malloc.py`). After this
     call the process keeps its peak heap instead of giving it back. The numbers computed do not
     change. Returns False (and changes nothing) where the C library is not glibc.
     """

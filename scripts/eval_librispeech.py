@@ -23,11 +23,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from lyra.eval.metrics import corpus_wer, percent  # noqa: E402
-from lyra.utils.io import atomic_write_json  # noqa: E402
-from lyra.eval.runner import (  # noqa: E402
+from lyra.eval.metrics import corpus_wer, percent
+from lyra.utils.io import atomic_write_json
+from lyra.eval.runner import (
     PredictionLog, add_model_arguments, default_predictions_path, first, load_assistant,
     model_meta, run_items,
 )

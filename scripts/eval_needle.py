@@ -17,20 +17,18 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from lyra.data.audio import SAMPLE_RATE, load_audio  # noqa: E402
-from lyra.eval.metrics import mean  # noqa: E402
-from lyra.eval.needle import (  # noqa: E402
+from lyra.data.audio import SAMPLE_RATE, load_audio
+from lyra.eval.metrics import mean
+from lyra.eval.needle import (
     DEFAULT_NEEDLE, Needle, build_haystack, draw_heatmap, grid_scores, load_background, retrieval_score,
     synthesize_espeak, trial_id,
 )
-from lyra.utils.io import atomic_write_json  # noqa: E402
-from lyra.eval.runner import (  # noqa: E402
+from lyra.utils.io import atomic_write_json
+from lyra.eval.runner import (
     PredictionLog, add_model_arguments, default_predictions_path, load_assistant, model_meta,
     run_items,
 )
-from lyra.inference import Media  # noqa: E402
+from lyra.inference import Media
 
 
 def build_parser() -> argparse.ArgumentParser:

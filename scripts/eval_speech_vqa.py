@@ -20,15 +20,13 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from lyra.utils.io import atomic_write_json  # noqa: E402
-from lyra.eval.runner import (  # noqa: E402
+from lyra.utils.io import atomic_write_json
+from lyra.eval.runner import (
     PredictionLog, add_model_arguments, default_predictions_path, first, load_assistant,
     model_meta, run_items,
 )
-from lyra.eval.speech_vqa import TASKS, SpeechVQAItem, judge_one, load_items, mmvet_scores, score_predictions  # noqa: E402
-from lyra.inference import Media  # noqa: E402
+from lyra.eval.speech_vqa import TASKS, SpeechVQAItem, judge_one, load_items, mmvet_scores, score_predictions
+from lyra.inference import Media
 
 MAX_NEW_TOKENS = {"textvqa": 64, "docvqa": 64, "chartqa": 64, "mmvet": 512}
 

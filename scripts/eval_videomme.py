@@ -20,17 +20,15 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from lyra.data.audio import SAMPLE_RATE, load_video_audio  # noqa: E402
-from lyra.data.vision import load_video_frames  # noqa: E402
-from lyra.inference import Media  # noqa: E402
-from lyra.utils.io import atomic_write_json  # noqa: E402
-from lyra.eval.runner import (  # noqa: E402
+from lyra.data.audio import SAMPLE_RATE, load_video_audio
+from lyra.data.vision import load_video_frames
+from lyra.inference import Media
+from lyra.utils.io import atomic_write_json
+from lyra.eval.runner import (
     META_KEY, PredictionLog, add_model_arguments, default_predictions_path, first, load_assistant,
     model_meta, run_items,
 )
-from lyra.eval.videomme import (  # noqa: E402
+from lyra.eval.videomme import (
     MODES, VideoMMEItem, build_prompt, find_video, has_audio_track, load_questions,
     score_predictions,
 )

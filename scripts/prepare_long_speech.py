@@ -23,9 +23,7 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from lyra.data.long_speech import find_transcript, prepare_long_speech  # noqa: E402
+from lyra.data.long_speech import find_transcript, prepare_long_speech
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a"}
 

@@ -16,11 +16,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from lyra.data.tts import BACKENDS, prepare_speech_instructions  # noqa: E402
+from lyra.data.tts import BACKENDS, prepare_speech_instructions
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,13 +15,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from lyra.data.tts import make_backend  # noqa: E402
-from lyra.eval.tts_roundtrip import ROUNDTRIP_PROMPTS, roundtrip_wer  # noqa: E402
-from lyra.model.speech import load_openai_whisper  # noqa: E402
+from lyra.data.tts import make_backend
+from lyra.eval.tts_roundtrip import ROUNDTRIP_PROMPTS, roundtrip_wer
+from lyra.model.speech import load_openai_whisper
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +63,15 @@ SMALL_VOCODER = {  # a scaled-down code HiFi-GAN (the real one's structure, 320x
     "dur_predictor_params": {"encoder_embed_dim": 16, "var_pred_hidden_dim": 16,
                              "var_pred_kernel_size": 3, "var_pred_dropout": 0.5},
 }
+
+
+def load_script(name: str):
+    """Import scripts/<name>.py as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(f"lyra_script_{name}", REPO_ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
+    spec.loader.exec_module(module)
+    return module
 
 
 def small_vocoder():

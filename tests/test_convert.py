@@ -4,7 +4,6 @@ speech tower, `mm_speech_projector.linear1/2`, peft adapters saved from that mod
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -25,7 +24,8 @@ from lyra.model.convert import (
     map_reference_projector_key,
 )
 
-REPO = Path(__file__).resolve().parent.parent
+from conftest import load_script
+
 TEXT = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=128, vocab_size=1024)
 TARGETS = ["v_proj", "o_proj", "down_proj", "gate_proj", "q_proj", "k_proj", "up_proj"]  # reference train.py default
@@ -325,9 +325,7 @@ def test_convert_errors(tmp_path, reference, reference_adapter, non_lora) -> Non
 
 def test_cli(tmp_path, reference, reference_adapter, non_lora) -> None:
     src = _write_reference_dir(tmp_path, reference, reference_adapter, non_lora)
-    spec = importlib.util.spec_from_file_location("convert_cli", REPO / "scripts" / "convert_reference_checkpoint.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_script("convert_reference_checkpoint")
     cli.main(["--src", str(src), "--dst", str(tmp_path / "out"), "--dtype", "bf16"])
     state = load_file(str(tmp_path / "out" / "model.safetensors"))
     assert state["speech_projector.fc1.weight"].dtype == torch.bfloat16

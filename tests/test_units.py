@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,8 @@ from lyra.data.units import (
     parse_units,
 )
 
-REPO = Path(__file__).resolve().parent.parent
+from conftest import load_script
+
 
 # A tiny fairseq HuBERT (cfg["model"] of a fairseq checkpoint, mHuBERT's key names).
 FAIRSEQ_CFG = {
@@ -266,8 +266,7 @@ def test_extractor_units_are_nearest_centroids_of_layer(tmp_path, tiny_hubert):
 
 
 def test_prepare_units_cli_is_resumable(tmp_path, tiny_hubert, capsys, monkeypatch):
-    sys.path.insert(0, str(REPO / "scripts"))
-    import prepare_units
+    prepare_units = load_script("prepare_units")
 
     model, _ = tiny_hubert
     model.save_pretrained(tmp_path / "hubert")
@@ -310,8 +309,7 @@ def test_prepare_units_cli_is_resumable(tmp_path, tiny_hubert, capsys, monkeypat
 
 
 def test_prepare_units_cli_writes_piper_phoneme_units(tmp_path, capsys):
-    sys.path.insert(0, str(REPO / "scripts"))
-    import prepare_units
+    prepare_units = load_script("prepare_units")
 
     from lyra.model.vocoder import load_vocoder
 
@@ -336,8 +334,7 @@ def test_prepare_units_cli_writes_piper_phoneme_units(tmp_path, capsys):
 
 
 def test_fit_kmeans_cli_writes_centroids(tmp_path, tiny_hubert, capsys):
-    sys.path.insert(0, str(REPO / "scripts"))
-    import fit_kmeans
+    fit_kmeans = load_script("fit_kmeans")
 
     model, _ = tiny_hubert
     model.save_pretrained(tmp_path / "hubert")

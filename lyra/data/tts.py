@@ -53,7 +53,7 @@ import torch
 from tqdm import tqdm
 
 from lyra.data.audio import to_mono_16k, write_wav
-from lyra.data.dataset import BadSampleError, RecordStore
+from lyra.data.records import BadSampleError, RecordStore
 from lyra.utils.io import atomic_write_text
 
 logger = logging.getLogger("lyra.data.tts")

@@ -29,7 +29,8 @@ from typing import Any
 from tqdm import tqdm
 
 from lyra.config import load_config
-from lyra.data.dataset import BAD_SAMPLE_CODES, BadSampleError, DataFileError, LyraDataset, inspect_record
+from lyra.data.dataset import LyraDataset
+from lyra.data.records import BAD_SAMPLE_CODES, BadSampleError, DataFileError, inspect_record
 from lyra.data.vision import VisionLimits
 from lyra.processing import PLACEHOLDERS, LyraProcessor
 from lyra.tokenizer import load_tokenizer

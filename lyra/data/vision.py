@@ -17,6 +17,7 @@ from PIL import Image
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil, smart_resize
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 PIXELS_PER_TOKEN = 28 * 28  # one merged 2x2 group of 14-pixel patches
 
 
@@ -49,6 +50,45 @@ def load_image(source: str | Path | Image.Image) -> Image.Image:
             return image.convert("RGB")
     except Exception as error:
         raise VisionError(f"cannot decode image {path}: {error}; use PNG, JPEG or WebP") from error
+
+
+def even_frame_count(available: int, maximum: int, temporal_patch: int) -> int:
+    """How many of `available` frames (a folder of frames) to use: a multiple of the temporal patch."""
+    count = min(available, maximum)
+    count -= count % temporal_patch
+    return max(count, min(available, temporal_patch))
+
+
+def fit_image(image: Image.Image) -> Image.Image:
+    """Make degenerate images usable, as the reference trainer does: sides of at least 28 pixels
+    and an aspect ratio of at most 200 (Qwen2-VL's resize refuses more)."""
+    width, height = image.size
+    if min(width, height) < 28:
+        width, height = max(width, 28), max(height, 28)
+        image = image.resize((width, height), Image.NEAREST)
+    if width / height > 200:
+        image = image.resize((height * 180, height), Image.NEAREST)
+    elif height / width > 200:
+        image = image.resize((width, width * 180), Image.NEAREST)
+    return image
+
+
+def split_frame_grid(image: Image.Image, rows: int = 4, cols: int = 4) -> list[Image.Image]:
+    """Frames of a video stored as one grid image (rows x cols, row-major), after trimming a
+    white margin -- the reference trainer's `.jpg` video format."""
+    pixels = np.asarray(image.convert("RGB"))
+    ink = pixels.astype(np.int32).sum(axis=-1) < 720  # anything not (almost) white
+    ys, xs = np.any(ink, axis=1).nonzero()[0], np.any(ink, axis=0).nonzero()[0]
+    if ys.size and xs.size:
+        pixels = pixels[ys[0] : ys[-1] + 1, xs[0] : xs[-1] + 1]
+    height, width = pixels.shape[0] // rows, pixels.shape[1] // cols
+    if height < 1 or width < 1:
+        raise VisionError(f"a frame-grid image of {pixels.shape[1]}x{pixels.shape[0]} is too small for {rows}x{cols} frames")
+    return [
+        Image.fromarray(pixels[r * height : (r + 1) * height, c * width : (c + 1) * width])
+        for r in range(rows)
+        for c in range(cols)
+    ]
 
 
 def sample_frame_indices(num_frames: int, native_fps: float, limits: VisionLimits, temporal_patch: int) -> list[int]:

@@ -19,7 +19,7 @@ piece are synthesised after up to `context_words` words already voiced, and only
 the audio is returned, cut at the word borders that the model's own phoneme alignment gives
 (`piper-tts`'s alignment output, patched into the ONNX model in memory; needs the `onnx`
 package). The new words are thus spoken as a continuation, not as utterances of their own; with
-3 words of context the nano answers streamed are heard as their one-shot synthesis
+3 words of context, streamed answers are heard as their one-shot synthesis
 (scripts/bench_speech_output.py). The pieces differ from the one-shot audio in their prosody
 (a shorter context), and the first word ends without the utterance's final silence.
 """

@@ -171,8 +171,8 @@ def _hf_whisper_encoder_state(directory: Path) -> dict[str, torch.Tensor]:
 class FrameCache:
     """Encoder outputs of audio already seen, for a frozen encoder (LRU, bounded in MiB).
 
-    Training sets that repeat the same recordings (the nano task's spoken questions, a
-    fixed instruction read by several voices) then pay for Whisper once per recording.
+    Training sets that repeat the same recordings (a small set of spoken questions
+    asked many times, a fixed instruction read by several voices) then pay for Whisper once per recording.
     """
 
     def __init__(self, max_mib: float):

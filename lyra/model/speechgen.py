@@ -22,8 +22,8 @@ steps at lr 3e-3); with 4-5 units and lr 1e-2 all 10 seeds tried fit exactly
 (tests/test_speechgen.py uses that setting).
 
 Two optional additions (`frame_positions`, `input_norm`; both off for the references'
-checkpoints) make the generator learn in a few hundred steps, which Lyra-Nano's stage 4 needs on
-a CPU (measured on its answer states, 300 steps of 32: with both, 2 % phoneme error; without the
+checkpoints) make the generator learn in a few hundred steps, which a stage 4 on a CPU needs
+(measured on a small model's answer states, 300 steps of 32: with both, 2 % phoneme error; without the
 frame positions 36 %, without the norm 34 %):
   * `frame_positions`: a learned embedding of each frame's index among the copies of its text
     state (0 .. upsample-1) is added after `input_proj`. The copies then differ, so one text

@@ -24,7 +24,8 @@ import torch
 from tqdm.auto import tqdm
 
 from lyra.config import LMMEConfig
-from lyra.data.dataset import LyraCollator, LyraDataset
+from lyra.data.collate import LyraCollator
+from lyra.data.dataset import LyraDataset
 from lyra.data.vision import VisionLimits
 from lyra.model import mlora
 from lyra.nano.task import QUESTION_TYPES

@@ -11,7 +11,7 @@ away. The clips' encoder frames go into the shared frame cache, so the base phas
 does not encode them again. Held-out clips (pitches and lengths no training clip has) are only
 scored.
 
-    config = load_yaml_config(SoundPretrainConfig, "lyra/nano/configs/sound.yaml")
+    config = load_yaml_config(SoundPretrainConfig, files("lyra.nano") / "configs" / "sound.yaml")
     report = pretrain_sound(model, task, config)  # trains model.sound_projector in place
 """
 

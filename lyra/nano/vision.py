@@ -12,7 +12,7 @@ are used; held-out colour x shape pairs and word x ink pairs never appear. (With
 label, count was the base phase's most fragile skill: 94 % held-out in one run, 33 % in the
 next after an unrelated change.)
 
-    config = load_yaml_config(VisionPretrainConfig, "lyra/nano/configs/vision.yaml")
+    config = load_yaml_config(VisionPretrainConfig, files("lyra.nano") / "configs" / "vision.yaml")
     report = pretrain_vision(model, task, config)  # trains model.backbone.model.visual in place
 """
 

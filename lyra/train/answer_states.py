@@ -4,7 +4,7 @@ The speech generator reads the LLM's final hidden states of the answer tokens. W
 before it trains (LLM, adapters, encoders and projectors frozen, no dropout on their path), those
 states are the same in every epoch, so they can be computed once per sample and reused: an epoch
 then costs only the generator's own forward and backward. `cache_answer_states: true` in a
-stage-4 config turns this on (Lyra-Nano's stage 4: 12 epochs for the price of about one). States
+stage-4 config turns this on (12 epochs then cost about one). States
 are kept in memory, keyed by the dataset index; `fill` computes every sample's up front (so that
 the generator's input norm can start from the statistics of all of them), after which training
 reads batches of cached states and target units (`dataset`, `collate`) and loads no media.

@@ -20,7 +20,7 @@ from lyra.config import ConfigError, config_dataclass, load_yaml_config
 from lyra.utils.io import atomic_write_text
 
 STAGES = {
-    0: "base model from scratch (models without pretrained weights, e.g. nano): LLM + ViT on text/image data",
+    0: "base model from scratch (models without pretrained weights, e.g. the small presets): LLM + ViT on text/image data",
     1: "speech-text alignment: projector only (+ LCMR)",
     2: "multi-modal SFT: speech projector + LLM through the 'speech' MLoRA adapter (+ LCMR)",
     3: "long speech: a 'long_speech' adapter from the base LLM + its projector",
@@ -53,7 +53,7 @@ class TrainableSection:
     adapter_alpha: int = 16
     adapter_dropout: float = 0.05
     llm: bool = False  # full fine-tune of the LLM (the MLoRA ablation; not a paper stage)
-    vit: bool = False  # the vision tower (only for models trained from scratch, e.g. nano)
+    vit: bool = False  # the vision tower (only for models trained from scratch)
     speech_generator: bool = False
 
 

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from lyra.config import LMMEConfig, load_config, parse_overrides
-from lyra.data.dataset import BadSampleTracker, LyraCollator, LyraDataset
+from lyra.data.collate import BadSampleTracker, LyraCollator
+from lyra.data.dataset import LyraDataset
 from lyra.data.vision import VisionLimits
 from lyra.memory import keep_freed_memory
 from lyra.model import mlora

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from transformers import Trainer
 
 from lyra.data.audio import SAMPLE_RATE
-from lyra.data.dataset import BadSampleTracker
+from lyra.data.collate import BadSampleTracker
 from lyra.model import mlora
 from lyra.train.answer_states import AnswerStateCache
 
@@ -167,8 +167,8 @@ class LyraTrainer(Trainer):
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         # With cached answer states every step runs the speech generator alone, so batches may mix
-        # modalities; groups of one modality and length would hold the same few answers (nano
-        # stage 4: 19 % phoneme error after 336 steps, 2 % with shuffled batches).
+        # modalities; groups of one modality and length would hold the same few answers (a
+        # small model's stage 4: 19 % phoneme error after 336 steps, 2 % with shuffled batches).
         if self.answer_states is not None or not self.group_by_modality_length or not hasattr(dataset, "sample_info"):
             return super()._get_train_sampler(train_dataset)
         return self._grouped_sampler(dataset, self.args.world_size * self.args.gradient_accumulation_steps)
