@@ -67,7 +67,8 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any] | None, source: str = "<dict>") -> dict[str, Any]:
-    """A copy of `data` with each dotted key of `overrides` set (intermediate mappings created)."""
+    """A copy of `data` with each dotted key of `overrides` set (intermediate mappings created).
+    A mapping given for a section is merged into it (`{"text": {"vocab_size": 64}}` changes one key)."""
     merged = _copy_tree(data)
     for dotted, value in (overrides or {}).items():
         node = merged
@@ -76,7 +77,10 @@ def apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any] | None, s
             node = node.setdefault(key, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"{source}: cannot set '{dotted}': '{'.'.join(parents[:depth + 1])}' is not a section")
-        node[leaf] = value
+        if isinstance(value, Mapping) and isinstance(node.get(leaf), dict):
+            node[leaf] = apply_overrides(node[leaf], {key: item for key, item in value.items()}, source)
+        else:
+            node[leaf] = value
     return merged
 
 

@@ -71,3 +71,11 @@ def test_semantic_checks_still_run_after_type_checks():
         load_config("tiny", {"lmme.keep": 1.5})
     with pytest.raises((ConfigError, ValueError), match="mrope_section"):
         LyraConfig(text={"mrope_section": [1, 1, 1]})
+
+
+def test_a_mapping_override_merges_into_its_section():
+    nano = load_config("nano")
+    merged = load_config("nano", {"text": {"num_hidden_layers": 2}})
+    assert merged.text.num_hidden_layers == 2
+    assert merged.text.vocab_size == nano.text.vocab_size
+    assert merged.text.hidden_size == nano.text.hidden_size

@@ -41,6 +41,9 @@ from lyra.utils.state_dict import check_state_dict
 CONFIG_FILE = "config.json"
 TOKENIZER_DIR = "tokenizer"  # its own folder: HF tokenizer loading would misread our config.json
 MODEL_TYPE = "lyra"
+# The keys of a collated batch that `prepare_inputs` takes: what the LLM reads.
+PREPARE_INPUT_KEYS = ("input_ids", "attention_mask", "speech", "sound", "pixel_values", "image_grid_thw",
+                      "pixel_values_videos", "video_grid_thw", "mm_token_type_ids")
 
 
 def qwen2vl_config(config: LyraConfig) -> Qwen2VLConfig:

@@ -28,9 +28,9 @@ from lyra.data.collate import LyraCollator
 from lyra.data.dataset import LyraDataset
 from lyra.data.vision import VisionLimits
 from lyra.model import mlora
+from lyra.model.lyra import PREPARE_INPUT_KEYS
 from lyra.nano.task import QUESTION_TYPES
 from lyra.processing import IGNORE_INDEX, LyraProcessor, collate
-from lyra.train.trainer import MODEL_INPUT_KEYS
 
 VARIANTS = {"text": "-text", "speech": "-speech", "voice": "-voice"}  # eval record id suffixes
 VARIANT_NAMES = {"text": "text question", "speech": "spoken question (training voices)",
@@ -109,10 +109,7 @@ def _route(model, has_speech: bool) -> None:
 @torch.no_grad()
 def answer_positions_correct(model, batch: dict[str, Any]) -> list[list[bool]]:
     """Per sample, per assistant turn (contiguous label run): whether greedy decoding gives it."""
-    inputs = {k: v for k, v in batch.items() if k in MODEL_INPUT_KEYS and k not in ("labels",)}
-    inputs.pop("transcript_ids", None)
-    inputs.pop("transcript_speech_index", None)
-    inputs.pop("tgt_units", None)
+    inputs = {k: v for k, v in batch.items() if k in PREPARE_INPUT_KEYS}
     labels = batch["labels"]
     embeds, position_ids, _ = model.prepare_inputs(**inputs)
     hidden = model.backbone.model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"],
@@ -196,7 +193,8 @@ def prompt_for_turn(record: dict[str, Any], turn: int) -> tuple[list[dict[str, s
 def generate_answers(model, tokenizer, eval_file: str | Path, variants: tuple[str, ...] = ("speech",),
                      lmme: LMMEConfig | None = None, limit: int | None = None, progress: bool = True,
                      batch_size: int = 1) -> tuple[Accuracy, list[float]]:
-    """Greedy decoding of the scored turns (LMME applied if given). Returns the accuracy and the
+    """Greedy decoding of the scored turns (LMME applied if given); a turn is right when the reply
+    is the answer and ends with `<|im_end|>` within 8 tokens. Returns the accuracy and the
     prefill seconds of each prompt (time to the first new token, batch size 1 by default)."""
     eval_file = Path(eval_file)
     root = eval_file.parent
@@ -229,10 +227,11 @@ def generate_answers(model, tokenizer, eval_file: str | Path, variants: tuple[st
             prefill.append(time.perf_counter() - tick)
             new = model.generate(**batch, max_new_tokens=8, lmme=lmme)
             for (record, k), tokens in zip(chunk, new):
-                text = tokenizer.decode([t for t in tokens.tolist() if t != model.config.tokens.pad],
-                                        skip_special_tokens=True).strip()
+                ids = tokens.tolist()
+                text = tokenizer.decode([t for t in ids if t != model.config.tokens.pad], skip_special_tokens=True).strip()
+                stopped = model.config.tokens.eos in ids  # the answer ends where the gold one does
                 meta = record["meta"]
-                accuracy.add(variant_of(record["id"]), meta["types"][k], text == meta["answers"][k],
+                accuracy.add(variant_of(record["id"]), meta["types"][k], stopped and text == meta["answers"][k],
                              id=record["id"], turn=k, answer=meta["answers"][k], reply=text)
     finally:
         if mlora.adapter_names(model):

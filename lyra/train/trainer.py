@@ -26,14 +26,12 @@ from transformers import Trainer
 from lyra.data.audio import SAMPLE_RATE
 from lyra.data.collate import BadSampleTracker
 from lyra.model import mlora
+from lyra.model.lyra import PREPARE_INPUT_KEYS
 from lyra.train.answer_states import AnswerStateCache
 
 COMPLETE_MARKER = ".complete"
-MODEL_INPUT_KEYS = (
-    "input_ids", "attention_mask", "labels", "speech", "sound", "pixel_values", "image_grid_thw",
-    "pixel_values_videos", "video_grid_thw", "mm_token_type_ids", "transcript_ids", "transcript_speech_index",
-    "tgt_units",
-)
+# What the model's forward takes: the LLM's inputs plus the targets of each loss.
+MODEL_INPUT_KEYS = (*PREPARE_INPUT_KEYS, "labels", "transcript_ids", "transcript_speech_index", "tgt_units")
 
 
 class ModalityLengthGroupedSampler(torch.utils.data.Sampler):
