@@ -125,6 +125,7 @@ def training_arguments(config: TrainConfig, report_to: str):
         data_seed=config.seed,
         dataloader_num_workers=config.data.workers,
         remove_unused_columns=False,
+        ddp_find_unused_parameters=False,  # every trainable parameter has a gradient each step (trainer.py)
         use_cpu=not torch.cuda.is_available(),
     )
 

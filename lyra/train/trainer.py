@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 from transformers import Trainer
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from lyra.data.audio import SAMPLE_RATE
 from lyra.data.collate import BadSampleTracker
@@ -101,8 +102,15 @@ class LyraTrainer(Trainer):
             self._counts["speech_generator_loss"] += 1
             return (loss, None) if return_outputs else loss
         outputs = model(**model_inputs(inputs), return_logits=False)
-        if not outputs.loss.requires_grad:  # nothing trained is on this batch's path (e.g. text in stage 1)
-            outputs.loss = outputs.loss.detach() + _zero_loss(model)
+        # Every trainable parameter gets a gradient on every rank and step, also those off this
+        # batch's path (text in stage 1): DDP then needs no unused-parameter search, which would
+        # mark such a parameter ready twice. ZeRO-3 partitions parameters outside the forward
+        # and fills missing gradients itself.
+        if not is_deepspeed_zero3_enabled():
+            outputs.loss = outputs.loss + _zero_loss(model)
+        elif not outputs.loss.requires_grad:
+            raise RuntimeError(f"batch {inputs.get('sample_ids')} has nothing trainable on its path, which ZeRO-3 "
+                               "cannot step on; leave such samples out of this stage's data or use ZeRO-2")
         for key in self._sums:
             value = getattr(outputs, key, None)
             if value is not None:
@@ -199,7 +207,9 @@ def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
 
 
 def _zero_loss(model) -> torch.Tensor:
-    """A zero that depends on every trainable parameter, so every rank's backward matches."""
+    """A zero that depends on every trainable parameter, so every rank's backward matches.
+    Not under ZeRO-3, whose parameters are empty shards outside the forward: there a batch with
+    nothing trainable on its path (text in stage 1) cannot go backward."""
     return sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
 
 
