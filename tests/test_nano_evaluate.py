@@ -53,3 +53,12 @@ def test_teacher_forced_accuracy_is_greedy_decoding(tmp_path):
         assert by_turn[(turn["id"], turn["turn"])] == turn["correct"], turn
     right = sum(by_turn.values())
     assert 0 < right < len(by_turn), "the check needs both right and wrong answers"
+
+
+def test_an_ablation_is_named_an_effect_only_beyond_its_spread():
+    from lyra.nano.reproduce import effect
+
+    overlapping = effect("LCMR", [0.57, 0.595, 0.62], [0.57, 0.605, 0.64])
+    assert "no effect shown" in overlapping and "60.5 ± 3.5 % vs 59.5 ± 2.5 %" in overlapping
+    separated = effect("full fine-tune", [0.93, 0.94, 0.95], [0.80, 0.81, 0.82])
+    assert "lower by more than the spread over 3 seeds" in separated
