@@ -226,6 +226,24 @@ def test_hf_whisper_directory_maps_onto_openai_names(tmp_path):
         assert torch.allclose(ours(mel), hf.encoder(mel).last_hidden_state, atol=1e-5)
 
 
+def test_whisper_encoder_equals_openai_whisper():
+    """Our encoder has openai-whisper's parameter names (a strict load both ways) and its outputs."""
+    from whisper.model import AudioEncoder
+
+    from lyra.model.whisper_encoder import WhisperAudioEncoder
+
+    torch.manual_seed(0)
+    reference = AudioEncoder(80, 1500, 64, 4, 2).eval()
+    ours = WhisperAudioEncoder(80, 1500, 64, 4, 2).eval()
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    reference.load_state_dict(ours.state_dict(), strict=True)
+    mel = torch.randn(2, 80, 3000)
+    with torch.no_grad():
+        assert torch.allclose(ours(mel), reference(mel), atol=1e-5)
+    with pytest.raises(ValueError, match="takes 3000 frames"):
+        ours(mel[..., :2000])
+
+
 def test_sound_uses_its_own_projector_and_placeholder(tiny_model):
     config = tiny_model.config
     sound, speech = torch.from_numpy(tone(4.0, freq=900.0)), torch.from_numpy(tone(2.0))

@@ -22,9 +22,9 @@ from tqdm.auto import tqdm
 from lyra.config import AudioEncoderConfig
 from lyra.data.audio import SAMPLE_RATE
 from lyra.model.whisper_ct2 import cached_whisper_tiny_en
+from lyra.model.whisper_encoder import N_FFT, WhisperAudioEncoder, mel_filterbank
 from lyra.utils.state_dict import check_state_dict
 
-N_FFT = 400  # 25 ms window at 16 kHz
 HOP_LENGTH = 160  # 10 ms hop -> 100 mel frames per second
 CLIP_SECONDS = 30
 CLIP_SAMPLES = CLIP_SECONDS * SAMPLE_RATE  # 480,000 samples per clip
@@ -43,13 +43,11 @@ def log_mel(clips: torch.Tensor, n_mels: int) -> torch.Tensor:
     Returns:
         `[N, n_mels, CLIP_FRAMES]` float32.
     """
-    from whisper.audio import mel_filters  # bundled filterbank, no download
-
     clips = clips.float()
     window = torch.hann_window(N_FFT, device=clips.device)
     stft = torch.stft(clips, N_FFT, HOP_LENGTH, window=window, return_complex=True)
     power = stft[..., :-1].abs() ** 2  # (N, n_fft/2+1, CLIP_FRAMES)
-    mel = mel_filters(clips.device, n_mels) @ power  # (N, n_mels, CLIP_FRAMES)
+    mel = mel_filterbank(n_mels, clips.device) @ power  # (N, n_mels, CLIP_FRAMES)
     log_spec = torch.clamp(mel, min=1e-10).log10()
     peak = log_spec.amax(dim=(1, 2), keepdim=True)
     log_spec = torch.maximum(log_spec, peak - 8.0)
@@ -69,17 +67,15 @@ def num_clips(num_samples: int) -> int:
 
 
 class WhisperEncoder(nn.Module):
-    """openai-whisper's `AudioEncoder` behind a typed config.
+    """Whisper's audio encoder (`lyra/model/whisper_encoder.py`) behind a typed config.
 
     Input `[N, n_mels, 3000]` log-mel, output `[N, n_audio_ctx, n_audio_state]`.
     """
 
     def __init__(self, config: AudioEncoderConfig):
         super().__init__()
-        from whisper.model import AudioEncoder
-
         self.config = config
-        self.whisper = AudioEncoder(
+        self.whisper = WhisperAudioEncoder(
             config.n_mels, config.n_audio_ctx, config.n_audio_state, config.n_audio_head, config.n_audio_layer
         )
 
