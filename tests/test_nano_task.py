@@ -263,3 +263,16 @@ def test_sound_pretraining_separates_held_out_clips(task):
     assert report["held_out_probe_accuracy_after"]["kind"] >= 8 / 9  # every beep is a "beep": 6 / 9
     assert len(model.frame_cache.entries) == 2 * len(nano_task.SOUNDS)
     assert all(p.requires_grad for p in model.speech_encoder.parameters())  # the flags are given back
+
+
+def test_all_spoken_asks_every_question_in_the_spoken_turns_voice():
+    qas = [{"question": "What shape are they?", "answer": "square", "type": "shape"},
+           {"question": "Which colour do you see?", "answer": "purple", "type": "colour"}]
+    record = nano_task._record("r", "image", "images/a.png", qas, {1}, ["piper-joe"], "<image>")
+    spoken = nano_task.all_spoken(record)
+    assert [turn["value"] for turn in spoken["conversations"]] == ["<image>\n<speech>", "square", "<speech>", "purple"]
+    assert spoken["speech"] == [nano_task.utterance_name(qa["question"], "piper-joe") for qa in qas]
+    assert spoken["speech_asr"] == [qa["question"] for qa in qas]
+    assert spoken["meta"]["spoken"] == [True, True] and spoken["meta"]["answers"] == record["meta"]["answers"]
+    sound = nano_task._record("s", "sound", "sounds/a.wav", qas[:1], {0}, ["piper-amy"], "<sound>")
+    assert nano_task.all_spoken(sound)["conversations"] == sound["conversations"]

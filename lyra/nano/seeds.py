@@ -13,6 +13,7 @@ Writes a table to stdout and `<out>/seeds.json` (or `--json`).
 from __future__ import annotations
 
 import argparse
+import platform
 import statistics
 import sys
 import time
@@ -33,6 +34,17 @@ VARIANTS = ("text", "speech")
 def mean_sd(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value)."""
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def cpu_name() -> str:
+    """The CPU model (builds differ across CPUs: their float kernels round differently)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def build_and_score(out: Path, seed: int) -> dict:
@@ -103,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarise(runs)
     print("\n" + table(runs, summary))
     record = {"seeds": seeds, "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "runs": runs, "summary": summary}
+              "cpu": cpu_name(), "runs": runs, "summary": summary}
     path = Path(args.json) if args.json else out / "seeds.json"
     atomic_write_json(path, record)
     print(f"\nwrote {path}")

@@ -409,6 +409,17 @@ def _record(rid: str, media_key: str, media_path: str, qas: list[dict[str, str]]
     return record
 
 
+def all_spoken(record: dict[str, Any]) -> dict[str, Any]:
+    """`record` with every question asked in speech by the voice of its spoken turn (every
+    question is recorded in every training voice, so the recordings exist)."""
+    meta = record["meta"]
+    voice = next(v for v in meta["voices"] if v is not None)
+    media_key, placeholder = ("sound", "<sound>") if "sound" in record else ("image", "<image>")
+    qas = [{"question": q, "answer": a, "type": t} for q, a, t in zip(meta["questions"], meta["answers"], meta["types"])]
+    turns = range(len(qas))
+    return _record(record["id"], media_key, record[media_key], qas, set(turns), [voice for _ in turns], placeholder)
+
+
 def build_nano_task(root: str | Path, spec: NanoTaskSpec | None = None, progress: bool = True,
                     force: bool = False) -> NanoTask:
     """Generate the task under `root` (or reuse it when `root/manifest.json` matches `spec`)."""
