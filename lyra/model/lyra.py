@@ -160,9 +160,9 @@ class LyraForConditionalGeneration(nn.Module):
             qwen2vl_dir, dtype=dtype, local_files_only=True, trust_remote_code=False
         )
         config = LyraConfig.from_dict(base_config.to_dict()) if base_config else LyraConfig()
-        _copy_backbone_dims(backbone.config, config)
+        copy_backbone_dims(backbone.config, config)
         encoder_state = load_whisper_encoder_state(whisper_checkpoint)
-        config.speech.encoder = _encoder_config_from_state(encoder_state, str(whisper_checkpoint))
+        config.speech.encoder = encoder_config_from_state(encoder_state, str(whisper_checkpoint))
         config.validate()
         model = cls(config, backbone=backbone)
         model.speech_encoder.whisper.load_state_dict(encoder_state)
@@ -584,7 +584,8 @@ def read_checkpoint_config(directory: str | Path) -> LyraConfig:
     return LyraConfig.from_dict(data["lyra"], source=str(path))
 
 
-def _copy_backbone_dims(hf: Qwen2VLConfig, config: LyraConfig) -> None:
+def copy_backbone_dims(hf: Qwen2VLConfig, config: LyraConfig) -> None:
+    """Set `config`'s LLM and ViT dimensions and vision token ids to those of a Qwen2-VL config."""
     text, vision = hf.text_config, hf.vision_config
     config.text.vocab_size = text.vocab_size
     config.text.hidden_size = text.hidden_size
@@ -610,11 +611,17 @@ def _copy_backbone_dims(hf: Qwen2VLConfig, config: LyraConfig) -> None:
     config.tokens.vision_end = hf.vision_end_token_id
 
 
-def _encoder_config_from_state(state: dict[str, torch.Tensor], source: str) -> AudioEncoderConfig:
-    """Whisper encoder dims read off its weights."""
+def encoder_config_from_state(state: dict[str, torch.Tensor], source: str) -> AudioEncoderConfig:
+    """Whisper encoder dims read off its weights (openai-whisper names); `source` names them in errors."""
+    layers = [int(k.split(".")[1]) for k in state if k.startswith("blocks.")]
+    if "conv1.weight" not in state or "positional_embedding" not in state or not layers:
+        raise ValueError(f"{source}: not a Whisper encoder (no conv1.weight, positional_embedding or blocks.N.*)")
     conv1 = state["conv1.weight"]  # (n_state, n_mels, 3)
     n_ctx, n_state = state["positional_embedding"].shape
-    n_layer = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    if n_state % 64:
+        raise ValueError(f"{source}: a Whisper encoder {n_state} wide does not split into 64-wide heads, as "
+                         f"every released Whisper does")
+    n_layer = 1 + max(layers)
     return AudioEncoderConfig(
         n_mels=conv1.shape[1],
         n_audio_ctx=n_ctx,
