@@ -459,6 +459,28 @@ def test_released_model_stops_on_endoftext(says_endoftext, lmme) -> None:
     assert new.tolist() == [[EOT]]
 
 
+def test_served_released_model_stops_on_endoftext(says_endoftext) -> None:
+    """`python -m lyra.serve.api --model <converted>`: the batcher ends the answer at <|endoftext|>."""
+    import http.client
+
+    from lyra.inference import load_model
+    from lyra.serve.api import ServerConfig, create_server
+
+    server = create_server(*load_model(str(says_endoftext), "cpu", "fp32"), ServerConfig(port=0)).start()
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        body = {"model": "converted", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8}
+        connection.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        reply = json.loads(response.read())
+        connection.close()
+    finally:
+        server.close()
+    assert response.status == 200, reply
+    assert reply["choices"][0]["finish_reason"] == "stop"
+    assert reply["usage"]["completion_tokens"] == 0 and reply["choices"][0]["message"]["content"] == ""
+
+
 def test_reconverting_is_idempotent(tmp_path, release) -> None:
     """The same command twice: the second run replaces the first conversion with identical files."""
     dst = tmp_path / "out"
