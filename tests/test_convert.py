@@ -409,18 +409,20 @@ def _chat(capsys, *argv: str) -> tuple[int, dict | None, str]:
 
 def test_chat_answers_with_the_converted_model(capsys, tmp_path, converted) -> None:
     """`python -m lyra.chat --model <converted> --speech q.wav --json`, and the release's windows:
-    29.99 s is one window and the speech adapter, exactly 30.0 s two windows and long_speech."""
+    29.99 s is one window and the speech adapter, exactly 30.0 s and 30.01 s two windows and long_speech."""
     answers = {}
-    for seconds in (2.0, 29.99, 30.0):
+    for seconds in (2.0, 29.99, 30.0, 30.01):
         wav = tmp_path / f"q{seconds}.wav"
         sf.write(wav, tone(seconds), 16000)
         code, answers[seconds], _ = _chat(capsys, "--model", str(converted), "--speech", str(wav))
         assert code == 0
         assert answers[seconds]["untrained"] is False and isinstance(answers[seconds]["answer"], str)
         assert 1 <= answers[seconds]["new_tokens"] + (answers[seconds]["answer"] == "") <= 4
-    assert [answers[s]["adapter"] for s in (2.0, 29.99, 30.0)] == ["speech", "speech", "long_speech"]
+    assert [answers[s]["adapter"] for s in (2.0, 29.99, 30.0, 30.01)] == ["speech", "speech", "long_speech",
+                                                                           "long_speech"]
     assert answers[29.99]["prompt_tokens"] == answers[2.0]["prompt_tokens"]
-    assert answers[30.0]["prompt_tokens"] == answers[2.0]["prompt_tokens"] + N_CTX // K  # a second window
+    for seconds in (30.0, 30.01):  # a second window
+        assert answers[seconds]["prompt_tokens"] == answers[2.0]["prompt_tokens"] + N_CTX // K
 
 
 def test_sound_input_to_a_model_without_a_sound_path_is_a_clear_error(capsys, tmp_path, converted) -> None:
@@ -459,26 +461,47 @@ def test_released_model_stops_on_endoftext(says_endoftext, lmme) -> None:
     assert new.tolist() == [[EOT]]
 
 
-def test_served_released_model_stops_on_endoftext(says_endoftext) -> None:
-    """`python -m lyra.serve.api --model <converted>`: the batcher ends the answer at <|endoftext|>."""
-    import http.client
-
+@pytest.fixture(scope="module")
+def served(says_endoftext):
+    """`python -m lyra.serve.api --model <converted>` on a free loopback port."""
     from lyra.inference import load_model
     from lyra.serve.api import ServerConfig, create_server
 
     server = create_server(*load_model(str(says_endoftext), "cpu", "fp32"), ServerConfig(port=0)).start()
-    try:
-        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
-        body = {"model": "converted", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8}
-        connection.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
-        response = connection.getresponse()
-        reply = json.loads(response.read())
-        connection.close()
-    finally:
-        server.close()
-    assert response.status == 200, reply
+    yield server
+    server.close()
+
+
+def _post_chat(server, content) -> tuple[int, dict]:
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    body = {"model": "converted", "messages": [{"role": "user", "content": content}], "max_tokens": 8}
+    connection.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+    response = connection.getresponse()
+    reply = json.loads(response.read())
+    connection.close()
+    return response.status, reply
+
+
+def test_served_released_model_stops_on_endoftext(served) -> None:
+    """The server's batcher ends the answer at <|endoftext|>, not after max_tokens."""
+    status, reply = _post_chat(served, "Hello")
+    assert status == 200, reply
     assert reply["choices"][0]["finish_reason"] == "stop"
     assert reply["usage"]["completion_tokens"] == 0 and reply["choices"][0]["message"]["content"] == ""
+
+
+def test_served_sound_input_without_a_sound_path_is_a_400(served) -> None:
+    import base64
+    import io
+
+    wav = io.BytesIO()
+    sf.write(wav, tone(1.0), 16000, format="WAV")
+    sound = {"type": "input_sound", "input_sound": {"data": base64.b64encode(wav.getvalue()).decode(), "format": "wav"}}
+    status, reply = _post_chat(served, [sound, {"type": "text", "text": "what is this?"}])
+    assert status == 400, reply
+    assert reply["error"]["code"] == "invalid_media" and "has no sound path" in reply["error"]["message"]
 
 
 def test_reconverting_is_idempotent(tmp_path, release) -> None:
