@@ -204,7 +204,12 @@ class SpeechConfig:
     clip_seconds: int = 30
     max_seconds: float = 7200.0  # two hours: 240 clips -> 72,000 tokens
     encode_batch_clips: int = 8  # clips encoded at once; bounds activation memory
-    long_speech_seconds: float = 30.0  # longer audio uses the "long_speech" adapter when present
+    # How many 30 s windows audio of n samples takes (a key of WINDOW_RULES); the adapter choice
+    # below counts the same windows, so token count and adapter never disagree.
+    window_rule: str = "ceil"
+    # Audio that takes more windows than this many seconds fill uses the "long_speech" adapter
+    # when present (a multiple of clip_seconds: 30 s -> more than one window).
+    long_speech_seconds: float = 30.0
     frozen_encoder_cache_mib: float = 0.0  # >0: reuse encoder outputs for repeated audio (frozen encoder, or no grad)
 
 
@@ -213,9 +218,11 @@ class SoundConfig:
     """Sound events (AudioCaps-style clips): own projector and `<sound>` placeholder.
 
     With `share_speech_encoder` the speech Whisper encoder also encodes sound, as
-    Qwen2-Audio does; otherwise `encoder` builds a separate one.
+    Qwen2-Audio does; otherwise `encoder` builds a separate one. `enabled: false` builds
+    no sound path at all (the released Lyra checkpoints have none).
     """
 
+    enabled: bool = True
     share_speech_encoder: bool = True
     encoder: AudioEncoderConfig | None = None
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
@@ -271,6 +278,22 @@ class LCMRConfig:
     embedding_grad: bool = True  # whether the embedding table gets gradient from this loss
 
 
+# How audio of n samples (16 kHz) is cut into 30 s (480,000-sample) windows.
+WINDOW_RULES = {
+    "ceil": "ceil(n / 480000) windows, at least one: exactly 30.0 s is one window",
+    "floor_plus_one": "n // 480000 + 1 windows, as the released Lyra code cuts audio: exactly 30.0 s is two",
+}
+
+
+@config_dataclass
+class GenerationDefaults:
+    """How generation ends for this checkpoint."""
+
+    # Token ids that end an answer; empty: `tokens.eos` alone. Converted releases stop on
+    # <|im_end|> and <|endoftext|>, as the released code does.
+    stop_token_ids: list[int] = field(default_factory=list)
+
+
 # The kinds of speech units a speech generator can predict (lyra/model/vocoder.py).
 UNIT_KINDS = {
     "hubert": "k-means ids of mHuBERT features, spoken by a code HiFi-GAN",
@@ -310,6 +333,7 @@ class LyraConfig:
     lmme: LMMEConfig = field(default_factory=LMMEConfig)
     lcmr: LCMRConfig = field(default_factory=LCMRConfig)
     speech_generator: SpeechGeneratorConfig = field(default_factory=SpeechGeneratorConfig)
+    generation: GenerationDefaults = field(default_factory=GenerationDefaults)
     # null: the real Qwen2 tokenizer built offline; "tiny": the unit-test BPE; or a local dir.
     tokenizer: str | None = None
     # eager | sdpa | flash_attention_2
@@ -332,9 +356,11 @@ class LyraConfig:
             raise ValueError(
                 f"text.mrope_section {text.mrope_section} must sum to head_dim/2 = {text.head_dim // 2}"
             )
-        for name, token_id in dataclasses.asdict(self.tokens).items():
+        ids = [(f"tokens.{name}", token_id) for name, token_id in dataclasses.asdict(self.tokens).items()]
+        ids += [("generation.stop_token_ids", token_id) for token_id in self.generation.stop_token_ids]
+        for name, token_id in ids:
             if not 0 <= token_id < text.vocab_size:
-                raise ValueError(f"tokens.{name} = {token_id} is outside the vocabulary (size {text.vocab_size})")
+                raise ValueError(f"{name} = {token_id} is outside the vocabulary (size {text.vocab_size})")
         if not 0 < self.lmme.keep <= 1 or self.lmme.blocks < 1:
             raise ValueError(f"lmme: keep must be in (0, 1] and blocks >= 1, got {self.lmme}")
         if self.lcmr.normalize not in ("speech", "sum"):
@@ -344,6 +370,13 @@ class LyraConfig:
                              f"kind; choose one of {sorted(UNIT_KINDS)}")
         if self.speech_generator.num_units < 1:
             raise ValueError(f"speech_generator.num_units must be >= 1, got {self.speech_generator.num_units}")
+        speech = self.speech
+        if speech.window_rule not in WINDOW_RULES:
+            raise ValueError(f"speech.window_rule {speech.window_rule!r} is not a known rule; choose one of "
+                             f"{sorted(WINDOW_RULES)}")
+        if speech.long_speech_seconds <= 0 or speech.long_speech_seconds % speech.clip_seconds:
+            raise ValueError(f"speech.long_speech_seconds must be a positive multiple of speech.clip_seconds "
+                             f"({speech.clip_seconds}), got {speech.long_speech_seconds}")
         if self.speech.encoder.n_audio_ctx % self.speech.projector.frames_per_token:
             raise ValueError("speech.encoder.n_audio_ctx must be divisible by speech.projector.frames_per_token")
 
@@ -351,6 +384,20 @@ class LyraConfig:
     def hidden_size(self) -> int:
         """The LLM width (DeepSpeed's "auto" bucket sizes read `model.config.hidden_size`)."""
         return self.text.hidden_size
+
+    def check_sound_input(self) -> None:
+        """Raise when this model, built without a sound path (`sound.enabled: false`), is given sound."""
+        if not self.sound.enabled:
+            raise ValueError(
+                f"the model '{self.name}' has no sound path (sound.enabled is false in its config.json, as in the "
+                f"released Lyra checkpoints), so it cannot take <sound> inputs; pass the audio as <speech> or use "
+                f"a model trained with sound"
+            )
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        """The ids that end generation: `generation.stop_token_ids`, else `tokens.eos`."""
+        return list(self.generation.stop_token_ids) or [self.tokens.eos]
 
     @property
     def speech_tokens_per_clip(self) -> int:

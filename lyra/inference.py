@@ -162,8 +162,8 @@ class Assistant:
         media = media or Media()
         sample = self.processor(messages, images=media.images, videos=media.videos, speech=media.speech,
                                 sound=media.sound)
-        speech_seconds = [round(w.shape[0] / SAMPLE_RATE, 2) for w in sample.speech]
-        adapter = mlora.adapter_for_audio(self.model, speech_seconds)
+        adapter = mlora.adapter_for_audio(self.model, [w.shape[0] for w in sample.speech])
+        speech_seconds = [round(w.shape[0] / SAMPLE_RATE, 2) for w in sample.speech]  # reported only
         if mlora.adapter_names(self.model):
             mlora.use_adapter(self.model, adapter)
         batch = _to_device(collate([sample], self.model.config.tokens.pad, padding_side="left"), self.model.device)
@@ -189,7 +189,7 @@ class Assistant:
         tokens, units, chunks, text, first_token, first_audio = [], [], [], "", None, None
         kwargs = {"max_new_tokens": options.max_new_tokens, "do_sample": options.temperature > 0,
                   "temperature": options.temperature or 1.0, "top_k": options.top_k,
-                  "eos_token_id": self.model.config.tokens.eos}
+                  "eos_token_id": self.model.config.stop_token_ids}
         speech_compute = 0.0
         for new_tokens, new_units, audio, seconds in stream_speech(
                 self.model, self.model.speech_generator, vocoder, batch, chunk_tokens=chunk_tokens, **kwargs):

@@ -121,6 +121,8 @@ class LyraProcessor:
     # ------------------------------------------------------------------ media
     def load_audio(self, source: AudioInput, kind: str) -> torch.Tensor:
         """Any supported audio input -> `[T]` 16 kHz mono float32, checked against the limit."""
+        if kind == "sound":
+            self.config.check_sound_input()
         if isinstance(source, (str, Path)):
             samples, name = load_audio(source), str(source)
         elif isinstance(source, tuple):
@@ -137,7 +139,7 @@ class LyraProcessor:
         return torch.from_numpy(samples)
 
     def audio_token_count(self, waveform: torch.Tensor, kind: str = "speech") -> int:
-        return num_clips(waveform.shape[0]) * self.config.audio_tokens_per_clip(kind)
+        return num_clips(waveform.shape[0], self.config.speech.window_rule) * self.config.audio_tokens_per_clip(kind)
 
     # ------------------------------------------------------------------ text
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:

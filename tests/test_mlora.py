@@ -96,15 +96,50 @@ def test_save_load_round_trip_with_adapters(tmp_path, model):
 
 
 def test_adapter_choice_per_request(model):
+    seconds = 16000  # samples per second
     assert mlora.adapter_for_audio(model, []) is None
-    assert mlora.adapter_for_audio(model, [10.0]) is None  # nothing loaded
+    assert mlora.adapter_for_audio(model, [10 * seconds]) is None  # nothing loaded
     mlora.add_adapter(model, "speech", SMALL)
-    assert mlora.adapter_for_audio(model, [10.0]) == "speech"
-    assert mlora.adapter_for_audio(model, [600.0]) == "speech"  # no long_speech adapter yet
+    assert mlora.adapter_for_audio(model, [10 * seconds]) == "speech"
+    assert mlora.adapter_for_audio(model, [600 * seconds]) == "speech"  # no long_speech adapter yet
     mlora.add_adapter(model, "long_speech", SMALL)
-    assert mlora.adapter_for_audio(model, [10.0, 600.0]) == "long_speech"
+    assert mlora.adapter_for_audio(model, [10 * seconds, 600 * seconds]) == "long_speech"
     with pytest.raises(ValueError, match="no adapter 'music' loaded"):
         mlora.use_adapter(model, "music")
+
+
+# (rule, samples at 16 kHz, windows): exactly 30.0 s is one window for "ceil" and two for the
+# released code's "floor_plus_one"; 29.99 s and 30.01 s fall on the same side for both.
+WINDOW_CASES = [("ceil", 479_840, 1), ("ceil", 480_000, 1), ("ceil", 480_160, 2),
+                ("floor_plus_one", 479_840, 1), ("floor_plus_one", 480_000, 2), ("floor_plus_one", 480_160, 2)]
+
+
+@pytest.mark.parametrize(("rule", "samples", "windows"), WINDOW_CASES)
+def test_window_count_and_adapter_follow_one_rule(tiny_tokenizer, rule, samples, windows):
+    """29.99 s, 30.0 s, 30.01 s: the prompt's speech tokens, the encoder's output rows and the
+    adapter all come from the same window count of the unrounded sample count."""
+    from lyra.processing import LyraProcessor
+
+    config = load_config("tiny", {"speech.window_rule": rule})
+    torch.manual_seed(0)
+    model = LyraForConditionalGeneration.from_config(config).eval()
+    mlora.add_adapter(model, "speech", SMALL)
+    mlora.add_adapter(model, "long_speech", SMALL)
+    waveform = torch.from_numpy(tone(samples / 16000))
+    assert waveform.shape[0] == samples
+    sample = LyraProcessor(tiny_tokenizer, config)([{"role": "user", "content": "<speech>"}], speech=[waveform])
+    tokens = int((sample.input_ids == config.tokens.speech).sum())
+    assert tokens == windows * config.speech_tokens_per_clip
+    with torch.no_grad():
+        assert model.encode_speech([waveform])[0].shape[0] == tokens
+    assert mlora.adapter_for_audio(model, [samples]) == ("long_speech" if windows > 1 else "speech")
+
+
+def test_window_settings_are_checked():
+    with pytest.raises(ValueError, match="window_rule 'round'"):
+        load_config("tiny", {"speech.window_rule": "round"})
+    with pytest.raises(ValueError, match="multiple of speech.clip_seconds"):
+        load_config("tiny", {"speech.long_speech_seconds": 45})
 
 
 def test_merge_equals_adapter_on(tmp_path, model):

@@ -27,8 +27,9 @@ class LyraCollator:
             have one, and transcript_speech_index: `LongTensor[len(transcript_ids)]`, the index
             into `speech` of each: transcript_ids[k] pairs with speech[transcript_speech_index[k]].
             For LCMR, the model encodes `speech` in order, waveform j giving
-            `num_clips(len(speech[j])) * tokens_per_clip` rows of `encode_speech(speech)`, so the
-            projected tokens of transcript k are that row range of waveform transcript_speech_index[k].
+            `num_clips(len(speech[j]), speech.window_rule) * tokens_per_clip` rows of
+            `encode_speech(speech)`, so the projected tokens of transcript k are that row range of
+            waveform transcript_speech_index[k].
         tgt_units: `[B, U]` speech-generator units, -100 padded (rows without units all -100);
             only when a sample has `tgt_unit`.
         sample_ids (list[str]), sample_indices (`LongTensor[B]`), num_samples (int B),

@@ -135,7 +135,8 @@ class LengthEstimator:
             if kind == "video":
                 return self._video_tokens(full) + 2
             seconds = sf.info(str(full)).duration
-            return num_clips(int(seconds * SAMPLE_RATE)) * self.processor.config.audio_tokens_per_clip(kind)
+            config = self.processor.config
+            return num_clips(int(seconds * SAMPLE_RATE), config.speech.window_rule) * config.audio_tokens_per_clip(kind)
         except Exception:  # unreadable: validation reports it; here any estimate will do
             return self._default_media_tokens(kind, path)
 

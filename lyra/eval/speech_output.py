@@ -26,7 +26,6 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from lyra.data.audio import SAMPLE_RATE
 from lyra.eval.metrics import corpus_wer
 from lyra.inference import GenerationOptions
 from lyra.model import mlora
@@ -107,7 +106,7 @@ def teacher_forced_units(assistant, messages: list[dict[str, str]], media, answe
                                               speech=media.speech, sound=media.sound)
     sample.labels[: prompt.input_ids.shape[0]] = IGNORE_INDEX  # earlier answers are history, not this answer
     if mlora.adapter_names(model):  # the adapter inference chooses for this input
-        mlora.use_adapter(model, mlora.adapter_for_audio(model, [w.shape[0] / SAMPLE_RATE for w in sample.speech]))
+        mlora.use_adapter(model, mlora.adapter_for_audio(model, [w.shape[0] for w in sample.speech]))
     batch = collate([sample], model.config.tokens.pad)
     inputs = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     states, mask = model.answer_states(**inputs)

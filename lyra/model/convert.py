@@ -23,8 +23,15 @@ Our layout (`LyraForConditionalGeneration`):
     adapters/<speech|long_speech>/{adapter_config.json, adapter_model.safetensors,
                                    projector.safetensors}
 
-The speech generator, which `LyraForConditionalGeneration` does not hold, is written
-on its own to `speech_generator.safetensors` (keys relative to the module) when present.
+The converted folder is a complete checkpoint for `LyraForConditionalGeneration.from_pretrained`
+and `python -m lyra.chat --model`: its `config.json` is derived from the release's config.json
+(LLM and ViT dimensions, projector stride) and the Whisper encoder's weights (its dimensions),
+with the release's behaviour recorded: no sound path (`sound.enabled: false`), the release's
+audio windowing (`speech.window_rule: floor_plus_one`) and its stop tokens
+(`generation.stop_token_ids`: <|im_end|>, <|endoftext|>). The release's tokenizer files are
+copied to `tokenizer/`. The speech generator, which `LyraForConditionalGeneration` does not
+hold, is written on its own to `speech_generator.safetensors` (keys relative to the module)
+when present.
 """
 
 from __future__ import annotations
@@ -40,8 +47,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from lyra.model.speech import load_whisper_encoder_state, map_whisper_encoder_key
+from lyra.config import LyraConfig
+from lyra.model.speech import CLIP_FRAMES, load_whisper_encoder_state, map_whisper_encoder_key
 from lyra.utils.io import atomic_directory
+from lyra.utils.state_dict import check_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -49,10 +58,17 @@ logger = logging.getLogger(__name__)
 REFERENCE_ADAPTER_DIRS: dict[str, str] = {"speech": "speech_lora", "long_speech": "long_speech_lora"}
 
 SPEECH_GENERATOR_FILE = "speech_generator.safetensors"
+REFERENCE_CONFIG_SOURCE = "config.json"
 REFERENCE_CONFIG_FILE = "reference_config.json"
 PROJECTOR_FILE = "projector.safetensors"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
+# The release's tokenizer files (a fast tokenizer.json and/or the slow vocab.json + merges.txt).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "chat_template.json", "chat_template.jinja")
+# What the released code passes to `generate` (lyra/serve/cli.py there): eos_token_id=[<|im_end|>, <|endoftext|>].
+RELEASE_STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
+RELEASE_WINDOW_RULE = "floor_plus_one"  # the release cuts audio into len // 480000 + 1 windows
 
 _REF_VISION = "model.vision_tower.vision_tower."
 _REF_SPEECH = "model.speech_tower.speech_tower."
@@ -229,11 +245,93 @@ def convert_reference_adapter_config(config: Mapping[str, object]) -> dict[str, 
     return out
 
 
+# ---------------------------------------------------------------------- config
+
+
+def reference_lyra_config(
+    reference: Mapping[str, object], state: Mapping[str, Tensor], tokenizer, name: str, source: str,
+    encoder_source: str | None = None,
+) -> LyraConfig:
+    """Our `LyraConfig` for a release: its config.json `reference` (Qwen2-VL keys, flat as
+    transformers 4.4x wrote them or nested as 5.x does, plus Lyra's `speech_encoder_ds_rate`),
+    the converted weights `state` (Whisper and projector dimensions) and the loaded release
+    tokenizer (special-token ids). `source` names the release in errors, `encoder_source` the
+    Whisper weights when they come from elsewhere (`--whisper`)."""
+    from transformers import Qwen2VLConfig
+
+    from lyra.model.lyra import copy_backbone_dims, encoder_config_from_state
+    from lyra.tokenizer import PAD_TOKEN, special_token_ids
+
+    config = LyraConfig(name=name, tokenizer=None)
+    try:
+        copy_backbone_dims(Qwen2VLConfig.from_dict(dict(reference)), config)
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{source}/config.json is not a Qwen2-VL-based Lyra config: {error}") from None
+    encoder = {k[len("speech_encoder.whisper."):]: v for k, v in state.items() if k.startswith("speech_encoder.whisper.")}
+    encoder_source = encoder_source or f"the speech tower of {source}"
+    config.speech.encoder = encoder_config_from_state(encoder, encoder_source)
+    config.speech.encoder.checkpoint = None  # its weights are in model.safetensors
+    if config.speech.encoder.n_audio_ctx != CLIP_FRAMES // 2:
+        raise ValueError(f"{encoder_source}: a Whisper encoder with {config.speech.encoder.n_audio_ctx} positions, "
+                         f"but a 30 s window gives {CLIP_FRAMES // 2} frames; use the release's Whisper weights")
+    fc1 = state.get("speech_projector.fc1.weight")
+    if fc1 is None:
+        raise ValueError(f"{source} holds no speech projector (model.mm_speech_projector.linear1/2)")
+    frames = int(reference.get("speech_encoder_ds_rate", config.speech.projector.frames_per_token))
+    width = config.speech.encoder.n_audio_state
+    if fc1.shape[1] != frames * width:
+        raise ValueError(
+            f"{encoder_source}: a Whisper encoder {width} wide, but the speech projector of {source} takes "
+            f"{fc1.shape[1]} inputs = speech_encoder_ds_rate {frames} x {fc1.shape[1] // frames}: these are not the "
+            f"Whisper weights the release was trained with (its config.json names mm_speech_tower "
+            f"{reference.get('mm_speech_tower')!r})"
+        )
+    config.speech.projector.frames_per_token = frames
+    config.speech.projector.hidden_size = fc1.shape[0]
+    config.speech.window_rule = RELEASE_WINDOW_RULE
+    config.sound.enabled = False
+
+    ids = special_token_ids(tokenizer)
+    from_config = {"image": config.tokens.image, "video": config.tokens.video,
+                   "vision_start": config.tokens.vision_start, "vision_end": config.tokens.vision_end}
+    differ = {key: (value, ids[key]) for key, value in from_config.items() if ids[key] != value}
+    if differ:
+        raise ValueError(f"{source}: config.json and the tokenizer disagree on token ids (config, tokenizer): {differ}")
+    vocab = tokenizer.get_vocab()
+    for key in ("vision_start", "vision_end", "image", "video", "speech", "sound"):
+        setattr(config.tokens, key, ids[key])
+    config.tokens.eos, config.tokens.pad = ids["im_end"], vocab[PAD_TOKEN]
+    config.generation.stop_token_ids = [vocab[token] for token in RELEASE_STOP_TOKENS]
+    config.validate()
+    return config
+
+
+def _check_fits(config: LyraConfig, state: Mapping[str, Tensor],
+                adapters: Mapping[str, tuple[dict, dict[str, Tensor], dict[str, Tensor]]], source: Path) -> None:
+    """The converted weights against the model `config` builds (on the meta device: no memory)."""
+    from accelerate import init_empty_weights
+
+    from lyra.model.lyra import LyraForConditionalGeneration
+
+    with init_empty_weights(include_buffers=False):
+        model = LyraForConditionalGeneration(config)
+    check_state_dict(model.state_dict(), state, f"the converted weights of {source}", "the model of its config.json",
+                     optional=model.tied_keys())
+    projector = model.speech_projector.state_dict()
+    for name, (_, _, trained) in adapters.items():
+        where = source / REFERENCE_ADAPTER_DIRS[name] / "non_lora_trainables.bin"
+        check_state_dict(projector, trained, str(where), "the speech projector of the release")
+
+
 # ---------------------------------------------------------------------- file I/O
 
 
 def _load_bin(path: Path) -> dict[str, Tensor]:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a truncated or foreign file: pickle, zip and torch errors alike
+        raise ValueError(f"{path} cannot be read ({type(error).__name__}: {error}); the file is damaged or "
+                         f"incomplete, download it again") from None
     if not isinstance(state, dict):
         raise ValueError(f"{path}: expected a state dict (a dict of tensors), got {type(state).__name__}")
     if "state_dict" in state and isinstance(state["state_dict"], dict):
@@ -245,8 +343,22 @@ def _load_weight_file(path: Path) -> dict[str, Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as error:  # SafetensorError: bad header, truncated data
+            raise ValueError(f"{path} cannot be read ({error}); the file is damaged or incomplete, "
+                             f"download it again") from None
     return _load_bin(path)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); download it again") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def load_reference_state_dict(src_dir: Path) -> dict[str, Tensor]:
@@ -257,8 +369,7 @@ def load_reference_state_dict(src_dir: Path) -> dict[str, Tensor]:
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = src_dir / index_name
         if index.is_file():
-            with open(index) as f:
-                weight_map = json.load(f).get("weight_map")
+            weight_map = _read_json(index).get("weight_map")
             if not weight_map:
                 raise ValueError(f"{index}: no 'weight_map'; the index file is damaged, download it again")
             files = [src_dir / name for name in sorted(set(weight_map.values()))]
@@ -292,8 +403,7 @@ def load_reference_adapter(adapter_dir: Path) -> tuple[dict[str, object], dict[s
     config_path = adapter_dir / ADAPTER_CONFIG_FILE
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} is missing; the adapter folder {adapter_dir} is incomplete")
-    with open(config_path) as f:
-        config = json.load(f)
+    config = _read_json(config_path)
     for name in (ADAPTER_WEIGHTS_FILE, "adapter_model.bin"):
         weights_path = adapter_dir / name
         if weights_path.is_file():
@@ -329,6 +439,33 @@ def _cast(state: dict[str, Tensor], dtype: torch.dtype | None) -> dict[str, Tens
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
 
 
+def _copy_tokenizer(src_dir: Path, out: Path):
+    """Copy the release's tokenizer files into `out` and load them as `lyra.chat` will
+    (`load_tokenizer`, which adds <|speech_pad|> / <|sound_pad|> after the vocabulary when missing)."""
+    from lyra.tokenizer import load_tokenizer
+
+    present = [name for name in TOKENIZER_FILES if (src_dir / name).is_file()]
+    if not any(name in present for name in ("tokenizer.json", "tokenizer_config.json")):
+        raise FileNotFoundError(
+            f"{src_dir} has no tokenizer (tokenizer.json or tokenizer_config.json with vocab.json and merges.txt); "
+            f"the release ships one next to config.json: download the full folder"
+        )
+    out.mkdir()
+    for name in present:
+        shutil.copyfile(src_dir / name, out / name)
+    try:
+        return load_tokenizer(out)
+    except ValueError as error:
+        raise ValueError(f"the tokenizer files of {src_dir} ({', '.join(present)}) do not load: {error}") from None
+
+
+def _is_conversion_of(dst_dir: Path, src_dir: Path) -> bool:
+    """Whether `dst_dir` is an earlier conversion of this release (its reference config, byte for byte)."""
+    earlier = dst_dir / REFERENCE_CONFIG_FILE
+    return (dst_dir / "config.json").is_file() and earlier.is_file() and \
+        earlier.read_bytes() == (src_dir / REFERENCE_CONFIG_SOURCE).read_bytes()
+
+
 def convert_reference_checkpoint(
     src_dir: Path,
     dst_dir: Path,
@@ -336,30 +473,43 @@ def convert_reference_checkpoint(
     whisper: Path | None = None,
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
-) -> None:
-    """Convert a reference Lyra checkpoint directory into our layout.
+) -> LyraConfig:
+    """Convert a released Lyra checkpoint directory into a checkpoint `from_pretrained` loads.
 
-    Writes `dst_dir/model.safetensors` (sharded with an index when large),
-    `dst_dir/adapters/<speech|long_speech>/{adapter_config.json, adapter_model.safetensors,
-    projector.safetensors}`, `dst_dir/reference_config.json` (the reference config.json)
-    and, when the reference holds one, `dst_dir/speech_generator.safetensors`. Everything
-    is written into a temporary sibling directory that is renamed into place at the end.
+    Writes `dst_dir/config.json` (see `reference_lyra_config`), `model.safetensors`
+    (sharded with an index when large), `tokenizer/` (the release's tokenizer files),
+    `adapters/<speech|long_speech>/{adapter_config.json, adapter_model.safetensors,
+    projector.safetensors}`, `reference_config.json` (the release's config.json) and, when
+    the release holds one, `speech_generator.safetensors`. Everything is checked against the
+    model the config describes and written into a temporary sibling directory that replaces
+    `dst_dir` at the end. Converting the same release again into the same `dst_dir` replaces
+    the earlier conversion with identical files.
 
     Args:
-        src_dir: the downloaded reference directory.
-        dst_dir: output directory; must not exist unless `overwrite`.
+        src_dir: the downloaded release directory.
+        dst_dir: output directory; must not exist unless it holds a conversion of the same
+            release, or `overwrite`.
         whisper: optional Whisper weights (openai-whisper `.pt` or an HF whisper
             directory) for the speech encoder, used instead of the checkpoint's own
             speech tower; needed when the checkpoint was saved without it.
         dtype: cast floating tensors to this dtype (default: keep the stored dtype;
             the reference trained in bf16 and runs in fp16).
-        overwrite: replace an existing `dst_dir`.
+        overwrite: replace an existing `dst_dir` whatever it holds.
+
+    Returns:
+        The config written to `dst_dir/config.json`.
     """
     src_dir, dst_dir = Path(src_dir), Path(dst_dir)
     if not src_dir.is_dir():
         raise FileNotFoundError(f"reference checkpoint directory {src_dir} does not exist")
-    if dst_dir.exists() and not overwrite:
-        raise FileExistsError(f"{dst_dir} already exists; remove it or pass overwrite=True (--overwrite)")
+    reference_config_path = src_dir / REFERENCE_CONFIG_SOURCE
+    if not reference_config_path.is_file():
+        raise FileNotFoundError(f"{reference_config_path} is missing: the model's dimensions are read from it; "
+                                f"download the full release folder")
+    reference_config = _read_json(reference_config_path)
+    if dst_dir.exists() and not overwrite and not _is_conversion_of(dst_dir, src_dir):
+        raise FileExistsError(f"{dst_dir} already exists and is not a conversion of {src_dir}; remove it or pass "
+                              f"overwrite=True (--overwrite)")
 
     reference = load_reference_state_dict(src_dir)
     try:
@@ -374,18 +524,13 @@ def convert_reference_checkpoint(
         state = {k: v for k, v in state.items() if not k.startswith("speech_encoder.")}
         state.update({"speech_encoder.whisper." + map_whisper_encoder_key(k): v for k, v in encoder.items()})
     if not any(k.startswith("speech_encoder.") for k in state):
-        logger.warning(
-            "%s holds no speech tower weights (model.speech_tower.speech_tower.*); pass the Whisper "
-            "weights named by mm_speech_tower in its config.json with --whisper", src_dir
-        )
-    if not any(k.startswith("backbone.model.visual.") for k in state):
-        logger.warning(
-            "%s holds no vision tower weights (model.vision_tower.vision_tower.*); the reference loads them "
-            "from the mm_vision_tower path in its config.json, so take them from that Qwen2-VL checkpoint", src_dir
+        raise ValueError(
+            f"{src_dir} holds no speech tower weights (model.speech_tower.speech_tower.*); pass the Whisper "
+            f"weights its config.json names (mm_speech_tower: {reference_config.get('mm_speech_tower')!r}) "
+            f"with --whisper"
         )
     if "backbone.lm_head.weight" not in state:
         logger.info("no lm_head.weight in %s: the output embedding is tied to the input embedding", src_dir)
-    state = _cast(state, dtype)
 
     adapters: dict[str, tuple[dict[str, object], dict[str, Tensor], dict[str, Tensor]]] = {}
     for name, folder in REFERENCE_ADAPTER_DIRS.items():
@@ -398,13 +543,20 @@ def convert_reference_checkpoint(
             lora, projector = convert_reference_adapter(weights, non_lora)
         except KeyError as error:
             raise _with_context(adapter_dir, error) from None
-        adapters[name] = (convert_reference_adapter_config(config), _cast(lora, dtype), _cast(projector, dtype))
+        adapters[name] = (convert_reference_adapter_config(config), lora, projector)
 
     from huggingface_hub import save_torch_state_dict
 
-    with atomic_directory(dst_dir) as tmp_dir:  # an existing dst_dir is replaced only once all is written
+    from lyra.model.lyra import CONFIG_FILE, MODEL_TYPE, TOKENIZER_DIR
 
-        save_torch_state_dict(state, tmp_dir)
+    with atomic_directory(dst_dir) as tmp_dir:  # an existing dst_dir is replaced only once all is written
+        tokenizer = _copy_tokenizer(src_dir, tmp_dir / TOKENIZER_DIR)
+        lyra_config = reference_lyra_config(reference_config, state, tokenizer, src_dir.name, str(src_dir),
+                                            str(whisper) if whisper is not None else None)
+        _check_fits(lyra_config, state, adapters, src_dir)
+        with open(tmp_dir / CONFIG_FILE, "w") as f:
+            json.dump({"model_type": MODEL_TYPE, "lyra": lyra_config.to_dict()}, f, indent=2)
+        save_torch_state_dict(_cast(state, dtype), tmp_dir)
         if generator:
             _save_tensors(_cast(generator, dtype), tmp_dir / SPEECH_GENERATOR_FILE)
         for name, (config, lora, projector) in adapters.items():
@@ -412,10 +564,8 @@ def convert_reference_checkpoint(
             out.mkdir(parents=True)
             with open(out / ADAPTER_CONFIG_FILE, "w") as f:
                 json.dump(config, f, indent=2, sort_keys=True)
-            _save_tensors(lora, out / ADAPTER_WEIGHTS_FILE)
-            _save_tensors(projector, out / PROJECTOR_FILE)
-        if (src_dir / "config.json").is_file():
-            shutil.copyfile(src_dir / "config.json", tmp_dir / REFERENCE_CONFIG_FILE)
-        else:
-            logger.warning("%s has no config.json; %s is not written", src_dir, REFERENCE_CONFIG_FILE)
+            _save_tensors(_cast(lora, dtype), out / ADAPTER_WEIGHTS_FILE)
+            _save_tensors(_cast(projector, dtype), out / PROJECTOR_FILE)
+        shutil.copyfile(reference_config_path, tmp_dir / REFERENCE_CONFIG_FILE)
     logger.info("converted %s -> %s (%d tensors, adapters: %s)", src_dir, dst_dir, len(state), sorted(adapters))
+    return lyra_config

@@ -9,7 +9,8 @@ on all three axes, which is exactly how the backbone positions text.
 
 Checkpoint layout (`save_pretrained`): `config.json` (`{"model_type": "lyra", "lyra":
 {...}}`) and safetensors weights under the module names `backbone.*`,
-`speech_encoder.whisper.*`, `speech_projector.*`, `sound_projector.*`.
+`speech_encoder.whisper.*`, `speech_projector.*`, `sound_projector.*` (absent when
+`sound.enabled` is false, as in converted releases).
 """
 
 from __future__ import annotations
@@ -92,8 +93,8 @@ class LyraForConditionalGeneration(nn.Module):
     """Qwen2-VL + Whisper speech/sound path.
 
     Modules: `backbone` (Qwen2-VL: `model.visual`, `model.language_model`, `lm_head`),
-    `speech_encoder`, `speech_projector`, `sound_projector` and, when sound does not
-    share the speech encoder, `sound_encoder`.
+    `speech_encoder`, `speech_projector`, `sound_projector` (None when `sound.enabled` is
+    false) and, when sound does not share the speech encoder, `sound_encoder`.
     """
 
     def __init__(self, config: LyraConfig, backbone: Qwen2VLForConditionalGeneration | None = None):
@@ -104,15 +105,16 @@ class LyraForConditionalGeneration(nn.Module):
         self.speech_encoder = WhisperEncoder(config.speech.encoder)
         self.speech_projector = FrameConcatProjector(self.speech_encoder.width, llm_width, config.speech.projector)
         sound = config.sound
-        if sound.share_speech_encoder:
-            self.sound_encoder = None
+        self.sound_encoder: WhisperEncoder | None = None
+        self.sound_projector: FrameConcatProjector | None = None
+        if sound.enabled:
             sound_width = self.speech_encoder.width
-        else:
-            if sound.encoder is None:
-                raise ValueError("sound.encoder must be set when sound.share_speech_encoder is false")
-            self.sound_encoder = WhisperEncoder(sound.encoder)
-            sound_width = self.sound_encoder.width
-        self.sound_projector = FrameConcatProjector(sound_width, llm_width, sound.projector)
+            if not sound.share_speech_encoder:
+                if sound.encoder is None:
+                    raise ValueError("sound.encoder must be set when sound.share_speech_encoder is false")
+                self.sound_encoder = WhisperEncoder(sound.encoder)
+                sound_width = self.sound_encoder.width
+            self.sound_projector = FrameConcatProjector(sound_width, llm_width, sound.projector)
         self.speech_generator = self._build_speech_generator() if config.speech_generator.enabled else None
         # MLoRA state (lyra.model.mlora): projector weights per adapter, and the adapter in use.
         self.adapter_configs: dict[str, Any] = {}  # name -> peft LoraConfig
@@ -158,9 +160,9 @@ class LyraForConditionalGeneration(nn.Module):
             qwen2vl_dir, dtype=dtype, local_files_only=True, trust_remote_code=False
         )
         config = LyraConfig.from_dict(base_config.to_dict()) if base_config else LyraConfig()
-        _copy_backbone_dims(backbone.config, config)
+        copy_backbone_dims(backbone.config, config)
         encoder_state = load_whisper_encoder_state(whisper_checkpoint)
-        config.speech.encoder = _encoder_config_from_state(encoder_state, str(whisper_checkpoint))
+        config.speech.encoder = encoder_config_from_state(encoder_state, str(whisper_checkpoint))
         config.validate()
         model = cls(config, backbone=backbone)
         model.speech_encoder.whisper.load_state_dict(encoder_state)
@@ -241,6 +243,7 @@ class LyraForConditionalGeneration(nn.Module):
         return self._encode(waveforms, self.speech_encoder, self.speech_projector, progress)
 
     def encode_sound(self, waveforms: list[torch.Tensor]) -> list[torch.Tensor]:
+        self.config.check_sound_input()
         encoder = self.sound_encoder if self.sound_encoder is not None else self.speech_encoder
         return self._encode(waveforms, encoder, self.sound_projector, progress=False)
 
@@ -248,7 +251,8 @@ class LyraForConditionalGeneration(nn.Module):
         batch = self.config.speech.encode_batch_clips
         trained = torch.is_grad_enabled() and any(p.requires_grad for p in encoder.parameters())
         cache = None if trained else self._frame_cache
-        return [encode_audio(waveform_tensor(w), encoder, projector, batch, progress, cache) for w in waveforms]
+        rule = self.config.speech.window_rule
+        return [encode_audio(waveform_tensor(w), encoder, projector, batch, progress, cache, rule) for w in waveforms]
 
     def embed_inputs(
         self,
@@ -264,6 +268,8 @@ class LyraForConditionalGeneration(nn.Module):
         for name, waveforms, token_id in (("speech", speech, self.config.tokens.speech),
                                           ("sound", sound, self.config.tokens.sound)):
             mask = input_ids == token_id
+            if name == "sound" and (waveforms or mask.any()):
+                self.config.check_sound_input()
             if not waveforms:
                 if mask.any():
                     raise ValueError(f"input_ids hold {int(mask.sum())} {name} tokens but no {name} audio was given")
@@ -449,7 +455,7 @@ class LyraForConditionalGeneration(nn.Module):
             inputs_embeds, _ = self.embed_inputs(input_ids, speech, sound, progress)
             sequences = self.backbone.generate(
                 input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                pad_token_id=self.config.tokens.pad, eos_token_id=self.config.tokens.eos, streamer=streamer,
+                pad_token_id=self.config.tokens.pad, eos_token_id=self.config.stop_token_ids, streamer=streamer,
                 **sampling, **media,
             )
             return sequences[:, input_ids.shape[1]:]
@@ -578,7 +584,8 @@ def read_checkpoint_config(directory: str | Path) -> LyraConfig:
     return LyraConfig.from_dict(data["lyra"], source=str(path))
 
 
-def _copy_backbone_dims(hf: Qwen2VLConfig, config: LyraConfig) -> None:
+def copy_backbone_dims(hf: Qwen2VLConfig, config: LyraConfig) -> None:
+    """Set `config`'s LLM and ViT dimensions and vision token ids to those of a Qwen2-VL config."""
     text, vision = hf.text_config, hf.vision_config
     config.text.vocab_size = text.vocab_size
     config.text.hidden_size = text.hidden_size
@@ -604,11 +611,17 @@ def _copy_backbone_dims(hf: Qwen2VLConfig, config: LyraConfig) -> None:
     config.tokens.vision_end = hf.vision_end_token_id
 
 
-def _encoder_config_from_state(state: dict[str, torch.Tensor], source: str) -> AudioEncoderConfig:
-    """Whisper encoder dims read off its weights."""
+def encoder_config_from_state(state: dict[str, torch.Tensor], source: str) -> AudioEncoderConfig:
+    """Whisper encoder dims read off its weights (openai-whisper names); `source` names them in errors."""
+    layers = [int(k.split(".")[1]) for k in state if k.startswith("blocks.")]
+    if "conv1.weight" not in state or "positional_embedding" not in state or not layers:
+        raise ValueError(f"{source}: not a Whisper encoder (no conv1.weight, positional_embedding or blocks.N.*)")
     conv1 = state["conv1.weight"]  # (n_state, n_mels, 3)
     n_ctx, n_state = state["positional_embedding"].shape
-    n_layer = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    if n_state % 64:
+        raise ValueError(f"{source}: a Whisper encoder {n_state} wide does not split into 64-wide heads, as "
+                         f"every released Whisper does")
+    n_layer = 1 + max(layers)
     return AudioEncoderConfig(
         n_mels=conv1.shape[1],
         n_audio_ctx=n_ctx,
@@ -677,6 +690,7 @@ def _decode_loop(model: LyraForConditionalGeneration, logits: torch.Tensor, stat
                  processors, max_new_tokens: int, do_sample: bool, streamer=None) -> torch.LongTensor:
     """Greedy or sampled decoding over an LMME prefill; `[B, new]` with pad after eos."""
     tokens = model.config.tokens
+    stop = torch.tensor(model.config.stop_token_ids, device=prompt.device)
     language_model = model.backbone.model.language_model
     batch = prompt.shape[0]
     finished = torch.zeros(batch, dtype=torch.bool, device=prompt.device)
@@ -695,7 +709,7 @@ def _decode_loop(model: LyraForConditionalGeneration, logits: torch.Tensor, stat
         if streamer is not None:
             streamer.put(next_token)
         sequence = torch.cat([sequence, next_token[:, None]], dim=1)
-        finished |= next_token == tokens.eos
+        finished |= torch.isin(next_token, stop)
         if bool(finished.all()) or step == max_new_tokens - 1:
             break
         hidden = lmme_decode(language_model, language_model.embed_tokens(next_token[:, None]), state, cache)

@@ -4,8 +4,8 @@ The strong vision-language model stays as it is. Speech gets adapter "speech"
 (stage 2), long speech gets "long_speech" (stage 3, trained from the base LLM); each
 adapter is saved with the speech projector weights it was trained with. At inference
 the adapter is chosen per request: no audio -> all adapters off (pure Qwen2-VL, so its
-text/image/video scores are kept), speech -> "speech", audio longer than
-`long_speech_seconds` -> "long_speech".
+text/image/video scores are kept), speech -> "speech", audio that takes more 30 s windows
+than `long_speech_seconds` fill -> "long_speech".
 
 Adapters are peft named adapters injected into the backbone with
 `peft.inject_adapter_in_model` and switched on each LoRA layer (`set_adapter`,
@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from lyra.model.speech import is_long_speech
 from lyra.utils.io import atomic_directory
 
 ADAPTER_DIR = "adapters"
@@ -98,13 +99,15 @@ def use_adapter(model, name: str | None) -> None:
     model.active_adapter = name
 
 
-def adapter_for_audio(model, speech_seconds: list[float]) -> str | None:
-    """The adapter a request should use: none without speech, "long_speech" when any input is
-    longer than the threshold and that adapter exists, else "speech" (if loaded)."""
+def adapter_for_audio(model, speech_samples: list[int]) -> str | None:
+    """The adapter a request should use, from the sample counts of its 16 kHz speech inputs:
+    none without speech, "long_speech" when any input takes more windows than
+    `speech.long_speech_seconds` fill (`lyra.model.speech.is_long_speech`, the windows that set
+    its token count) and that adapter exists, else "speech" (if loaded)."""
     names = adapter_names(model)
-    if not speech_seconds:
+    if not speech_samples:
         return None
-    if max(speech_seconds) > model.config.speech.long_speech_seconds and "long_speech" in names:
+    if "long_speech" in names and any(is_long_speech(n, model.config.speech) for n in speech_samples):
         return "long_speech"
     return "speech" if "speech" in names else None
 

@@ -1,14 +1,13 @@
 """Speech (and sound) encoding: Whisper log-mel -> Whisper encoder -> projector.
 
-Audio of any length is cut into 30 s clips (the last one zero-padded), the clips are
-encoded `encode_batch_clips` at a time and projected immediately, so peak memory is
+Audio of any length is cut into 30 s clips (the last one zero-padded; how many clips is
+`speech.window_rule`, see `num_clips`), the clips are encoded `encode_batch_clips` at a time and projected immediately, so peak memory is
 the output tokens plus one batch of encoder activations, whatever the duration.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 import re
 from collections import OrderedDict
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from lyra.config import AudioEncoderConfig
+from lyra.config import WINDOW_RULES, AudioEncoderConfig, SpeechConfig
 from lyra.data.audio import SAMPLE_RATE
 from lyra.model.whisper_ct2 import cached_whisper_tiny_en
 from lyra.model.whisper_encoder import N_FFT, WhisperAudioEncoder, mel_filterbank
@@ -62,8 +61,21 @@ def clip_batch(waveform: torch.Tensor, first_clip: int, count: int) -> torch.Ten
     return segment.view(count, CLIP_SAMPLES)
 
 
-def num_clips(num_samples: int) -> int:
-    return max(1, math.ceil(num_samples / CLIP_SAMPLES))
+def num_clips(num_samples: int, rule: str = "ceil") -> int:
+    """Windows that `num_samples` of 16 kHz audio take under `rule` (`lyra.config.WINDOW_RULES`):
+    "ceil" counts started windows (at least one); "floor_plus_one" is the released Lyra code's
+    `n // 480000 + 1`, which gives exactly 30.0 s a second, silent window."""
+    if rule == "floor_plus_one":
+        return num_samples // CLIP_SAMPLES + 1
+    if rule == "ceil":
+        return max(1, -(-num_samples // CLIP_SAMPLES))
+    raise ValueError(f"unknown window rule {rule!r}; choose one of {sorted(WINDOW_RULES)}")
+
+
+def is_long_speech(num_samples: int, config: SpeechConfig) -> bool:
+    """Whether speech of `num_samples` takes more windows than `config.long_speech_seconds` fill:
+    the window count that sets its token count also picks its adapter (no rounded durations)."""
+    return num_clips(num_samples, config.window_rule) > config.long_speech_seconds // config.clip_seconds
 
 
 class WhisperEncoder(nn.Module):
@@ -200,16 +212,18 @@ def encode_audio(
     batch_clips: int,
     progress: bool = False,
     cache: FrameCache | None = None,
+    window_rule: str = "ceil",
 ) -> torch.Tensor:
     """Encode audio of any length into LLM tokens.
 
     Args:
         waveform: `[T]` 16 kHz mono samples.
         cache: reuse encoder outputs of audio seen before (only valid for a frozen encoder).
+        window_rule: how many clips `T` samples take (`num_clips`).
     Returns:
         `[num_clips * tokens_per_clip, d_llm]`, clips in order.
     """
-    total_clips = num_clips(waveform.shape[0])
+    total_clips = num_clips(waveform.shape[0], window_rule)
     device = encoder.whisper.conv1.weight.device
     key = audio_key(waveform) if cache is not None else None
     output: torch.Tensor | None = None  # allocated once the token width is known

@@ -82,8 +82,8 @@ def decode_events(
     chosen and ("state", hidden [d_llm]) when that token's hidden state exists.
 
     `batch` is a `collate` output for one sample (`input_ids`, `attention_mask`,
-    `speech`, `sound`, vision tensors). `eos_token_id=None` means the model's
-    `<|im_end|>`; pass -1 to never stop early. The prefill goes through
+    `speech`, `sound`, vision tensors). `eos_token_id=None` means the model's stop
+    tokens (`config.stop_token_ids`); pass -1 to never stop early. The prefill goes through
     `model.prepare_inputs` (embeddings with media spliced in, M-RoPE positions) and the
     LLM directly; LMME token pruning is not applied here.
     """
@@ -96,7 +96,7 @@ def decode_events(
     input_ids = input_ids.to(device)
     attention_mask = batch.get("attention_mask")
     attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
-    stop = {model.config.tokens.eos} if eos_token_id is None else set(np.atleast_1d(eos_token_id).tolist())
+    stop = set(model.config.stop_token_ids) if eos_token_id is None else set(np.atleast_1d(eos_token_id).tolist())
     media = {k: batch[k].to(device) for k in _VISION_KEYS if batch.get(k) is not None}
     language_model = model.backbone.model.language_model
     lm_head = model.backbone.lm_head

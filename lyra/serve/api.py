@@ -57,7 +57,7 @@ import numpy as np
 import soundfile as sf
 from PIL import Image
 
-from lyra.data.audio import SAMPLE_RATE, AudioError
+from lyra.data.audio import AudioError
 from lyra.data.vision import VisionError, VisionLimits, sample_frame_indices
 from lyra.inference import Media, attach_vocoder, load_model
 from lyra.model import mlora
@@ -681,8 +681,8 @@ class LyraAPI:
         if prompt + request.max_tokens > context:
             raise invalid(f"the prompt is {prompt} tokens and max_tokens {request.max_tokens}, over the model's "
                           f"context of {context} tokens", "messages", "context_length_exceeded")
-        seconds = [w.shape[0] / SAMPLE_RATE for w in sample.speech]
-        key = BatchKey.for_request(mlora.adapter_for_audio(self.model, seconds), request.temperature, request.top_p)
+        adapter = mlora.adapter_for_audio(self.model, [w.shape[0] for w in sample.speech])
+        key = BatchKey.for_request(adapter, request.temperature, request.top_p)
         return Job(sample=sample, key=key, max_new_tokens=request.max_tokens, on_token=on_token,
                    postprocess=self._speak if request.want_audio else None)
 

@@ -243,7 +243,7 @@ class DynamicBatcher:
             job.tokens = []
         tokens = model.config.tokens
         batch = _to_device(collate([j.sample for j in jobs], tokens.pad, padding_side="left"), model.device)
-        streamer = _RowStreamer(jobs, tokens.eos, self._finish)
+        streamer = _RowStreamer(jobs, set(model.config.stop_token_ids), self._finish)
         model.generate(**batch, streamer=streamer, max_new_tokens=max(j.max_new_tokens for j in jobs),
                        **key.generate_kwargs())
         for row, job in enumerate(jobs):
@@ -274,8 +274,8 @@ class _RowStreamer:
     """transformers' streamer protocol over a batch: the first `put` is the prompt,
     then each call brings one new token per row."""
 
-    def __init__(self, jobs: list[Job], eos: int, finish: Callable[..., bool]):
-        self.jobs, self.eos, self.finish = jobs, eos, finish
+    def __init__(self, jobs: list[Job], stop: set[int], finish: Callable[..., bool]):
+        self.jobs, self.stop, self.finish = jobs, stop, finish
         self.prompt_seen = False
         self.finished = [False] * len(jobs)
         self.deferred: list[tuple[Job, str]] = []
@@ -288,7 +288,7 @@ class _RowStreamer:
             if self.finished[row]:
                 continue
             job = self.jobs[row]
-            if token == self.eos:
+            if token in self.stop:
                 self._done(row, "stop")
                 continue
             job.tokens.append(token)

@@ -76,6 +76,8 @@ def configure_trainable(model: LyraForConditionalGeneration, config: TrainConfig
     if wanted.speech_projector:
         model.speech_projector.requires_grad_(True)
     if wanted.sound_projector:
+        if model.sound_projector is None:
+            raise ValueError("the recipe trains sound_projector but the model has none (sound.enabled is false)")
         model.sound_projector.requires_grad_(True)
     if wanted.llm:
         model.backbone.model.language_model.requires_grad_(True)

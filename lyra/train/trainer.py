@@ -24,7 +24,6 @@ from tqdm.auto import tqdm
 from transformers import Trainer
 from transformers.integrations import is_deepspeed_zero3_enabled
 
-from lyra.data.audio import SAMPLE_RATE
 from lyra.data.collate import BadSampleTracker
 from lyra.model import mlora
 from lyra.model.lyra import PREPARE_INPUT_KEYS
@@ -121,8 +120,8 @@ class LyraTrainer(Trainer):
     def route(self, inputs: dict[str, Any]) -> None:
         """With `route_adapters`: switch to the adapter inference would use for this batch."""
         if self.route_adapters:
-            seconds = [waveform.shape[-1] / SAMPLE_RATE for waveform in inputs.get("speech") or []]
-            mlora.use_adapter(self.model, mlora.adapter_for_audio(self.model, seconds))
+            samples = [waveform.shape[-1] for waveform in inputs.get("speech") or []]
+            mlora.use_adapter(self.model, mlora.adapter_for_audio(self.model, samples))
 
     def prepare_answer_states(self) -> None:
         """Fill the answer-state cache with one pass over the training data, then start the speech
