@@ -5,8 +5,10 @@
     python scripts/train_stage2.py --config configs/train/stage2_tiny.yaml --resume
 
 Stage k starts from stage k-1's `final/` (set `init_from`). The run writes
-`output_dir/checkpoint-N/` (resumable), `output_dir/final/` (what inference loads:
-config.json, safetensors, adapters/, tokenizer) and `output_dir/train_config.yaml`.
+`output_dir/checkpoint-N/` (light: what trains, optimiser and RNG state, and the base's hash;
+`--resume` rebuilds the base and checks it, lyra/train/checkpoint.py), `output_dir/final/`
+(what inference loads: config.json, safetensors in the training precision, adapters/,
+tokenizer) and `output_dir/train_config.yaml`.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ from lyra.model import mlora
 from lyra.model.lyra import LyraForConditionalGeneration, checkpoint_tokenizer_source
 from lyra.processing import LyraProcessor
 from lyra.tokenizer import load_tokenizer
-from lyra.train.config import STAGES, TrainConfig, dump_train_config, load_train_config
 from lyra.train.answer_states import AnswerStateCache
+from lyra.train.checkpoint import BaseRecord, weights_sha256
+from lyra.train.config import STAGES, TrainConfig, dump_train_config, load_train_config
 from lyra.train.trainer import (
     LyraTrainer,
     last_complete_checkpoint,
@@ -39,6 +42,17 @@ from lyra.train.trainer import (
 )
 
 logger = logging.getLogger("lyra.train")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def base_source(config: TrainConfig) -> str:
+    """Where a stage's frozen base comes from, in words (recorded in every checkpoint)."""
+    source = config.init_from or (config.model if Path(config.model).is_dir() else None)
+    if source:
+        return str(Path(source).resolve())
+    if config.qwen2vl:
+        return f"qwen2vl {Path(config.qwen2vl).resolve()} + whisper {Path(config.whisper or '').resolve()}"
+    return f"preset {config.model} (random weights)"
 
 
 def build_model(config: TrainConfig) -> LyraForConditionalGeneration:
@@ -87,6 +101,15 @@ def configure_trainable(model: LyraForConditionalGeneration, config: TrainConfig
         model.speech_generator.requires_grad_(True)
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("the config trains nothing: set something under `trainable`")
+
+
+def set_training_dtypes(model: LyraForConditionalGeneration, precision: str) -> None:
+    """Trainable parameters in fp32 (the optimiser's master weights), frozen ones in the
+    training precision (bf16 halves the memory of the base; autocast computes in bf16 anyway)."""
+    frozen = DTYPES[precision]
+    for parameter in model.parameters():
+        if parameter.is_floating_point():
+            parameter.data = parameter.data.to(torch.float32 if parameter.requires_grad else frozen)
 
 
 def answer_state_inputs(batch: dict) -> dict:
@@ -171,10 +194,11 @@ def run(stage: int, argv: list[str] | None = None) -> int:
         return 2
     try:
         trainer = build_trainer(config, report_to)
+        checkpoint = resume_point(trainer, Path(config.output_dir), args.resume)
     except (ValueError, FileNotFoundError) as error:  # bad config, data or checkpoint: say which and stop
         print(f"error: {error}", file=sys.stderr)
         return 2
-    return train(trainer, config, args.resume)
+    return train(trainer, config, checkpoint)
 
 
 def build_trainer(config: TrainConfig, report_to: str = "none") -> LyraTrainer:
@@ -186,7 +210,9 @@ def build_trainer(config: TrainConfig, report_to: str = "none") -> LyraTrainer:
     dump_train_config(config, output_dir / "train_config.yaml")
     set_seed(config.seed)  # new weights (a preset, LoRA A matrices) are the same on every run
     model = build_model(config)
+    base = BaseRecord(source=base_source(config), seed=config.seed, sha256=weights_sha256(model))
     configure_trainable(model, config)
+    set_training_dtypes(model, config.precision)
     if config.gradient_checkpointing:
         model.backbone.activation_checkpointing_enable({"use_reentrant": False})
     source = config.init_from or (config.model if Path(config.model).is_dir() else None)
@@ -210,28 +236,41 @@ def build_trainer(config: TrainConfig, report_to: str = "none") -> LyraTrainer:
         projector_lr=config.optim.projector_lr, tracker=BadSampleTracker(max_fraction=data.max_bad_fraction),
         group_by_modality_length=config.group_by_modality_length,
         route_adapters=bool(mlora.adapter_names(model)) and not (config.trainable.adapter or config.trainable.llm),
-        answer_states=answer_states,
+        answer_states=answer_states, base=base,
     )
 
 
-def train(trainer: LyraTrainer, config: TrainConfig, resume: str | None = None) -> int:
-    """Train (optionally resuming) and write `output_dir/final/`."""
-    output_dir = Path(config.output_dir)
-    model = trainer.model
-    checkpoint = None
+def resume_point(trainer: LyraTrainer, output_dir: Path, resume: str | Path | None) -> Path | None:
+    """The checkpoint to resume from ("auto": the newest complete one in `output_dir`), checked
+    to be light and trained on the base this trainer's model was built from."""
+    if resume is None:
+        return None
     if resume == "auto":
         checkpoint = last_complete_checkpoint(output_dir)
         if checkpoint is None:
             print(f"--resume: no complete checkpoint in {output_dir}; starting from scratch", flush=True)
-    elif resume:
+            return None
+    else:
         checkpoint = Path(resume)
+        if not checkpoint.is_dir():
+            raise FileNotFoundError(f"--resume: checkpoint folder not found: {checkpoint}")
+    trainer.check_checkpoint_base(checkpoint)
+    return checkpoint
+
+
+def train(trainer: LyraTrainer, config: TrainConfig, resume: str | Path | None = None) -> int:
+    """Train (optionally resuming: "auto" or a checkpoint folder) and write `output_dir/final/`:
+    the whole model in the training precision, loadable by `from_pretrained` and `lyra.chat`."""
+    output_dir = Path(config.output_dir)
+    model = trainer.model
+    checkpoint = resume_point(trainer, output_dir, resume)
     if trainer.answer_states is not None:  # (on resume, the checkpoint's input norm replaces the one set here)
         trainer.prepare_answer_states()
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     # Under ZeRO-3 every rank holds a shard: gather the full weights (all ranks take part).
     state = trainer.accelerator.get_state_dict(trainer.deepspeed) if trainer.is_deepspeed_enabled else None
     if trainer.args.should_save:
-        model.save_pretrained(output_dir / "final", state_dict=state, tokenizer=trainer.tokenizer_to_save)
-    if trainer.args.should_save:
+        model.save_pretrained(output_dir / "final", state_dict=state, tokenizer=trainer.tokenizer_to_save,
+                              dtype=DTYPES[config.precision])
         print(f"{trainer.tracker.summary()}\nsaved {output_dir / 'final'}", flush=True)
     return 0
