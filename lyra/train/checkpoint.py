@@ -55,15 +55,16 @@ class BaseRecord:
         """Raise unless the base built now is the one the checkpoint was trained on."""
         if built.sha256 != self.sha256:
             raise ValueError(
-                f"{checkpoint} was trained on the base {self.source} (seed {self.seed}, weights sha256 "
-                f"{self.sha256[:16]}...), but the model built now from {built.source} (seed {built.seed}) hashes to "
-                f"{built.sha256[:16]}...: its weights differ. Resume with the base and seed the run started from, "
-                "or start a new run in another output_dir")
+                f"{checkpoint} was trained on the base {self.source} (seed {self.seed}), whose weights hash to "
+                f"sha256 {self.sha256}, but the model built now from {built.source} (seed {built.seed}) hashes to "
+                f"sha256 {built.sha256}: resuming would mix the trained weights with another base. Resume with the "
+                f"init_from/model and seed recorded in {checkpoint / BASE_FILE}, or start a new run in another "
+                "output_dir")
 
 
 def weights_sha256(model: nn.Module) -> str:
     """SHA-256 over every tensor of `model` (names, dtypes, shapes and bytes, in name order),
-    plus the projector weights kept per MLoRA adapter. Reads each tensor once (~1.6 GB/s)."""
+    plus the projector weights kept per MLoRA adapter. Reads each tensor once."""
     digest = hashlib.sha256()
     tensors = dict(model.state_dict())
     for adapter, state in getattr(model, "adapter_projectors", {}).items():

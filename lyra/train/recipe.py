@@ -45,9 +45,14 @@ logger = logging.getLogger("lyra.train")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+def checkpoint_source(config: TrainConfig) -> str | None:
+    """The checkpoint folder a stage starts from (`init_from`, or `model` naming a folder), if any."""
+    return config.init_from or (config.model if Path(config.model).is_dir() else None)
+
+
 def base_source(config: TrainConfig) -> str:
     """Where a stage's frozen base comes from, in words (recorded in every checkpoint)."""
-    source = config.init_from or (config.model if Path(config.model).is_dir() else None)
+    source = checkpoint_source(config)
     if source:
         return str(Path(source).resolve())
     if config.qwen2vl:
@@ -58,7 +63,7 @@ def base_source(config: TrainConfig) -> str:
 def build_model(config: TrainConfig) -> LyraForConditionalGeneration:
     """The model a stage starts from: the previous stage's output, a checkpoint, real
     Qwen2-VL + Whisper weights, or a preset with random weights."""
-    source = config.init_from or (config.model if Path(config.model).is_dir() else None)
+    source = checkpoint_source(config)
     if source:
         model = LyraForConditionalGeneration.from_pretrained(source)
     elif config.qwen2vl:
@@ -205,9 +210,6 @@ def build_trainer(config: TrainConfig, report_to: str = "none") -> LyraTrainer:
     """Model, data and trainer for a stage, with the trainable-parameter table printed."""
     from transformers import set_seed
 
-    output_dir = Path(config.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    dump_train_config(config, output_dir / "train_config.yaml")
     set_seed(config.seed)  # new weights (a preset, LoRA A matrices) are the same on every run
     model = build_model(config)
     base = BaseRecord(source=base_source(config), seed=config.seed, sha256=weights_sha256(model))
@@ -215,7 +217,7 @@ def build_trainer(config: TrainConfig, report_to: str = "none") -> LyraTrainer:
     set_training_dtypes(model, config.precision)
     if config.gradient_checkpointing:
         model.backbone.activation_checkpointing_enable({"use_reentrant": False})
-    source = config.init_from or (config.model if Path(config.model).is_dir() else None)
+    source = checkpoint_source(config)
     tokenizer_source = checkpoint_tokenizer_source(source, model.config) if source else model.config.tokenizer
     tokenizer = load_tokenizer(tokenizer_source)
     data = config.data
@@ -264,6 +266,8 @@ def train(trainer: LyraTrainer, config: TrainConfig, resume: str | Path | None =
     output_dir = Path(config.output_dir)
     model = trainer.model
     checkpoint = resume_point(trainer, output_dir, resume)
+    if trainer.args.should_save:  # only now: a refused resume leaves the run's record as it was
+        dump_train_config(config, output_dir / "train_config.yaml")
     if trainer.answer_states is not None:  # (on resume, the checkpoint's input norm replaces the one set here)
         trainer.prepare_answer_states()
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
