@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import runpy
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import torch
 from safetensors import safe_open
 
 from conftest import REPO_ROOT
+from lyra import chat
 from support.sample_set import make_sample_set
 from lyra.model.lyra import LyraForConditionalGeneration
 from lyra.model import mlora
@@ -22,6 +24,7 @@ from lyra.train.recipe import build_trainer, run, train
 from lyra.train.trainer import COMPLETE_MARKER, last_complete_checkpoint
 
 CONFIGS = REPO_ROOT / "configs" / "train"
+SPEECH = str(REPO_ROOT / "data" / "demo" / "question.wav")
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +87,54 @@ def test_stages_chain_and_train_what_table7_says(chain):
     assert trainable4 and all(n.startswith("speech_generator.") for n in trainable4)
     assert any("speech_generator_loss" in entry for entry in trainer4.state.log_history)
     assert LyraForConditionalGeneration.from_pretrained(final4).speech_generator is not None
+
+
+def chat_json(capsys, model, *argv: str) -> dict:
+    capsys.readouterr()
+    assert chat.main(["--model", str(model), "--max-new-tokens", "2", "--json", *argv]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_each_stage_final_answers_in_chat(chain, capsys):
+    adapters = {1: None, 2: "speech", 3: "speech", 4: "speech"}  # a short question takes the speech adapter
+    for stage, (final, _) in chain.items():
+        reply = chat_json(capsys, final, "--speech", SPEECH, "--text", "answer briefly")
+        assert reply["adapter"] == adapters[stage] and not reply["untrained"] and reply["new_tokens"] >= 1
+
+
+def safetensors_dtypes(folder) -> dict[str, torch.dtype]:
+    dtypes = {}
+    for path in folder.rglob("*.safetensors"):
+        with safe_open(str(path), "pt") as file:
+            dtypes.update({f"{path.relative_to(folder)}:{key}": file.get_slice(key).get_dtype() for key in file.keys()})
+    return dtypes
+
+
+def test_bf16_stages_write_final_in_bf16_and_chain_from_it(sample_data, tmp_path, capsys):
+    previous = None
+    for stage in (1, 2):
+        config = stage_config(stage, sample_data, tmp_path / f"stage{stage}", precision="bf16",
+                              **({"init_from": str(previous)} if previous else {}))
+        trainer = build_trainer(config)
+        assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}  # autocast computes in bf16
+        assert train(trainer, config) == 0
+        previous = tmp_path / f"stage{stage}" / "final"
+        dtypes = safetensors_dtypes(previous)
+        assert set(dtypes.values()) == {"BF16"}, {k: v for k, v in dtypes.items() if v != "BF16"}
+    assert any(key.startswith("adapters/speech/") for key in dtypes)
+    reply = chat_json(capsys, previous, "--speech", SPEECH)
+    assert reply["adapter"] == "speech"
+
+    merge = runpy.run_path(str(REPO_ROOT / "scripts" / "merge_lora.py"))["main"]  # one dense folder, still bf16
+    assert merge(["--model", str(previous), "--adapter", "speech", "--out", str(tmp_path / "merged")]) == 0
+    assert set(safetensors_dtypes(tmp_path / "merged").values()) == {"BF16"}
+    assert chat_json(capsys, tmp_path / "merged", "--speech", SPEECH)["adapter"] is None
+    adapter, merged = LyraForConditionalGeneration.from_pretrained(previous), \
+        LyraForConditionalGeneration.from_pretrained(tmp_path / "merged")
+    mlora.use_adapter(adapter, "speech")
+    ids = torch.randint(0, 900, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(merged.eval()(ids).logits, adapter.eval()(ids).logits, atol=0.05, rtol=0.05)
 
 
 def test_mlora_keeps_the_stage1_model_with_adapters_off(chain):

@@ -108,13 +108,11 @@ def configure_trainable(model: LyraForConditionalGeneration, config: TrainConfig
         raise ValueError("the config trains nothing: set something under `trainable`")
 
 
-def set_training_dtypes(model: LyraForConditionalGeneration, precision: str) -> None:
-    """Trainable parameters in fp32 (the optimiser's master weights), frozen ones in the
-    training precision (bf16 halves the memory of the base; autocast computes in bf16 anyway)."""
-    frozen = DTYPES[precision]
-    for parameter in model.parameters():
-        if parameter.is_floating_point():
-            parameter.data = parameter.data.to(torch.float32 if parameter.requires_grad else frozen)
+def train_in_fp32(model: LyraForConditionalGeneration) -> None:
+    """Every weight in fp32, what the optimiser's master weights and autocast expect (bf16 training
+    computes in bf16 under autocast, or DeepSpeed casts the model itself). A previous stage's
+    `final/` holds bf16 weights after bf16 training."""
+    model.float()
 
 
 def answer_state_inputs(batch: dict) -> dict:
@@ -214,7 +212,7 @@ def build_trainer(config: TrainConfig, report_to: str = "none") -> LyraTrainer:
     model = build_model(config)
     base = BaseRecord(source=base_source(config), seed=config.seed, sha256=weights_sha256(model))
     configure_trainable(model, config)
-    set_training_dtypes(model, config.precision)
+    train_in_fp32(model)
     if config.gradient_checkpointing:
         model.backbone.activation_checkpointing_enable({"use_reentrant": False})
     source = checkpoint_source(config)
