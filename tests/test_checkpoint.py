@@ -133,3 +133,19 @@ def test_zero3_gathers_the_trainable_parameters_only(monkeypatch):
     assert {id(p) for p in gathered[0]} == {id(p) for p in trainable}
     assert len(gathered[0]) == len(trainable) < len(list(model.parameters())) / 2
     assert set(state) == set(trainable_names(model))
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_final_weights_gathered_as_views_of_one_buffer_are_saved(tmp_path, dtype):
+    """ZeRO-3's gathered state dict holds views into one flat buffer; safetensors refuses those
+    unless each gets a storage of its own. Kept as they are (fp32 training) or in bf16."""
+    model = built(0)
+    flat = torch.cat([v.reshape(-1) for v in model.state_dict().values()])
+    views, offset = {}, 0
+    for key, value in model.state_dict().items():
+        views[key] = flat[offset:offset + value.numel()].view(value.shape)
+        offset += value.numel()
+    model.save_pretrained(tmp_path / "final", state_dict=views, dtype=dtype)
+    loaded = LyraForConditionalGeneration.from_pretrained(tmp_path / "final")
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, model.state_dict()[key].to(dtype or torch.float32)), key

@@ -487,7 +487,7 @@ class LyraForConditionalGeneration(nn.Module):
             with open(staging / CONFIG_FILE, "w") as f:
                 json.dump({"model_type": MODEL_TYPE, "lyra": self.config.to_dict()}, f, indent=2)
             base = mlora.base_state_dict(self, state_dict)
-            state = cast_floating({k: v for k, v in base.items() if k not in self.tied_keys()}, dtype)
+            state = saveable({k: v for k, v in base.items() if k not in self.tied_keys()}, dtype)
             save_torch_state_dict(state, staging, max_shard_size=max_shard_size)
             for name in mlora.adapter_names(self):
                 mlora.save_adapter(self, name, staging, state_dict, dtype)
@@ -528,11 +528,16 @@ class LyraForConditionalGeneration(nn.Module):
             self.backbone.lm_head.weight = self.backbone.get_input_embeddings().weight
 
 
-def cast_floating(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """`state` with its floating-point tensors in `dtype` (unchanged when None)."""
-    if dtype is None:
-        return state
-    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+def saveable(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """`state` as safetensors takes it: floating-point tensors in `dtype` (kept when None), each
+    on a storage of its own (ZeRO-3 gathers views into one flat buffer, which safetensors refuses)."""
+    def ready(tensor: torch.Tensor) -> torch.Tensor:
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        owns_storage = tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+        return tensor if owns_storage else tensor.clone()
+
+    return {k: ready(v) for k, v in state.items()}
 
 
 def checkpoint_tokenizer_source(directory: str | Path, config: LyraConfig) -> str | None:
