@@ -79,13 +79,12 @@ class ModalityLengthGroupedSampler(torch.utils.data.Sampler):
 
 
 class LyraTrainer(Trainer):
-    def __init__(self, *args, tokenizer=None, projector_lr: float | None = None,
+    def __init__(self, *args, base: BaseRecord, tokenizer=None, projector_lr: float | None = None,
                  tracker: BadSampleTracker | None = None, group_by_modality_length: bool = False,
-                 route_adapters: bool = False, answer_states: AnswerStateCache | None = None,
-                 base: BaseRecord | None = None, **kwargs):
+                 route_adapters: bool = False, answer_states: AnswerStateCache | None = None, **kwargs):
+        """`base`: the record of the frozen base the model was built from (`lyra.train.recipe`
+        makes it), written into every checkpoint and checked on resume."""
         super().__init__(*args, **kwargs)
-        if base is None:
-            raise ValueError("LyraTrainer needs the BaseRecord of the model it trains (lyra.train.recipe builds it)")
         self.base = base
         self.route_adapters = route_adapters
         self.answer_states = answer_states
