@@ -260,7 +260,8 @@ def resume_point(trainer: LyraTrainer, output_dir: Path, resume: str | Path | No
 
 def train(trainer: LyraTrainer, config: TrainConfig, resume: str | Path | None = None) -> int:
     """Train (optionally resuming: "auto" or a checkpoint folder) and write `output_dir/final/`:
-    the whole model in the training precision, loadable by `from_pretrained` and `lyra.chat`."""
+    the whole model in the training precision, loadable by `from_pretrained` and `lyra.chat`.
+    Afterwards the model is in that precision too (without DeepSpeed)."""
     output_dir = Path(config.output_dir)
     model = trainer.model
     checkpoint = resume_point(trainer, output_dir, resume)
@@ -269,10 +270,19 @@ def train(trainer: LyraTrainer, config: TrainConfig, resume: str | Path | None =
     if trainer.answer_states is not None:  # (on resume, the checkpoint's input norm replaces the one set here)
         trainer.prepare_answer_states()
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    # Under ZeRO-3 every rank holds a shard: gather the full weights (all ranks take part).
-    state = trainer.accelerator.get_state_dict(trainer.deepspeed) if trainer.is_deepspeed_enabled else None
+    dtype = DTYPES[config.precision]
+    # Cast in place, tensor by tensor: a cast copy of every weight beside the fp32 ones would
+    # add half the model's fp32 size to the peak memory. Under ZeRO-3 every rank holds a shard:
+    # gather the full weights (all ranks take part).
+    if trainer.is_deepspeed_enabled:
+        state = trainer.accelerator.get_state_dict(trainer.deepspeed)
+        for key, tensor in state.items():
+            state[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    else:
+        state = None
+        model.to(dtype)
     if trainer.args.should_save:
         model.save_pretrained(output_dir / "final", state_dict=state, tokenizer=trainer.tokenizer_to_save,
-                              dtype=DTYPES[config.precision])
+                              dtype=dtype)
         print(f"{trainer.tracker.summary()}\nsaved {output_dir / 'final'}", flush=True)
     return 0
