@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 import json
+import os
+import runpy
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
-from transformers import TrainerCallback
+from safetensors import safe_open
 
 from conftest import REPO_ROOT
+from lyra import chat
 from support.sample_set import make_sample_set
 from lyra.model.lyra import LyraForConditionalGeneration
 from lyra.model import mlora
+from lyra.train.checkpoint import BASE_FILE, TRAINABLE_FILE, BaseRecord
 from lyra.train.config import load_train_config
 from lyra.train.recipe import build_trainer, run, train
 from lyra.train.trainer import COMPLETE_MARKER, last_complete_checkpoint
 
 CONFIGS = REPO_ROOT / "configs" / "train"
+SPEECH = str(REPO_ROOT / "data" / "demo" / "question.wav")
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +89,54 @@ def test_stages_chain_and_train_what_table7_says(chain):
     assert LyraForConditionalGeneration.from_pretrained(final4).speech_generator is not None
 
 
+def chat_json(capsys, model, *argv: str) -> dict:
+    capsys.readouterr()
+    assert chat.main(["--model", str(model), "--max-new-tokens", "2", "--json", *argv]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_each_stage_final_answers_in_chat(chain, capsys):
+    adapters = {1: None, 2: "speech", 3: "speech", 4: "speech"}  # a short question takes the speech adapter
+    for stage, (final, _) in chain.items():
+        reply = chat_json(capsys, final, "--speech", SPEECH, "--text", "answer briefly")
+        assert reply["adapter"] == adapters[stage] and not reply["untrained"] and reply["new_tokens"] >= 1
+
+
+def safetensors_dtypes(folder) -> dict[str, torch.dtype]:
+    dtypes = {}
+    for path in folder.rglob("*.safetensors"):
+        with safe_open(str(path), "pt") as file:
+            dtypes.update({f"{path.relative_to(folder)}:{key}": file.get_slice(key).get_dtype() for key in file.keys()})
+    return dtypes
+
+
+def test_bf16_stages_write_final_in_bf16_and_chain_from_it(sample_data, tmp_path, capsys):
+    previous = None
+    for stage in (1, 2):
+        config = stage_config(stage, sample_data, tmp_path / f"stage{stage}", precision="bf16",
+                              **({"init_from": str(previous)} if previous else {}))
+        trainer = build_trainer(config)
+        assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}  # autocast computes in bf16
+        assert train(trainer, config) == 0
+        previous = tmp_path / f"stage{stage}" / "final"
+        dtypes = safetensors_dtypes(previous)
+        assert set(dtypes.values()) == {"BF16"}, {k: v for k, v in dtypes.items() if v != "BF16"}
+    assert any(key.startswith("adapters/speech/") for key in dtypes)
+    reply = chat_json(capsys, previous, "--speech", SPEECH)
+    assert reply["adapter"] == "speech"
+
+    merge = runpy.run_path(str(REPO_ROOT / "scripts" / "merge_lora.py"))["main"]  # one dense folder, still bf16
+    assert merge(["--model", str(previous), "--adapter", "speech", "--out", str(tmp_path / "merged")]) == 0
+    assert set(safetensors_dtypes(tmp_path / "merged").values()) == {"BF16"}
+    assert chat_json(capsys, tmp_path / "merged", "--speech", SPEECH)["adapter"] is None
+    adapter, merged = LyraForConditionalGeneration.from_pretrained(previous), \
+        LyraForConditionalGeneration.from_pretrained(tmp_path / "merged")
+    mlora.use_adapter(adapter, "speech")
+    ids = torch.randint(0, 900, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(merged.eval()(ids).logits, adapter.eval()(ids).logits, atol=0.05, rtol=0.05)
+
+
 def test_mlora_keeps_the_stage1_model_with_adapters_off(chain):
     before = LyraForConditionalGeneration.from_pretrained(chain[1][0]).eval()
     after = LyraForConditionalGeneration.from_pretrained(chain[2][0]).eval()
@@ -106,34 +162,57 @@ def test_loss_falls_when_overfitting(sample_data, chain, tmp_path):
     assert sum(history[-5:]) / 5 < 0.6 * sum(history[:5]) / 5
 
 
-class CrashAfter(TrainerCallback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise KeyboardInterrupt("simulated crash")
-
-
-def test_resume_continues_exactly(sample_data, chain, tmp_path):
-    overrides = {"optim.max_steps": 6, "save_steps": 3, "optim.lr": 1e-3, "trainable.adapter_dropout": 0.1,
-                 "init_from": str(chain[1][0])}
-    config_a = stage_config(2, sample_data, tmp_path / "a", **overrides)
+def test_resume_after_kill_9_continues_exactly(sample_data, chain, tmp_path, capsys):
+    """SIGKILL at step 4, after the light checkpoint of step 3: resuming gives the losses of the
+    run that was never interrupted, bit for bit (LoRA dropout on, so the RNG state matters too)."""
+    overrides = {"data.path": str(sample_data), "report_to": "none", "logging_steps": 1, "optim.max_steps": 6,
+                 "save_steps": 3, "optim.lr": 1e-3, "trainable.adapter_dropout": 0.1, "init_from": str(chain[1][0])}
+    config_a = load_train_config(CONFIGS / "stage2_tiny.yaml", {**overrides, "output_dir": str(tmp_path / "a")})
     straight = build_trainer(config_a)
     train(straight, config_a)
     reference = losses(straight)
 
-    config_b = stage_config(2, sample_data, tmp_path / "b", **overrides)
-    crashing = build_trainer(config_b)
-    crashing.add_callback(CrashAfter(4))
-    with pytest.raises(KeyboardInterrupt):
-        train(crashing, config_b)
-    assert last_complete_checkpoint(tmp_path / "b").name == "checkpoint-3"
+    killed_dir = tmp_path / "b"
+    killed = subprocess.run([sys.executable, str(REPO_ROOT / "tests" / "support" / "killed_run.py"),
+                             str(CONFIGS / "stage2_tiny.yaml"), json.dumps({**overrides, "output_dir": str(killed_dir)}),
+                             "4"], capture_output=True, text=True, timeout=600, cwd=REPO_ROOT,
+                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    checkpoint = last_complete_checkpoint(killed_dir)
+    assert checkpoint.name == "checkpoint-3"
+    # Light: the trainable state, the base record and the Trainer's own state, no model weights.
+    assert {p.name for p in checkpoint.iterdir()} == {
+        TRAINABLE_FILE, BASE_FILE, COMPLETE_MARKER, "optimizer.pt", "scheduler.pt", "rng_state.pth",
+        "trainer_state.json"}
+    assert BaseRecord.read(checkpoint) == straight.base
+    with safe_open(str(checkpoint / TRAINABLE_FILE), "pt") as saved:
+        trained = {n for n, p in straight.model.named_parameters() if p.requires_grad}
+        assert trained <= set(saved.keys()) and all(".lora_" in n or "projector" in n for n in trained)
+
+    config_b = load_train_config(CONFIGS / "stage2_tiny.yaml", {**overrides, "output_dir": str(killed_dir)})
     resumed = build_trainer(config_b)
     train(resumed, config_b, resume="auto")
     after = losses(resumed)
     assert sorted(after) == [1, 2, 3, 4, 5, 6]  # steps 1-3 come from the checkpoint's trainer state
-    assert [after[s] for s in (4, 5, 6)] == pytest.approx([reference[s] for s in (4, 5, 6)], abs=1e-6)
+    assert [after[s] for s in (4, 5, 6)] == [reference[s] for s in (4, 5, 6)]
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+    # The same run resumed over another base (one frozen weight changed) is refused, naming both hashes.
+    other = LyraForConditionalGeneration.from_pretrained(chain[1][0])
+    with torch.no_grad():
+        other.backbone.model.language_model.layers[0].mlp.up_proj.weight[0, 0] += 1e-3
+    other.save_pretrained(tmp_path / "other_base")
+    record_before = (killed_dir / "train_config.yaml").read_text()
+    argv = ["--config", str(CONFIGS / "stage2_tiny.yaml"), "--resume",
+            *[f"--set={k}={v}" for k, v in {**overrides, "output_dir": str(killed_dir),
+                                            "init_from": str(tmp_path / "other_base")}.items()]]
+    capsys.readouterr()
+    assert run(2, argv) == 2
+    error = capsys.readouterr().err
+    assert straight.base.sha256 in error and "hashes to sha256" in error and "Resume with the init_from" in error
+    assert str(tmp_path / "other_base") in error
+    assert (killed_dir / "train_config.yaml").read_text() == record_before
 
 
 def test_incomplete_checkpoint_is_not_resumed_from(tmp_path):

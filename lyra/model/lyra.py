@@ -474,13 +474,14 @@ class LyraForConditionalGeneration(nn.Module):
     # ------------------------------------------------------------------ saving
     def save_pretrained(self, directory: str | Path, max_shard_size: str = "5GB",
                         state_dict: dict[str, torch.Tensor] | None = None, replace: bool = True,
-                        tokenizer=None) -> None:
+                        tokenizer=None, dtype: torch.dtype | None = None) -> None:
         """Write `config.json`, safetensors shards and `adapters/<name>/`, never half-written:
         everything goes to a temp dir first, which then replaces `directory` (`replace`) or
         whose files are moved into the existing `directory` (a trainer's checkpoint folder).
 
         `state_dict`: weights to save instead of the live ones (e.g. gathered ZeRO-3 shards);
-        `tokenizer`: saved alongside, so the folder is complete for `lyra.chat`.
+        `tokenizer`: saved alongside, so the folder is complete for `lyra.chat`;
+        `dtype`: write every floating-point tensor in it (e.g. bf16 after bf16 training).
         """
         from huggingface_hub import save_torch_state_dict
 
@@ -492,10 +493,10 @@ class LyraForConditionalGeneration(nn.Module):
             with open(staging / CONFIG_FILE, "w") as f:
                 json.dump({"model_type": MODEL_TYPE, "lyra": self.config.to_dict()}, f, indent=2)
             base = mlora.base_state_dict(self, state_dict)
-            state = {k: v for k, v in base.items() if k not in self.tied_keys()}
+            state = saveable({k: v for k, v in base.items() if k not in self.tied_keys()}, dtype)
             save_torch_state_dict(state, staging, max_shard_size=max_shard_size)
             for name in mlora.adapter_names(self):
-                mlora.save_adapter(self, name, staging, state_dict)
+                mlora.save_adapter(self, name, staging, state_dict, dtype)
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(staging / TOKENIZER_DIR))
             (replace_directory if replace else move_into)(staging, directory)
@@ -519,16 +520,6 @@ class LyraForConditionalGeneration(nn.Module):
             model = model.to(dtype)
         return model.to(device)
 
-    def load_checkpoint_weights(self, directory: str | Path) -> None:
-        """Load a checkpoint's weights into this model in place, adapters included (resuming)."""
-        state = read_weights(directory)
-        live = self.state_dict()
-        names = {k.replace(".base_layer.", "."): k for k in live if ".lora_" not in k}  # LoRA-wrapped layers
-        check_state_dict({plain: live[k] for plain, k in names.items()}, state, f"checkpoint {directory}",
-                         optional=self.tied_keys())
-        self.load_state_dict({names[k]: v for k, v in state.items()}, strict=False)
-        mlora.restore_adapters(self, directory)
-
     def tied_keys(self) -> set[str]:
         """Keys that alias another parameter; saved once, under the input embedding's name."""
         return {"backbone.lm_head.weight"} if self.config.text.tie_word_embeddings else set()
@@ -541,6 +532,18 @@ class LyraForConditionalGeneration(nn.Module):
         self.load_state_dict(state, strict=False, assign=True)
         if self.config.text.tie_word_embeddings:
             self.backbone.lm_head.weight = self.backbone.get_input_embeddings().weight
+
+
+def saveable(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """`state` as safetensors takes it: floating-point tensors in `dtype` (kept when None), each
+    on a storage of its own (ZeRO-3 gathers views into one flat buffer, which safetensors refuses)."""
+    def ready(tensor: torch.Tensor) -> torch.Tensor:
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        owns_storage = tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+        return tensor if owns_storage else tensor.clone()
+
+    return {k: ready(v) for k, v in state.items()}
 
 
 def checkpoint_tokenizer_source(directory: str | Path, config: LyraConfig) -> str | None:

@@ -116,11 +116,12 @@ def _projector_state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.speech_projector.state_dict().items()}
 
 
-def save_adapter(model, name: str, directory: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+def save_adapter(model, name: str, directory: str | Path, state: dict[str, torch.Tensor] | None = None,
+                 dtype: torch.dtype | None = None) -> Path:
     """Write `directory/adapters/<name>/` (atomically: temp dir, then rename).
 
     `state`: the full model state dict to take the weights from (e.g. gathered from
-    ZeRO-3 shards); default the model's own."""
+    ZeRO-3 shards); default the model's own. `dtype`: write the tensors in it."""
     from peft import get_peft_model_state_dict
 
     state = state if state is not None else model.state_dict()
@@ -134,11 +135,14 @@ def save_adapter(model, name: str, directory: str | Path, state: dict[str, torch
         (staging / "adapter_config.json").write_text(json.dumps(config.to_dict(), indent=2, default=list))
         backbone_state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
         weights = get_peft_model_state_dict(model.backbone, state_dict=backbone_state, adapter_name=name)
-        save_file({f"base_model.model.{k}": v.contiguous() for k, v in weights.items()},
+        save_file({f"base_model.model.{k}": _as(v, dtype) for k, v in weights.items()},
                   str(staging / "adapter_model.safetensors"))
-        save_file({k: v.contiguous() for k, v in projector.items()},
-                  str(staging / "projector.safetensors"))
+        save_file({k: _as(v, dtype) for k, v in projector.items()}, str(staging / "projector.safetensors"))
     return target
+
+
+def _as(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return (tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor).contiguous()
 
 
 def _adapter_folders(directory: str | Path) -> list[Path]:
@@ -174,18 +178,6 @@ def load_adapters(model, directory: str | Path) -> list[str]:
     if folders:
         use_adapter(model, None)
     return [f.name for f in folders]
-
-
-def restore_adapters(model, directory: str | Path) -> None:
-    """Resume: load the saved weights of the adapters the model already has, keeping the
-    active one active. Call right after loading the base weights."""
-    saved = {f.name: f for f in _adapter_folders(directory)}
-    if set(saved) != set(adapter_names(model)):
-        raise ValueError(f"{directory} holds adapters {sorted(saved)} but the model has {adapter_names(model)}")
-    active, model.active_adapter = model.active_adapter, None  # the live projector is the base one now
-    for folder in saved.values():
-        _load_adapter_weights(model, folder)
-    use_adapter(model, active)
 
 
 def merge_adapter(model, name: str) -> None:

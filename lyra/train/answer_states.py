@@ -43,7 +43,7 @@ class AnswerStateCache:
         if any(i not in self.rows for i in indices):
             states, mask = model.answer_states(**self.model_inputs(batch))
             for row, index in enumerate(indices):
-                self.rows[index] = states[row, mask[row]].detach()
+                self.rows[index] = states[row, mask[row]].detach().float()  # the generator trains in fp32
                 units = batch["tgt_units"][row]
                 self.units[index] = units[units != IGNORE_INDEX]
         rows = [self.rows[i] for i in indices]

@@ -85,7 +85,7 @@ class TrainConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     lcmr_weight: float | None = None  # overrides the model config's lcmr.weight
     lmme: str | None = None  # e.g. "4,0.7": prune context tokens while training
-    precision: str = "fp32"  # fp32 | bf16 (fp16 does not exist on CPU)
+    precision: str = "fp32"  # fp32 | bf16 (fp16 does not exist on CPU); final/ is written in it
     gradient_checkpointing: bool = False
     # Stage 4 with only the speech generator training: compute each sample's answer states once
     # and reuse them every epoch (lyra/train/answer_states.py); memory grows with the data.

@@ -5,8 +5,10 @@
     python scripts/train_stage2.py --config configs/train/stage2_tiny.yaml --resume
 
 Stage k starts from stage k-1's `final/` (set `init_from`). The run writes
-`output_dir/checkpoint-N/` (resumable), `output_dir/final/` (what inference loads:
-config.json, safetensors, adapters/, tokenizer) and `output_dir/train_config.yaml`.
+`output_dir/checkpoint-N/` (light: what trains, optimiser and RNG state, and the base's hash;
+`--resume` rebuilds the base and checks it, lyra/train/checkpoint.py), `output_dir/final/`
+(what inference loads: config.json, safetensors in the training precision, adapters/,
+tokenizer) and `output_dir/train_config.yaml`.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ from lyra.model import mlora
 from lyra.model.lyra import LyraForConditionalGeneration, checkpoint_tokenizer_source
 from lyra.processing import LyraProcessor
 from lyra.tokenizer import load_tokenizer
-from lyra.train.config import STAGES, TrainConfig, dump_train_config, load_train_config
 from lyra.train.answer_states import AnswerStateCache
+from lyra.train.checkpoint import BaseRecord, weights_sha256
+from lyra.train.config import STAGES, TrainConfig, dump_train_config, load_train_config
 from lyra.train.trainer import (
     LyraTrainer,
     last_complete_checkpoint,
@@ -39,12 +42,28 @@ from lyra.train.trainer import (
 )
 
 logger = logging.getLogger("lyra.train")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def checkpoint_source(config: TrainConfig) -> str | None:
+    """The checkpoint folder a stage starts from (`init_from`, or `model` naming a folder), if any."""
+    return config.init_from or (config.model if Path(config.model).is_dir() else None)
+
+
+def base_source(config: TrainConfig) -> str:
+    """Where a stage's frozen base comes from, in words (recorded in every checkpoint)."""
+    source = checkpoint_source(config)
+    if source:
+        return str(Path(source).resolve())
+    if config.qwen2vl:
+        return f"qwen2vl {Path(config.qwen2vl).resolve()} + whisper {Path(config.whisper or '').resolve()}"
+    return f"preset {config.model} (random weights)"
 
 
 def build_model(config: TrainConfig) -> LyraForConditionalGeneration:
     """The model a stage starts from: the previous stage's output, a checkpoint, real
     Qwen2-VL + Whisper weights, or a preset with random weights."""
-    source = config.init_from or (config.model if Path(config.model).is_dir() else None)
+    source = checkpoint_source(config)
     if source:
         model = LyraForConditionalGeneration.from_pretrained(source)
     elif config.qwen2vl:
@@ -89,6 +108,13 @@ def configure_trainable(model: LyraForConditionalGeneration, config: TrainConfig
         model.speech_generator.requires_grad_(True)
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("the config trains nothing: set something under `trainable`")
+
+
+def train_in_fp32(model: LyraForConditionalGeneration) -> None:
+    """Every weight in fp32, what the optimiser's master weights and autocast expect (bf16 training
+    computes in bf16 under autocast, or DeepSpeed casts the model itself). A previous stage's
+    `final/` holds bf16 weights after bf16 training."""
+    model.float()
 
 
 def answer_state_inputs(batch: dict) -> dict:
@@ -173,25 +199,25 @@ def run(stage: int, argv: list[str] | None = None) -> int:
         return 2
     try:
         trainer = build_trainer(config, report_to)
+        checkpoint = resume_point(trainer, Path(config.output_dir), args.resume)
     except (ValueError, FileNotFoundError) as error:  # bad config, data or checkpoint: say which and stop
         print(f"error: {error}", file=sys.stderr)
         return 2
-    return train(trainer, config, args.resume)
+    return train(trainer, config, checkpoint)
 
 
 def build_trainer(config: TrainConfig, report_to: str = "none") -> LyraTrainer:
     """Model, data and trainer for a stage, with the trainable-parameter table printed."""
     from transformers import set_seed
 
-    output_dir = Path(config.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    dump_train_config(config, output_dir / "train_config.yaml")
     set_seed(config.seed)  # new weights (a preset, LoRA A matrices) are the same on every run
     model = build_model(config)
+    base = BaseRecord(source=base_source(config), seed=config.seed, sha256=weights_sha256(model))
     configure_trainable(model, config)
+    train_in_fp32(model)
     if config.gradient_checkpointing:
         model.backbone.activation_checkpointing_enable({"use_reentrant": False})
-    source = config.init_from or (config.model if Path(config.model).is_dir() else None)
+    source = checkpoint_source(config)
     tokenizer_source = checkpoint_tokenizer_source(source, model.config) if source else model.config.tokenizer
     tokenizer = load_tokenizer(tokenizer_source)
     data = config.data
@@ -212,28 +238,53 @@ def build_trainer(config: TrainConfig, report_to: str = "none") -> LyraTrainer:
         projector_lr=config.optim.projector_lr, tracker=BadSampleTracker(max_fraction=data.max_bad_fraction),
         group_by_modality_length=config.group_by_modality_length,
         route_adapters=bool(mlora.adapter_names(model)) and not (config.trainable.adapter or config.trainable.llm),
-        answer_states=answer_states,
+        answer_states=answer_states, base=base,
     )
 
 
-def train(trainer: LyraTrainer, config: TrainConfig, resume: str | None = None) -> int:
-    """Train (optionally resuming) and write `output_dir/final/`."""
-    output_dir = Path(config.output_dir)
-    model = trainer.model
-    checkpoint = None
+def resume_point(trainer: LyraTrainer, output_dir: Path, resume: str | Path | None) -> Path | None:
+    """The checkpoint to resume from ("auto": the newest complete one in `output_dir`), checked
+    to be light and trained on the base this trainer's model was built from."""
+    if resume is None:
+        return None
     if resume == "auto":
         checkpoint = last_complete_checkpoint(output_dir)
         if checkpoint is None:
             print(f"--resume: no complete checkpoint in {output_dir}; starting from scratch", flush=True)
-    elif resume:
+            return None
+    else:
         checkpoint = Path(resume)
+        if not checkpoint.is_dir():
+            raise FileNotFoundError(f"--resume: checkpoint folder not found: {checkpoint}")
+    trainer.check_checkpoint_base(checkpoint)
+    return checkpoint
+
+
+def train(trainer: LyraTrainer, config: TrainConfig, resume: str | Path | None = None) -> int:
+    """Train (optionally resuming: "auto" or a checkpoint folder) and write `output_dir/final/`:
+    the whole model in the training precision, loadable by `from_pretrained` and `lyra.chat`.
+    Afterwards the model is in that precision too (without DeepSpeed)."""
+    output_dir = Path(config.output_dir)
+    model = trainer.model
+    checkpoint = resume_point(trainer, output_dir, resume)
+    if trainer.args.should_save:  # only now: a refused resume leaves the run's record as it was
+        dump_train_config(config, output_dir / "train_config.yaml")
     if trainer.answer_states is not None:  # (on resume, the checkpoint's input norm replaces the one set here)
         trainer.prepare_answer_states()
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    # Under ZeRO-3 every rank holds a shard: gather the full weights (all ranks take part).
-    state = trainer.accelerator.get_state_dict(trainer.deepspeed) if trainer.is_deepspeed_enabled else None
+    dtype = DTYPES[config.precision]
+    # Cast in place, tensor by tensor: a cast copy of every weight beside the fp32 ones would
+    # add half the model's fp32 size to the peak memory. Under ZeRO-3 every rank holds a shard:
+    # gather the full weights (all ranks take part).
+    if trainer.is_deepspeed_enabled:
+        state = trainer.accelerator.get_state_dict(trainer.deepspeed)
+        for key, tensor in state.items():
+            state[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    else:
+        state = None
+        model.to(dtype)
     if trainer.args.should_save:
-        model.save_pretrained(output_dir / "final", state_dict=state, tokenizer=trainer.tokenizer_to_save)
-    if trainer.args.should_save:
+        model.save_pretrained(output_dir / "final", state_dict=state, tokenizer=trainer.tokenizer_to_save,
+                              dtype=dtype)
         print(f"{trainer.tracker.summary()}\nsaved {output_dir / 'final'}", flush=True)
     return 0

@@ -9,8 +9,9 @@
   the adapter inference would choose for it, so what trains sees the hidden states it will see;
 - with `answer_states` (stage 4, everything but the speech generator frozen), each sample's
   answer states are computed once and reused (lyra/train/answer_states.py);
-- checkpoints in the layout inference loads (`config.json`, safetensors, `adapters/`),
-  each marked complete only once every file of it is written.
+- light checkpoints (lyra/train/checkpoint.py): `checkpoint-N/` holds what trains, the optimiser,
+  scheduler and RNG state and a record of the frozen base, and is marked complete only once
+  every file of it is written; resuming loads it over the same base, rebuilt.
 """
 
 from __future__ import annotations
@@ -20,14 +21,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import DeepSpeedSchedulerWrapper
 from tqdm.auto import tqdm
 from transformers import Trainer
 from transformers.integrations import is_deepspeed_zero3_enabled
+from transformers.trainer import SCHEDULER_NAME
 
 from lyra.data.collate import BadSampleTracker
 from lyra.model import mlora
 from lyra.model.lyra import PREPARE_INPUT_KEYS
 from lyra.train.answer_states import AnswerStateCache
+from lyra.train.checkpoint import BaseRecord, gather_trainable_state, load_trainable_state, write_trainable_state
 
 COMPLETE_MARKER = ".complete"
 # What the model's forward takes: the LLM's inputs plus the targets of each loss.
@@ -74,10 +78,13 @@ class ModalityLengthGroupedSampler(torch.utils.data.Sampler):
 
 
 class LyraTrainer(Trainer):
-    def __init__(self, *args, tokenizer=None, projector_lr: float | None = None,
+    def __init__(self, *args, base: BaseRecord, tokenizer=None, projector_lr: float | None = None,
                  tracker: BadSampleTracker | None = None, group_by_modality_length: bool = False,
                  route_adapters: bool = False, answer_states: AnswerStateCache | None = None, **kwargs):
+        """`base`: the record of the frozen base the model was built from (`lyra.train.recipe`
+        makes it), written into every checkpoint and checked on resume."""
         super().__init__(*args, **kwargs)
+        self.base = base
         self.route_adapters = route_adapters
         self.answer_states = answer_states
         self.tokenizer_to_save = tokenizer  # not `processing_class`: the Trainer would edit the model config
@@ -132,7 +139,8 @@ class LyraTrainer(Trainer):
                                              collate_fn=self.data_collator)
         batches = tqdm(loader, desc="answer states (computed once)", unit="batch",
                        disable=not self.args.should_save)
-        self.answer_states.fill(self.model, batches, self.route)
+        with self.accelerator.autocast():  # as the training forward runs (frozen weights are bf16 in bf16)
+            self.answer_states.fill(self.model, batches, self.route)
         norm = self.model.speech_generator.input_norm
         if norm is not None and not bool(norm.initialized):
             norm.initialize(self.answer_states.all_states())
@@ -184,11 +192,30 @@ class LyraTrainer(Trainer):
                                             self.args.per_device_train_batch_size * steps_per_group, self.args.seed)
 
     # ------------------------------------------------------------------ checkpoints
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """A checkpoint (`_internal_call`) is light: the trainable state and the base record only
+        (all ranks take part: under ZeRO-3 the trainable shards are gathered). Otherwise the whole
+        model in the inference layout."""
+        if not _internal_call:
+            return super().save_model(output_dir, _internal_call)
+        state = gather_trainable_state(self.model, zero3=is_deepspeed_zero3_enabled())
+        if self.args.should_save:
+            write_trainable_state(Path(output_dir or self.args.output_dir), state, self.base)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir or self.args.output_dir
         if self.args.should_save:
             self.model.save_pretrained(output_dir, state_dict=state_dict, replace=False,
                                        tokenizer=self.tokenizer_to_save)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self.is_deepspeed_enabled:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        # DeepSpeed's own checkpoint holds the optimiser (and the fp32 master weights); without
+        # the frozen parameters, which ZeRO-2 would otherwise copy in whole.
+        self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
+        if self.args.should_save and not isinstance(self.lr_scheduler, DeepSpeedSchedulerWrapper):
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
 
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)
@@ -196,8 +223,31 @@ class LyraTrainer(Trainer):
             folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
             (folder / COMPLETE_MARKER).write_text(f"{self.state.global_step}\n")
 
+    def check_checkpoint_base(self, checkpoint: str | Path) -> None:
+        """Raise unless `checkpoint` was trained on the base this trainer's model was built from."""
+        BaseRecord.read(Path(checkpoint)).check_matches(self.base, Path(checkpoint))
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        (model or self.model).load_checkpoint_weights(resume_from_checkpoint)
+        self.check_checkpoint_base(resume_from_checkpoint)
+        load_trainable_state(model or self.model, Path(resume_from_checkpoint))
+
+    def train(self, resume_from_checkpoint: str | None = None, **kwargs):
+        if not (resume_from_checkpoint and self.is_deepspeed_enabled):
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        # DeepSpeed restores the trainable weights from its own checkpoint, strictly; the frozen
+        # ones are in it no more, as they come from the rebuilt base.
+        self.check_checkpoint_base(resume_from_checkpoint)
+        hook = self.model.register_load_state_dict_post_hook(_frozen_parameters_come_from_the_base)
+        try:
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        finally:
+            hook.remove()
+
+
+def _frozen_parameters_come_from_the_base(module: torch.nn.Module, incompatible) -> None:
+    """A `load_state_dict` post hook: frozen parameters missing from a light checkpoint are fine."""
+    frozen = {name for name, parameter in module.named_parameters() if not parameter.requires_grad}
+    incompatible.missing_keys[:] = [key for key in incompatible.missing_keys if key not in frozen]
 
 
 def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
