@@ -110,7 +110,7 @@ def mlora_ablation(task, out: Path, work: Path, seeds: list[int], cache, full_lr
     below the base model's; MLoRA's text answers are the base model's by construction."""
     stage1 = str(out / "runs" / "stage1" / "final")
     base_text = evaluate(out / "runs" / "base" / "final", task, cache, ("text",))["text"]
-    data = {"data.path": str(speech_only_stage2(task, work)), "optim.epochs": epochs}
+    data = {"data.path": str(speech_only_stage2(task, work)), "data.root": str(task.root), "optim.epochs": epochs}
     rows = {}
     settings = (("mlora", "MLoRA (speech adapter, r=16)", data),
                 ("full", f"full fine-tune of the LLM (lr {full_lr:g})",
@@ -123,7 +123,7 @@ def mlora_ablation(task, out: Path, work: Path, seeds: list[int], cache, full_lr
             acc = evaluate(final, task, cache, ("text", "speech"))
             results.append({"seed": seed, "text": acc["text"]["image"], "speech": acc["speech"]["image"],
                             "text_by_type": acc["text"]["by_type"]})
-        rows[name] = {"overrides": {k: v for k, v in overrides.items() if k != "data.path"}, "runs": results}
+        rows[name] = {"overrides": {k: v for k, v in overrides.items() if not k.startswith("data.")}, "runs": results}
     return {"base_text": base_text["image"], "base_text_by_type": base_text["by_type"], "epochs": epochs,
             "records": len(task.records("stage2")), "rows": rows}
 
