@@ -81,8 +81,8 @@ def test_malformed_json_list_reports_line_and_column(tmp_path, capsys):
 
 
 def test_malformed_jsonl_line_reports_line_and_column(tmp_path, capsys):
-    good = json.dumps({"id": "a", "conversations": [turn("human", "hi"), turn("gpt", "yo")]})
-    (tmp_path / "d.jsonl").write_text(f"{good}\n{good}\n{{\"id\": \"b\", \"conversations\": [,]}}\n{good}\n")
+    good = [json.dumps({"id": f"a{k}", "conversations": [turn("human", "hi"), turn("gpt", "yo")]}) for k in range(3)]
+    (tmp_path / "d.jsonl").write_text(f"{good[0]}\n{good[1]}\n{{\"id\": \"b\", \"conversations\": [,]}}\n{good[2]}\n")
     assert main([str(tmp_path / "d.jsonl"), "--tokenizer", "tiny", "--quiet"]) == 1
     out = capsys.readouterr().out
     assert "#2 (line 3) malformed_json: d.jsonl line 3, column 31" in out
