@@ -214,10 +214,11 @@ def test_unreadable_media_file_never_blocks(tmp_path):
 
 
 @pytest.mark.parametrize("content", [b"", b"  [ ]\n", b"\n\n  \n"], ids=["empty", "empty-list", "blank-lines"])
-def test_no_records(tmp_path, content):
+def test_no_records(tmp_path, capsys, content):
     (tmp_path / "d.json").write_bytes(content)
     code, report = validate(tmp_path / "d.json")
     assert code == 1 and codes(report) == [(-1, "no_records")] and report["num_samples"] == 0
+    assert "0 sample(s) checked: 0 with errors, 0 with warnings; the file itself is unusable" in capsys.readouterr().out
 
 
 def test_malformed_json_list_in_fix_report(tmp_path):

@@ -168,12 +168,12 @@ class RecordStore:
         try:
             text = data.decode("utf-8-sig")
         except UnicodeDecodeError as error:
-            line = data.count(b"\n", 0, error.start) + 1
+            line, column = data.count(b"\n", 0, error.start) + 1, _column(data, error.start)
             raise DataFileError(
-                f"{self.path}: not UTF-8 at line {line}, column {_column(data, error.start)} "
-                f"(byte 0x{data[error.start]:02x}); re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)",
+                f"{self.path}: not UTF-8 at line {line}, column {column} (byte 0x{data[error.start]:02x}); "
+                f"re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)",
                 line=line,
-                column=_column(data, error.start),
+                column=column,
                 code="not_utf8",
             ) from None
         decoder = json.JSONDecoder()

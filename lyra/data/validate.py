@@ -293,7 +293,7 @@ def run(args: argparse.Namespace) -> tuple[int, list[Finding]]:
 
 def format_table(total: int, findings: list[Finding], show: int = 20) -> str:
     counts = Counter((f.code, f.severity) for f in findings)
-    bad = len({f.index for f in findings if f.severity == "error"})
+    bad = len({f.index for f in findings if f.severity == "error" and f.index >= 0})
     lines = []
     if not findings:
         lines.append(f"{total} sample(s) checked: no problems")
@@ -305,7 +305,8 @@ def format_table(total: int, findings: list[Finding], show: int = 20) -> str:
         lines.append(f"{code:<{width}}  {severity:<8}  {n:>7}  {HINTS.get(code, BAD_SAMPLE_CODES.get(code, ''))}")
     lines.append("")
     lines.append(f"{total} sample(s) checked: {bad} with errors, "
-                 f"{len({f.index for f in findings if f.severity == 'warning'})} with warnings")
+                 f"{len({f.index for f in findings if f.severity == 'warning'})} with warnings"
+                 + ("; the file itself is unusable" if any(f.index < 0 for f in findings) else ""))
     if show:
         lines.append("")
         lines.append(f"first {min(show, len(findings))} problem(s):")
