@@ -598,7 +598,11 @@ def main(argv: list[str] | None = None) -> int:
     device, dtype = torch.device(args.device), torch.bfloat16 if args.dtype == "bf16" else torch.float32
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
-    config = load_config(args.preset) if args.preset else load_config("tiny", overrides=MID_SIZE)
+    overrides = {} if args.preset else dict(MID_SIZE)
+    config = load_config(args.preset or "tiny", overrides=overrides)
+    reach = max(args.lengths) + INSTRUCTION_TOKENS + args.decode_tokens
+    if reach > config.text.max_position_embeddings:  # Qwen2-VL-7B's config says 32,768; its rotary runs on
+        config = load_config(args.preset or "tiny", overrides={**overrides, "text.max_position_embeddings": reach})
     if config.text.num_hidden_layers < 4:
         raise SystemExit(f"preset {args.preset!r} has {config.text.num_hidden_layers} layers; LMME(4, rho) needs at least 4")
     lm = build_language_model(config, device, dtype)
