@@ -554,9 +554,9 @@ def draw_png(rows: list[dict], path: Path, title: str) -> None:
                 x, _ = xy(row["context_tokens"], 0)
                 offset = list(VARIANTS).index(row["variant"]) * 12
                 draw.text((x - 10, top + pad + offset), row["status"].upper(), fill=COLOURS[row["variant"]])
-        for index, variant in enumerate(VARIANTS):
-            draw.text((left + size[0] - 190, top + pad + 14 * index), variant, fill=COLOURS[variant])
-        draw.text((left + size[0] - 190, top + pad + 44), "thick/dots: ours, thin/squares: paper", fill="black")
+    for index, variant in enumerate(VARIANTS):
+        draw.text((size[0] + 110 * index, 10), variant, fill=COLOURS[variant])
+    draw.text((size[0] + 330, 10), "thick, dots: ours; thin, squares: paper", fill="black")
     with atomic_file(path) as temporary:
         picture.save(temporary, format="PNG")
 
