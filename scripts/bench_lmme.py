@@ -483,6 +483,28 @@ def profile_prefill(lm: LanguageModel, prompt: Prompt, settings: LMMEConfig) -> 
     return summary, averages.table(sort_by=sort, row_limit=30)
 
 
+def run_profile(lm: LanguageModel, rows: list[dict], threshold: float, budget: Budget, out: Path) -> dict:
+    """Profile the `profile_target` row if it fits the budget; write OUT_profile.txt; the JSON part."""
+    target = profile_target(rows, threshold)
+    if target is None:
+        return {"skipped": f"every LMME speedup measured is at least {threshold} of its FLOP bound"}
+    where = {"context_tokens": target["context_tokens"], "variant": target["variant"],
+             "speedup_over_bound": target["speedup_over_bound"]}
+    if 2 * target["prefill_s"] > budget.left():  # the profiler slows it down
+        return {"skipped": "time budget", **where}
+    try:
+        summary, table = profile_prefill(lm, make_prompt(lm, target["context_tokens"], seed=0), VARIANTS[target["variant"]])
+    except torch.OutOfMemoryError:
+        summary = None
+    if summary is None:
+        release_memory()
+        return {"skipped": "out of memory under the profiler", **where}
+    heading = f"{target['variant']} prefill at {target['context_tokens']} context tokens, {summary['clock']} time\n"
+    atomic_write_text(out.parent / f"{out.name}_profile.txt", heading + json.dumps(summary, indent=1) + "\n\n" + table + "\n")
+    print(heading + json.dumps(summary, indent=1), flush=True)
+    return {**where, **summary}
+
+
 # --------------------------------------------------------------------------- output
 COLUMNS = ("context_tokens", "variant", "status", "prefill_s", "prefill_speedup", "flop_bound", "speedup_over_bound",
            "scoring_share", "decode_tok_s", "peak_gib", "kept_fraction")
@@ -655,6 +677,8 @@ def main(argv: list[str] | None = None) -> int:
         add_ratios(rows, bound)
         payload.update(rows=rows, comparison=compare_with_paper(rows), wall_s=round(budget.clock() - budget.start, 1))
         atomic_write_json(out.with_suffix(".json"), payload)
+        draw_png(rows, out.with_suffix(".png"), f"LMME on {payload['device']}, {payload['preset']} {args.dtype} "
+                                                f"vs paper Table 4a (Lyra-Base, A100)")
 
     def report(rows: list[dict]) -> None:
         write(rows)
@@ -666,19 +690,8 @@ def main(argv: list[str] | None = None) -> int:
     release_memory()
     print(format_table(rows))
 
-    target = profile_target(rows, args.profile_below)
-    if target is not None and 2 * target["prefill_s"] < budget.left():
-        summary, table = profile_prefill(lm, make_prompt(lm, target["context_tokens"], seed=0), VARIANTS[target["variant"]])
-        payload["profile"] = {"context_tokens": target["context_tokens"], "variant": target["variant"],
-                              "speedup_over_bound": target["speedup_over_bound"], **summary}
-        heading = f"{target['variant']} prefill at {target['context_tokens']} context tokens, {summary['clock']} time\n"
-        atomic_write_text(out.parent / f"{out.name}_profile.txt", heading + json.dumps(summary, indent=1) + "\n\n" + table + "\n")
-        print(heading + json.dumps(summary, indent=1))
-    elif target is not None:
-        payload["profile"] = {"skipped": "time budget", "context_tokens": target["context_tokens"], "variant": target["variant"]}
+    payload["profile"] = run_profile(lm, rows, args.profile_below, budget, out)
     write(rows)
-    draw_png(rows, out.with_suffix(".png"), f"LMME on {payload['device']}, {payload['preset']} {args.dtype} "
-                                            f"vs paper Table 4a (Lyra-Base, A100)")
     print(json.dumps(payload["comparison"], indent=1))
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')} in {payload['wall_s']} s")
     return 0 if check.passed else 1
