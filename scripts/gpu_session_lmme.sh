@@ -20,7 +20,7 @@
 #       skipped), writing into $OUT: bench_lmme_gpu.json / .png / _profile.txt, the log and
 #       nvidia-smi's view of the card. BUDGET (seconds) and REPEATS override the defaults.
 #
-# The device call (one; about 7 minutes with the machine's start, of the 15 lent):
+# The device call (one: at most 8 minutes of command, plus the machine's start, of the 15 lent):
 #
 #   run(command="bash scripts/gpu_session_lmme.sh", kind="nvidia-h200", carry=[".whl"], timeout_s=480)
 #
@@ -63,7 +63,7 @@ bench() {
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl
     export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
     export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True  # long prompts: less fragmentation before an OOM
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/nvidia_smi.txt"
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/nvidia_smi.txt" || true
     local started=$SECONDS status=0
     python3 scripts/bench_lmme.py --preset base --dtype bf16 --device cuda \
         --lengths 2048 4096 8192 16384 32768 65536 131072 --repeats "${REPEATS:-3}" --decode-tokens 64 \
