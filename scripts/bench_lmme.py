@@ -623,7 +623,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {} if args.preset else dict(MID_SIZE)
     config = load_config(args.preset or "tiny", overrides=overrides)
     reach = max(args.lengths) + INSTRUCTION_TOKENS + args.decode_tokens
-    if reach > config.text.max_position_embeddings:  # Qwen2-VL-7B's config says 32,768; its rotary runs on
+    if reach > config.text.max_position_embeddings:  # base caps it at 32,768; the rotary tables go further
         config = load_config(args.preset or "tiny", overrides={**overrides, "text.max_position_embeddings": reach})
     if config.text.num_hidden_layers < 4:
         raise SystemExit(f"preset {args.preset!r} has {config.text.num_hidden_layers} layers; LMME(4, rho) needs at least 4")
