@@ -15,7 +15,7 @@
 #
 #   bash scripts/gpu_session_lmme.sh
 #       On the GPU machine: installs .whl/*.whl (--no-deps) into /tmp/site, then runs the
-#       benchmark with Lyra-Base in bf16 for 2^11 .. 2^17 context tokens, 3 repeats, 64 decode
+#       benchmark with Lyra-Base in bf16 for 2^11 .. 2^17 context tokens, 2 repeats, 64 decode
 #       tokens, within a 330 s time budget (cells predicted not to fit are recorded as
 #       skipped), writing into $OUT: bench_lmme_gpu.json / .png / _profile.txt, the log and
 #       nvidia-smi's view of the card. BUDGET (seconds) and REPEATS override the defaults.
@@ -66,7 +66,7 @@ bench() {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/nvidia_smi.txt" || true
     local started=$SECONDS status=0
     python3 scripts/bench_lmme.py --preset base --dtype bf16 --device cuda \
-        --lengths 2048 4096 8192 16384 32768 65536 131072 --repeats "${REPEATS:-3}" --decode-tokens 64 \
+        --lengths 2048 4096 8192 16384 32768 65536 131072 --repeats "${REPEATS:-2}" --decode-tokens 64 \
         --check-tokens 2048 --time-budget "${BUDGET:-330}" --out "$OUT/bench_lmme_gpu" 2>&1 |
         tee "$OUT/bench_lmme_gpu.log" || status=$?
     echo "bench wall time: $((SECONDS - started)) s, exit $status" | tee -a "$OUT/bench_lmme_gpu.log"
