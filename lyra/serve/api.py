@@ -64,7 +64,7 @@ from lyra.data.vision import VisionError
 from lyra.inference import Media, attach_vocoder, load_model
 from lyra.model import mlora
 from lyra.processing import PLACEHOLDER_PATTERN, LyraProcessor, ProcessedSample
-from lyra.serve.batcher import BatchKey, BatcherClosed, Completion, DynamicBatcher, Job
+from lyra.serve.batcher import BatchKey, BatcherClosed, Completion, ContinuousBatcher, Job
 from lyra.serve.limits import ServerConfig, check_body_size, check_host, check_text_length, is_loopback
 from lyra.serve.media import (MediaRef, data_ref, decode_audio, decode_image, decode_video, image_ref,
                               read_local_file)
@@ -218,7 +218,7 @@ class LyraAPI:
         self.model_id = config.served_model_name or _default_model_id(info.get("model", "lyra"))
         self.created = int(time.time())
         self.processor = LyraProcessor(tokenizer, model.config, config.vision_limits)
-        self.batcher = DynamicBatcher(model, config.max_batch_size, config.max_wait_ms).start()
+        self.batcher = ContinuousBatcher(model, config.max_batch_size).start()
         self.slots = threading.BoundedSemaphore(config.max_concurrent)
         self.tokenizer_lock = threading.Lock()  # fast tokenizers must not be borrowed from two threads at once
         # media decoding and tokenising run here, off the event loop
@@ -252,8 +252,7 @@ class LyraAPI:
             "status": "ok" if alive else "unavailable", "model": self.model_id,
             "untrained": bool(self.info.get("untrained", False)), "device": self.info.get("device"),
             "can_speak": can_speak(self.model), "queued": self.batcher.queued,
-            "max_batch_size": self.batcher.max_batch_size, "max_wait_ms": self.config.max_wait_ms,
-            "batches": self.batcher.stats.as_dict(),
+            "max_batch_size": self.batcher.max_batch_size, "batches": self.batcher.stats.as_dict(),
         }
 
     # ------------------------------------------------------------------ chat completions
@@ -710,8 +709,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override the vocoder the model records (a code HiFi-GAN folder, a Piper .onnx "
                              "voice or piper:<voice>); a model with a speech generator answers in speech when asked")
     parser.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size)
-    parser.add_argument("--max-wait-ms", type=float, default=defaults.max_wait_ms,
-                        help="how long the first request of a batch waits for others")
+    parser.add_argument("--max-wait-ms", type=float, default=0.0,
+                        help="accepted so older command lines still work; continuous batching admits new requests "
+                             "at every decode step and never waits")
     parser.add_argument("--max-body-mb", type=float, default=defaults.max_body_mb)
     parser.add_argument("--max-text-chars", type=int, default=defaults.max_text_chars,
                         help="characters of text per request, checked before tokenising")
@@ -754,7 +754,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             raise ValueError(f"--media-root {root}: not a directory")
     return ServerConfig(
         host=args.host, port=args.port, api_key=args.api_key or None, served_model_name=args.served_model_name,
-        max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, max_body_mb=args.max_body_mb,
+        max_batch_size=args.max_batch_size, max_body_mb=args.max_body_mb,
         max_text_chars=args.max_text_chars, max_audio_seconds=args.max_audio_seconds,
         max_image_pixels=args.max_image_pixels, max_video_seconds=args.max_video_seconds,
         default_max_tokens=args.default_max_tokens, max_tokens_limit=args.max_tokens_limit,
@@ -785,8 +785,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
     if info["untrained"]:
         print(f"note: '{info['model']}' is a preset with untrained weights; its answers are noise.", file=sys.stderr)
-    print(f"Lyra API serving '{server.api.model_id}' at {server.url}/v1 (batch <= {config.max_batch_size}, "
-          f"wait {config.max_wait_ms:g} ms)", flush=True)
+    print(f"Lyra API serving '{server.api.model_id}' at {server.url}/v1 (continuous batching, "
+          f"batch <= {config.max_batch_size})", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
