@@ -65,7 +65,8 @@ from lyra.inference import Media, attach_vocoder, load_model
 from lyra.model import mlora
 from lyra.processing import PLACEHOLDER_PATTERN, LyraProcessor, ProcessedSample
 from lyra.serve.batcher import BatchKey, BatcherClosed, Completion, ContinuousBatcher, Job
-from lyra.serve.limits import ServerConfig, check_body_size, check_host, check_text_length, is_loopback
+from lyra.serve.limits import (ServerConfig, check_body_size, check_header_size, check_host, check_text_length,
+                               is_loopback)
 from lyra.serve.media import (MediaRef, data_ref, decode_audio, decode_image, decode_video, image_ref,
                               read_local_file)
 from lyra.serve.schema import APIError, ChatCompletionRequest, ContentPart, TextPart, error_from_validation, invalid
@@ -219,7 +220,8 @@ class LyraAPI:
         self.created = int(time.time())
         self.processor = LyraProcessor(tokenizer, model.config, config.vision_limits)
         self.batcher = ContinuousBatcher(model, config.max_batch_size).start()
-        self.slots = threading.BoundedSemaphore(config.max_concurrent)
+        self.in_flight = 0  # requests holding a slot: being prepared, queued or generated
+        self._slots_lock = threading.Lock()
         self.tokenizer_lock = threading.Lock()  # fast tokenizers must not be borrowed from two threads at once
         # media decoding and tokenising run here, off the event loop
         self.workers = ThreadPoolExecutor(max(2, min(8, config.max_concurrent)), thread_name_prefix="lyra-prepare")
@@ -251,7 +253,7 @@ class LyraAPI:
         return (200 if alive else 503), {
             "status": "ok" if alive else "unavailable", "model": self.model_id,
             "untrained": bool(self.info.get("untrained", False)), "device": self.info.get("device"),
-            "can_speak": can_speak(self.model), "queued": self.batcher.queued,
+            "can_speak": can_speak(self.model), "queued": self.batcher.queued, "in_flight": self.in_flight,
             "max_batch_size": self.batcher.max_batch_size, "batches": self.batcher.stats.as_dict(),
         }
 
@@ -311,7 +313,10 @@ class LyraAPI:
     async def start(self, request: ChatRequest, on_token: Callable[[int], None] | None) -> Job:
         """Take a concurrency slot, prepare the job off the event loop and queue it. The slot is
         given back when the job resolves, or at once when preparing fails or runs out of time."""
-        if not self.slots.acquire(blocking=False):
+        with self._slots_lock:
+            full = self.in_flight >= self.config.max_concurrent
+            self.in_flight += not full
+        if full:
             raise APIError(429, "the server is busy; retry later", None, "rate_limit_exceeded",
                            type="rate_limit_error")
         loop = asyncio.get_running_loop()
@@ -320,15 +325,19 @@ class LyraAPI:
                                          self.config.prepare_timeout_s)
             self.submit(job)
         except TimeoutError:
-            self.slots.release()
+            self._release_slot()
             raise APIError(408, f"reading and decoding the request's inputs took longer than "
                                 f"{self.config.prepare_timeout_s:g} s (--prepare-timeout-s)", None,
                            "request_timeout") from None
         except BaseException:
-            self.slots.release()
+            self._release_slot()
             raise
-        job.future.add_done_callback(lambda _: self.slots.release())
+        job.future.add_done_callback(lambda _: self._release_slot())
         return job
+
+    def _release_slot(self) -> None:
+        with self._slots_lock:
+            self.in_flight -= 1
 
     def submit(self, job: Job) -> None:
         try:
@@ -486,7 +495,7 @@ def error_response(error: APIError, close: bool = False) -> JSONResponse:
 
 
 class Gate:
-    """ASGI middleware for what must happen before the app sees a request: the Host allow-list,
+    """ASGI middleware for what must happen before the app sees a request: the header size, the Host allow-list,
     the API key on /v1, the content type, and the body, read whole within its size and time
     limits (then replayed to the app). Nothing here parses or decodes the body."""
 
@@ -500,6 +509,7 @@ class Gate:
             return
         headers = Headers(scope=scope)
         try:
+            check_header_size(scope["headers"])
             check_host(headers.get("host"), self.hosts)
             if scope["path"].startswith("/v1/"):
                 self.api.check_auth(headers.get("authorization"))
