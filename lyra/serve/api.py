@@ -654,6 +654,7 @@ class LyraServer:
         self.socket = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.socket.bind((host, port))
+        self.socket.listen(2048)  # connections made before uvicorn runs wait in the backlog
         config = uvicorn.Config(build_app(api), http=JSONErrorH11Protocol, loop="asyncio", ws="none",
                                 lifespan="off", log_config=None, log_level="warning", access_log=False,
                                 timeout_keep_alive=5, timeout_graceful_shutdown=2, server_header=False)
