@@ -135,17 +135,19 @@ def chat_request(body: ChatCompletionRequest, config: ServerConfig) -> ChatReque
 
     messages: list[dict[str, str]] = []
     parts: list[tuple[str, ContentPart]] = []
-    texts: list[str] = []
+    texts: list[tuple[str, str]] = []  # (param, text)
     for i, message in enumerate(body.messages):
         where, role = f"messages[{i}]", ROLES[message.role]
         if isinstance(message.content, str):
-            pieces = [_text(message.content, f"{where}.content", texts)]
+            texts.append((f"{where}.content", message.content))
+            pieces = [message.content]
         else:
             pieces = []
             for j, part in enumerate(message.content):
                 param = f"{where}.content[{j}]"
                 if isinstance(part, TextPart):
-                    pieces.append(_text(part.text, f"{param}.text", texts))
+                    texts.append((f"{param}.text", part.text))
+                    pieces.append(part.text)
                     continue
                 if role != "user":
                     raise invalid(f"'{param}': {role} messages may only hold text parts; put media in user messages",
@@ -158,20 +160,16 @@ def chat_request(body: ChatCompletionRequest, config: ServerConfig) -> ChatReque
     if len(parts) > MAX_MEDIA_ITEMS:
         raise invalid(f"at most {MAX_MEDIA_ITEMS} media parts per request, got {len(parts)}", "messages",
                       "too_many_media")
-    check_text_length(texts, config.max_text_chars)
+    check_text_length([text for _, text in texts], config.max_text_chars)
+    for param, text in texts:
+        found = PLACEHOLDER_PATTERN.search(text)
+        if found:
+            raise invalid(f"'{param}' contains {found.group(0)!r}, which is reserved for media; send media as "
+                          f"content parts instead", param)
     return ChatRequest(model=body.model, messages=messages, parts=parts, max_tokens=limit, stream=bool(body.stream),
                        include_usage=bool(body.stream_options and body.stream_options.include_usage),
                        temperature=body.temperature or 0.0, top_p=body.top_p, want_audio=want_audio,
                        audio_format=body.audio.format if body.audio else "wav")
-
-
-def _text(text: str, param: str, texts: list[str]) -> str:
-    found = PLACEHOLDER_PATTERN.search(text)
-    if found:
-        raise invalid(f"'{param}' contains {found.group(0)!r}, which is reserved for media; send media as "
-                      f"content parts instead", param)
-    texts.append(text)
-    return text
 
 
 def media_ref(param: str, part: ContentPart, config: ServerConfig) -> MediaRef:
