@@ -108,8 +108,7 @@ class ChatRequest:
     include_usage: bool = False
     temperature: float = 0.0
     top_p: float | None = None
-    want_audio: bool = False
-    audio_format: str = "wav"
+    want_audio: bool = False  # a wav of the answer (the only audio format the schema allows)
 
 
 def chat_request(body: ChatCompletionRequest, config: ServerConfig) -> ChatRequest:
@@ -168,8 +167,7 @@ def chat_request(body: ChatCompletionRequest, config: ServerConfig) -> ChatReque
                           f"content parts instead", param)
     return ChatRequest(model=body.model, messages=messages, parts=parts, max_tokens=limit, stream=bool(body.stream),
                        include_usage=bool(body.stream_options and body.stream_options.include_usage),
-                       temperature=body.temperature or 0.0, top_p=body.top_p, want_audio=want_audio,
-                       audio_format=body.audio.format if body.audio else "wav")
+                       temperature=body.temperature or 0.0, top_p=body.top_p, want_audio=want_audio)
 
 
 def media_ref(param: str, part: ContentPart, config: ServerConfig) -> MediaRef:
