@@ -63,9 +63,8 @@ def png_bomb(width: int = 40_000, height: int = 40_000) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode()
 
 
-def gzip_body() -> bytes:
-    """A gzip body that would inflate to 50 MB of JSON (the server never inflates request bodies)."""
-    return gzip.compress(b'{"model": "tiny", "messages": [' + b" " * 50_000_000 + b"]}", 9)
+# a gzip body that would inflate to 50 MB of JSON (the server never inflates request bodies)
+GZIP_BOMB = gzip.compress(b'{"model": "tiny", "messages": [' + b" " * 50_000_000 + b"]}", 9)
 
 
 # ---------------------------------------------------------------------- the fuzz cases
@@ -208,7 +207,7 @@ class Cases:
             piece = b"8000\r\n" + b"x" * 0x8000 + b"\r\n"
             return http_request(piece * 40 + b"0\r\n\r\n", {"Transfer-Encoding": "chunked"})
         # a gzip-encoded body: not inflated, so not JSON
-        return http_request(gzip_body(), {"Content-Encoding": "gzip"})
+        return http_request(GZIP_BOMB, {"Content-Encoding": "gzip"})
 
     def files_and_media(self) -> bytes:
         rng = self.rng
