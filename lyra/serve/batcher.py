@@ -355,10 +355,11 @@ class ContinuousBatcher:
     def _step(self, batch: _Batch) -> None:
         """Drop cancelled rows, then run one decode step over the rest; finished rows leave."""
         live = [r for r in batch.rows if not r.job.cancelled]
-        for row in batch.rows:
-            if row not in live:
-                self._finish(row.job, "cancelled", row.batch_size)
-        batch.keep(live)
+        if len(live) < len(batch.rows):
+            for row in batch.rows:
+                if row not in live:
+                    self._finish(row.job, "cancelled", row.batch_size)
+            batch.keep(live)
         if not live:
             return
         model, size = self.model, len(live)
