@@ -13,6 +13,7 @@ import io
 import json
 import select
 import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -498,6 +499,24 @@ def test_local_file_policy(server, client, tmp_path, monkeypatch):
     assert status == 200, response
     monkeypatch.setattr(server.api.config, "media_roots", [])
     assert_error(*client.chat(chat([user(image(str(inside / "copy.png")))])), 400, "local_files_disabled")
+
+
+def test_tokenisers_are_per_thread(server):
+    """Preparing threads tokenise on their own tokenizer copies (none waits for another's
+    prompt), and a copy tokenises exactly as the original."""
+    api = server.api
+    both = threading.Barrier(2)
+
+    def twice(_):
+        both.wait()  # the two calls run in two live threads
+        return api.processor(), api.processor()
+
+    with ThreadPoolExecutor(2) as pool:
+        first, second = pool.map(twice, range(2))
+    assert first[0] is first[1] and second[0] is second[1] and first[0] is not second[0]
+    assert len({id(first[0].tokenizer), id(second[0].tokenizer), id(api.tokenizer)}) == 3
+    text_in = "a test of the tokenizer copies, with ünïcödé"
+    assert first[0].tokenizer(text_in)["input_ids"] == api.tokenizer(text_in)["input_ids"]
 
 
 def test_dropped_stream_cancels_its_job(server, monkeypatch):

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import copy
 import hmac
 import io
 import json
@@ -214,11 +215,11 @@ class LyraAPI:
         self.model, self.tokenizer, self.info, self.config = model, tokenizer, info, config
         self.model_id = config.served_model_name or _default_model_id(info.get("model", "lyra"))
         self.created = int(time.time())
-        self.processor = LyraProcessor(tokenizer, model.config, config.vision_limits)
+        self._local = threading.local()  # each preparing thread's own processor (see `processor`)
         self.batcher = ContinuousBatcher(model, config.max_batch_size).start()
         self.in_flight = 0  # requests holding a slot: being prepared, queued or generated
         self._slots_lock = threading.Lock()
-        self.tokenizer_lock = threading.Lock()  # fast tokenizers must not be borrowed from two threads at once
+        self.tokenizer_lock = threading.Lock()  # guards self.tokenizer, which decodes answers
         # media decoding and tokenising run here, off the event loop
         self.workers = ThreadPoolExecutor(max(2, min(8, config.max_concurrent)), thread_name_prefix="lyra-prepare")
 
@@ -281,11 +282,20 @@ class LyraAPI:
                 getattr(media, ref.kind).append(decode_audio(data, ref.format, audio_caps[ref.kind], ref.param))
         return media
 
+    def processor(self) -> LyraProcessor:
+        """This thread's processor, on its own copy of the tokenizer: a fast tokenizer must not be
+        used by two threads at once, and with a copy each, tokenising one request never waits
+        for another request's tokenising (the text cap bounds each one)."""
+        processor = getattr(self._local, "processor", None)
+        if processor is None:
+            processor = LyraProcessor(copy.deepcopy(self.tokenizer), self.model.config, self.config.vision_limits)
+            self._local.processor = processor
+        return processor
+
     def build_sample(self, messages: list[dict[str, str]], media: Media) -> ProcessedSample:
         try:
-            with self.tokenizer_lock:
-                return self.processor(messages, images=media.images, videos=media.videos, speech=media.speech,
-                                      sound=media.sound)
+            return self.processor()(messages, images=media.images, videos=media.videos, speech=media.speech,
+                                    sound=media.sound)
         except (AudioError, VisionError, ValueError) as error:
             raise invalid(f"the request cannot be turned into model inputs: {error}", "messages",
                           "invalid_media") from None
