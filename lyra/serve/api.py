@@ -726,9 +726,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override the vocoder the model records (a code HiFi-GAN folder, a Piper .onnx "
                              "voice or piper:<voice>); a model with a speech generator answers in speech when asked")
     parser.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size)
-    parser.add_argument("--max-wait-ms", type=float, default=0.0,
-                        help="accepted so older command lines still work; continuous batching admits new requests "
-                             "at every decode step and never waits")
     parser.add_argument("--max-body-mb", type=float, default=defaults.max_body_mb)
     parser.add_argument("--max-text-chars", type=int, default=defaults.max_text_chars,
                         help="characters of text per request, checked before tokenising")
@@ -760,7 +757,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                  "max_text_chars"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("max_wait_ms", "max_body_mb", "max_audio_seconds", "max_video_seconds"):
+    for name in ("max_body_mb", "max_audio_seconds", "max_video_seconds"):
         if not getattr(args, name) >= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
     for name in ("body_timeout_s", "prepare_timeout_s", "request_timeout_s"):
