@@ -426,7 +426,7 @@ class LyraForConditionalGeneration(nn.Module):
         prefill = lmme_prefill(language_model, embeds, position_ids, attention_mask, types, settings, cache=cache)
         self.last_retention = prefill.retention
         logits = self.backbone.lm_head(prefill.hidden_states[:, -1])
-        processors = _logits_processors(do_sample, temperature, top_k, top_p)
+        processors = sampling_processors(do_sample, temperature, top_k, top_p)
         return _decode_loop(self, logits, prefill.state, cache, input_ids, processors, max_new_tokens, do_sample,
                             streamer)
 
@@ -632,7 +632,8 @@ def _scatter(embeds: torch.Tensor, mask: torch.Tensor, features: torch.Tensor, n
     return embeds.masked_scatter(mask.unsqueeze(-1), features.to(embeds.dtype))
 
 
-def _logits_processors(do_sample: bool, temperature: float, top_k: int | None, top_p: float | None):
+def sampling_processors(do_sample: bool, temperature: float, top_k: int | None, top_p: float | None):
+    """transformers' logits warpers for these sampling settings (none for greedy)."""
     from transformers.generation.logits_process import (
         LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
     )
