@@ -13,6 +13,7 @@ import io
 import json
 import select
 import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -500,6 +501,24 @@ def test_local_file_policy(server, client, tmp_path, monkeypatch):
     assert_error(*client.chat(chat([user(image(str(inside / "copy.png")))])), 400, "local_files_disabled")
 
 
+def test_tokenisers_are_per_thread(server):
+    """Preparing threads tokenise on their own tokenizer copies (none waits for another's
+    prompt), and a copy tokenises exactly as the original."""
+    api = server.api
+    both = threading.Barrier(2)
+
+    def twice(_):
+        both.wait()  # the two calls run in two live threads
+        return api.processor(), api.processor()
+
+    with ThreadPoolExecutor(2) as pool:
+        first, second = pool.map(twice, range(2))
+    assert first[0] is first[1] and second[0] is second[1] and first[0] is not second[0]
+    assert len({id(first[0].tokenizer), id(second[0].tokenizer), id(api.tokenizer)}) == 3
+    text_in = "a test of the tokenizer copies, with ünïcödé"
+    assert first[0].tokenizer(text_in)["input_ids"] == api.tokenizer(text_in)["input_ids"]
+
+
 def test_dropped_stream_cancels_its_job(server, monkeypatch):
     """A client that closes its stream after the first token: its job is cancelled, not run
     to max_tokens, and its concurrency slot comes back."""
@@ -516,7 +535,11 @@ def test_dropped_stream_cancels_its_job(server, monkeypatch):
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
         sock.sendall(f"POST {CHAT_PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
                      f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
-        assert b"data: " in sock.recv(65536)
+        received = b""
+        while b"data: " not in received:  # the headers and the first event may come apart
+            chunk = sock.recv(65536)
+            assert chunk, received
+            received += chunk
     completion = jobs[0].future.result(timeout=10)
     assert completion.finish_reason == "cancelled" and len(completion.token_ids) < 3000
     status, response = Client(server).chat(chat([user(text("still there?"))], max_tokens=2))

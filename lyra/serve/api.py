@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import copy
 import hmac
 import io
 import json
@@ -65,7 +66,8 @@ from lyra.inference import Media, attach_vocoder, load_model
 from lyra.model import mlora
 from lyra.processing import PLACEHOLDER_PATTERN, LyraProcessor, ProcessedSample
 from lyra.serve.batcher import BatchKey, BatcherClosed, Completion, ContinuousBatcher, Job
-from lyra.serve.limits import ServerConfig, check_body_size, check_host, check_text_length, is_loopback
+from lyra.serve.limits import (ServerConfig, check_body_size, check_header_size, check_host, check_text_length,
+                               is_loopback)
 from lyra.serve.media import (MediaRef, data_ref, decode_audio, decode_image, decode_video, image_ref,
                               read_local_file)
 from lyra.serve.schema import APIError, ChatCompletionRequest, ContentPart, TextPart, error_from_validation, invalid
@@ -107,8 +109,7 @@ class ChatRequest:
     include_usage: bool = False
     temperature: float = 0.0
     top_p: float | None = None
-    want_audio: bool = False
-    audio_format: str = "wav"
+    want_audio: bool = False  # a wav of the answer (the only audio format the schema allows)
 
 
 def chat_request(body: ChatCompletionRequest, config: ServerConfig) -> ChatRequest:
@@ -134,17 +135,19 @@ def chat_request(body: ChatCompletionRequest, config: ServerConfig) -> ChatReque
 
     messages: list[dict[str, str]] = []
     parts: list[tuple[str, ContentPart]] = []
-    texts: list[str] = []
+    texts: list[tuple[str, str]] = []  # (param, text)
     for i, message in enumerate(body.messages):
         where, role = f"messages[{i}]", ROLES[message.role]
         if isinstance(message.content, str):
-            pieces = [_text(message.content, f"{where}.content", texts)]
+            texts.append((f"{where}.content", message.content))
+            pieces = [message.content]
         else:
             pieces = []
             for j, part in enumerate(message.content):
                 param = f"{where}.content[{j}]"
                 if isinstance(part, TextPart):
-                    pieces.append(_text(part.text, f"{param}.text", texts))
+                    texts.append((f"{param}.text", part.text))
+                    pieces.append(part.text)
                     continue
                 if role != "user":
                     raise invalid(f"'{param}': {role} messages may only hold text parts; put media in user messages",
@@ -157,20 +160,15 @@ def chat_request(body: ChatCompletionRequest, config: ServerConfig) -> ChatReque
     if len(parts) > MAX_MEDIA_ITEMS:
         raise invalid(f"at most {MAX_MEDIA_ITEMS} media parts per request, got {len(parts)}", "messages",
                       "too_many_media")
-    check_text_length(texts, config.max_text_chars)
+    check_text_length([text for _, text in texts], config.max_text_chars)
+    for param, text in texts:
+        found = PLACEHOLDER_PATTERN.search(text)
+        if found:
+            raise invalid(f"'{param}' contains {found.group(0)!r}, which is reserved for media; send media as "
+                          f"content parts instead", param)
     return ChatRequest(model=body.model, messages=messages, parts=parts, max_tokens=limit, stream=bool(body.stream),
                        include_usage=bool(body.stream_options and body.stream_options.include_usage),
-                       temperature=body.temperature or 0.0, top_p=body.top_p, want_audio=want_audio,
-                       audio_format=body.audio.format if body.audio else "wav")
-
-
-def _text(text: str, param: str, texts: list[str]) -> str:
-    found = PLACEHOLDER_PATTERN.search(text)
-    if found:
-        raise invalid(f"'{param}' contains {found.group(0)!r}, which is reserved for media; send media as "
-                      f"content parts instead", param)
-    texts.append(text)
-    return text
+                       temperature=body.temperature or 0.0, top_p=body.top_p, want_audio=want_audio)
 
 
 def media_ref(param: str, part: ContentPart, config: ServerConfig) -> MediaRef:
@@ -217,10 +215,11 @@ class LyraAPI:
         self.model, self.tokenizer, self.info, self.config = model, tokenizer, info, config
         self.model_id = config.served_model_name or _default_model_id(info.get("model", "lyra"))
         self.created = int(time.time())
-        self.processor = LyraProcessor(tokenizer, model.config, config.vision_limits)
+        self._local = threading.local()  # each preparing thread's own processor (see `processor`)
         self.batcher = ContinuousBatcher(model, config.max_batch_size).start()
-        self.slots = threading.BoundedSemaphore(config.max_concurrent)
-        self.tokenizer_lock = threading.Lock()  # fast tokenizers must not be borrowed from two threads at once
+        self.in_flight = 0  # requests holding a slot: being prepared, queued or generated
+        self._slots_lock = threading.Lock()
+        self.tokenizer_lock = threading.Lock()  # guards self.tokenizer, which decodes answers
         # media decoding and tokenising run here, off the event loop
         self.workers = ThreadPoolExecutor(max(2, min(8, config.max_concurrent)), thread_name_prefix="lyra-prepare")
 
@@ -251,7 +250,7 @@ class LyraAPI:
         return (200 if alive else 503), {
             "status": "ok" if alive else "unavailable", "model": self.model_id,
             "untrained": bool(self.info.get("untrained", False)), "device": self.info.get("device"),
-            "can_speak": can_speak(self.model), "queued": self.batcher.queued,
+            "can_speak": can_speak(self.model), "queued": self.batcher.queued, "in_flight": self.in_flight,
             "max_batch_size": self.batcher.max_batch_size, "batches": self.batcher.stats.as_dict(),
         }
 
@@ -283,11 +282,20 @@ class LyraAPI:
                 getattr(media, ref.kind).append(decode_audio(data, ref.format, audio_caps[ref.kind], ref.param))
         return media
 
+    def processor(self) -> LyraProcessor:
+        """This thread's processor, on its own copy of the tokenizer: a fast tokenizer must not be
+        used by two threads at once, and with a copy each, tokenising one request never waits
+        for another request's tokenising (the text cap bounds each one)."""
+        processor = getattr(self._local, "processor", None)
+        if processor is None:
+            processor = LyraProcessor(copy.deepcopy(self.tokenizer), self.model.config, self.config.vision_limits)
+            self._local.processor = processor
+        return processor
+
     def build_sample(self, messages: list[dict[str, str]], media: Media) -> ProcessedSample:
         try:
-            with self.tokenizer_lock:
-                return self.processor(messages, images=media.images, videos=media.videos, speech=media.speech,
-                                      sound=media.sound)
+            return self.processor()(messages, images=media.images, videos=media.videos, speech=media.speech,
+                                    sound=media.sound)
         except (AudioError, VisionError, ValueError) as error:
             raise invalid(f"the request cannot be turned into model inputs: {error}", "messages",
                           "invalid_media") from None
@@ -311,7 +319,10 @@ class LyraAPI:
     async def start(self, request: ChatRequest, on_token: Callable[[int], None] | None) -> Job:
         """Take a concurrency slot, prepare the job off the event loop and queue it. The slot is
         given back when the job resolves, or at once when preparing fails or runs out of time."""
-        if not self.slots.acquire(blocking=False):
+        with self._slots_lock:
+            full = self.in_flight >= self.config.max_concurrent
+            self.in_flight += not full
+        if full:
             raise APIError(429, "the server is busy; retry later", None, "rate_limit_exceeded",
                            type="rate_limit_error")
         loop = asyncio.get_running_loop()
@@ -320,15 +331,19 @@ class LyraAPI:
                                          self.config.prepare_timeout_s)
             self.submit(job)
         except TimeoutError:
-            self.slots.release()
+            self._release_slot()
             raise APIError(408, f"reading and decoding the request's inputs took longer than "
                                 f"{self.config.prepare_timeout_s:g} s (--prepare-timeout-s)", None,
                            "request_timeout") from None
         except BaseException:
-            self.slots.release()
+            self._release_slot()
             raise
-        job.future.add_done_callback(lambda _: self.slots.release())
+        job.future.add_done_callback(lambda _: self._release_slot())
         return job
+
+    def _release_slot(self) -> None:
+        with self._slots_lock:
+            self.in_flight -= 1
 
     def submit(self, job: Job) -> None:
         try:
@@ -486,7 +501,7 @@ def error_response(error: APIError, close: bool = False) -> JSONResponse:
 
 
 class Gate:
-    """ASGI middleware for what must happen before the app sees a request: the Host allow-list,
+    """ASGI middleware for what must happen before the app sees a request: the header size, the Host allow-list,
     the API key on /v1, the content type, and the body, read whole within its size and time
     limits (then replayed to the app). Nothing here parses or decodes the body."""
 
@@ -500,6 +515,7 @@ class Gate:
             return
         headers = Headers(scope=scope)
         try:
+            check_header_size(scope["headers"])
             check_host(headers.get("host"), self.hosts)
             if scope["path"].startswith("/v1/"):
                 self.api.check_auth(headers.get("authorization"))
@@ -644,6 +660,7 @@ class LyraServer:
         self.socket = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.socket.bind((host, port))
+        self.socket.listen(2048)  # connections made before uvicorn runs wait in the backlog
         config = uvicorn.Config(build_app(api), http=JSONErrorH11Protocol, loop="asyncio", ws="none",
                                 lifespan="off", log_config=None, log_level="warning", access_log=False,
                                 timeout_keep_alive=5, timeout_graceful_shutdown=2, server_header=False)
@@ -709,9 +726,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override the vocoder the model records (a code HiFi-GAN folder, a Piper .onnx "
                              "voice or piper:<voice>); a model with a speech generator answers in speech when asked")
     parser.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size)
-    parser.add_argument("--max-wait-ms", type=float, default=0.0,
-                        help="accepted so older command lines still work; continuous batching admits new requests "
-                             "at every decode step and never waits")
     parser.add_argument("--max-body-mb", type=float, default=defaults.max_body_mb)
     parser.add_argument("--max-text-chars", type=int, default=defaults.max_text_chars,
                         help="characters of text per request, checked before tokenising")
@@ -743,7 +757,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                  "max_text_chars"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("max_wait_ms", "max_body_mb", "max_audio_seconds", "max_video_seconds"):
+    for name in ("max_body_mb", "max_audio_seconds", "max_video_seconds"):
         if not getattr(args, name) >= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
     for name in ("body_timeout_s", "prepare_timeout_s", "request_timeout_s"):

@@ -16,6 +16,7 @@ from lyra.data.vision import VisionLimits
 from lyra.serve.schema import APIError
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+MAX_HEADER_BYTES = 16 * 1024  # all request headers together; h11 enforces it only on headers that arrive in pieces
 
 
 @dataclass
@@ -78,6 +79,13 @@ def check_host(header: str | None, allowed: set[str]) -> None:
     if name not in allowed:
         raise APIError(421, f"the Host header {header!r} is not one this server answers to; start it with "
                             f"--allowed-host NAME to accept that name", None, "host_not_allowed")
+
+
+def check_header_size(headers: list[tuple[bytes, bytes]]) -> None:
+    size = sum(len(name) + len(value) + 4 for name, value in headers)
+    if size > MAX_HEADER_BYTES:
+        raise APIError(431, f"the request headers are {size:,} bytes, over the limit of {MAX_HEADER_BYTES:,}", None,
+                       "headers_too_large")
 
 
 def check_body_size(size: int, limit: int) -> None:
