@@ -2,7 +2,7 @@
 
     python scripts/bench_api.py [--model tiny,nano] [--mix mixed,text] [--concurrency 1,4,8,16]
                                 [--max-tokens 8,16,32] [--requests 24] [--rounds 2]
-                                [--out docs/bench_api.json]
+                                [--threads N] [--out docs/bench_api.json]
 
 For each model, starts two `python -m lyra.serve.api` processes on 127.0.0.1 (a free port
 each), one with `--max-batch-size 8` (continuous batching) and one with `--max-batch-size 1`
@@ -17,7 +17,7 @@ process's CPU time per request (psutil); checks that greedy answers are the same
 ways and whether the targets hold on the mixed set (continuous >= 3x one-at-a-time at 8
 clients, no slower at 1 client, p95 at 8 clients no worse); prints a table and writes
 JSON. Bounded: a fixed request count, a per-request timeout and an overall time limit
-(levels past it are skipped).
+(levels past it are skipped). `--threads N` sets each server's torch threads.
 """
 
 from __future__ import annotations
@@ -84,11 +84,14 @@ def build_requests(model_id: str, count: int, max_tokens: list[int], mix: str = 
 class Server:
     """`python -m lyra.serve.api` in a subprocess on a free loopback port."""
 
-    def __init__(self, model: str, max_batch_size: int, start_timeout: float = 300):
+    def __init__(self, model: str, max_batch_size: int, threads: int | None = None, start_timeout: float = 300):
         command = [sys.executable, "-m", "lyra.serve.api", "--model", model, "--host", HOST, "--port", "0",
                    "--max-batch-size", str(max_batch_size), "--log-level", "WARNING"]
+        env = dict(os.environ)
+        if threads is not None:  # torch reads it at start-up
+            env["OMP_NUM_THREADS"] = str(threads)
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                                        cwd=REPO_ROOT)
+                                        cwd=REPO_ROOT, env=env)
         self.port = None
         self.model_id = None
         deadline = time.monotonic() + start_timeout
@@ -251,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", default="1,4,8,16")
     parser.add_argument("--max-tokens", default="8,16,32", help="max_tokens values the requests cycle through")
     parser.add_argument("--max-batch-size", type=int, default=8, help="of the continuous server")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of each server (OMP_NUM_THREADS; default: torch's). On a machine "
+                             "shared with other work, 1 keeps threads from waiting on each other")
     parser.add_argument("--request-timeout", type=float, default=120.0)
     parser.add_argument("--time-limit", type=float, default=1800.0, help="skip levels after this many seconds")
     parser.add_argument("--out", default=str(REPO_ROOT / "docs" / "bench_api.json"))
@@ -262,8 +268,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--concurrency and --max-tokens take comma-separated integers, e.g. 1,4,8,16")
     models = [m for m in args.model.split(",") if m]
     mixes = [m for m in args.mix.split(",") if m]
-    if args.requests < 1 or args.rounds < 1 or any(c < 1 for c in levels) or any(n < 1 for n in max_tokens):
-        parser.error("--requests, --rounds, every --concurrency level and every --max-tokens must be at least 1")
+    if (args.requests < 1 or args.rounds < 1 or any(c < 1 for c in levels) or any(n < 1 for n in max_tokens)
+            or args.threads is not None and args.threads < 1):
+        parser.error("--requests, --rounds, --threads, every --concurrency level and every --max-tokens must be "
+                     "at least 1")
     if not models or any(m not in ("mixed", "text") for m in mixes) or not mixes:
         parser.error("--model needs at least one model; --mix takes mixed and/or text")
 
@@ -274,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         servers = {}
         try:
             for mode, batch_size in modes:
-                servers[mode] = Server(model, batch_size)
+                servers[mode] = Server(model, batch_size, args.threads)
             for mix in mixes:
                 requests = build_requests(servers["continuous"].model_id, args.requests, max_tokens, mix)
                 for server in servers.values():
@@ -329,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         "models": models, "mixes": {m: ("1/3 text, 1/3 image (56-112 px) + text, 1/3 speech (1-2 s)" if m == "mixed"
                                         else "text only") for m in mixes},
         "max_tokens": max_tokens, "requests_per_level": args.requests, "rounds": args.rounds,
-        "concurrency": levels, "host": HOST, "command": "python scripts/bench_api.py " + " ".join(
+        "concurrency": levels, "server_threads": args.threads, "host": HOST, "command": "python scripts/bench_api.py " + " ".join(
             sys.argv[1:] if argv is None else argv),
         "machine": {"python": platform.python_version(), "processor": platform.processor() or platform.machine(),
                     "cpus": os.cpu_count()},

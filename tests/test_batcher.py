@@ -49,7 +49,9 @@ def samples(model, tiny_tokenizer) -> list[ProcessedSample]:
 
     processor = LyraProcessor(tiny_tokenizer, model.config, VisionLimits(image_min_pixels=56 * 56,
                                                                         image_max_pixels=112 * 112))
-    user = lambda content: [{"role": "user", "content": content}]  # noqa: E731
+    def user(content: str) -> list[dict[str, str]]:
+        return [{"role": "user", "content": content}]
+
     return [
         processor(user("hello there")),
         processor(user("<image>\nwhat is in the picture?"), images=[picture(1, 84)]),
@@ -68,6 +70,10 @@ def alone(model, sample: ProcessedSample, max_new_tokens: int) -> tuple[list[int
         if token in stop:
             return new[:i], "stop"
     return new, "length"
+
+
+def outcome(completion: Completion) -> tuple[list[int], str]:
+    return completion.token_ids, completion.finish_reason
 
 
 @pytest.fixture()
@@ -94,7 +100,7 @@ def test_greedy_answers_equal_generate_alone(model, samples, engine):
     expected = [alone(model, s, n) for s, n in zip(samples, limits)]
     jobs = [Job(sample=s, max_new_tokens=n) for s, n in zip(samples, limits)]
     chained(engine, jobs, after=[2, 1, 3, 1])
-    results = [(c.token_ids, c.finish_reason) for c in (j.result(60) for j in jobs)]
+    results = [outcome(j.result(60)) for j in jobs]
     assert results == expected
     sizes = engine.stats.sizes
     if engine.max_batch_size == 1:
@@ -133,7 +139,7 @@ def test_cancel_drops_a_running_row_within_one_step(model, samples, engine):
     assert result.finish_reason == "cancelled"
     assert result.token_ids == alone(model, samples[0], 3)[0]  # no token after the step it was cancelled in
     cancelled.cancel()  # idempotent
-    assert (lambda c: (c.token_ids, c.finish_reason))(other.result(60)) == other_expected
+    assert outcome(other.result(60)) == other_expected
     assert engine.stats.cancelled_requests == 1
 
 
@@ -177,7 +183,7 @@ def test_failures_stay_with_their_job(model, samples, engine):
                                                               postprocess=bad_postprocess)]
     for job in jobs:
         engine.submit(job)
-    assert (good.result(60).token_ids, good.result().finish_reason) == expected
+    assert outcome(good.result(60)) == expected
     with pytest.raises(ValueError, match="speech"):
         jobs[1].result(60)
     with pytest.raises(RuntimeError, match="vocoder exploded"):

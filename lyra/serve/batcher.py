@@ -5,7 +5,9 @@ wait in a queue. One worker thread owns the model and its decode loop over the K
 at every decode step queued jobs join the running batch (each is prefilled alone, then
 its cache rows are left-padded into the batch's `DynamicCache`) and finished or
 cancelled rows leave it (their cache rows are dropped), so a new request never waits for
-a running batch to end and a finished one frees its slot at once.
+a running batch to end and a finished one frees its slot at once. The new jobs' first
+tokens come from the same LM head call as the running rows' next ones (with a large
+vocabulary that head is most of a small model's step).
 
 * Every row gets its tokens as they are produced (for SSE) and its future is resolved
   as soon as it has produced its end-of-sequence token or its own `max_new_tokens`.
@@ -151,6 +153,18 @@ class _Row:
     token: int  # the last token chosen, fed to the next decode step
     position: int  # its M-RoPE position (the same on all three axes: answers are text)
     batch_size: int = 1  # the most rows of a step it was in
+
+
+@dataclass(eq=False)
+class _Prefill:
+    """A job whose prompt has run: its KV cache of `length` columns, the position of its
+    first new token and the `[1, hidden]` state that predicts that token."""
+
+    job: Job
+    cache: DynamicCache
+    length: int
+    position: int
+    hidden: torch.Tensor
 
 
 @dataclass(eq=False)
@@ -303,78 +317,39 @@ class ContinuousBatcher:
             if not batch.rows and key != batch.key:
                 batch = _Batch(key)
             try:
-                for job in joining:
-                    self._join(batch, job)
-                self._step(batch)
+                if mlora.adapter_names(self.model) and self.model.active_adapter != key.adapter:
+                    mlora.use_adapter(self.model, key.adapter)
+                self._step(batch, joining)
             except BaseException as error:  # never let the worker die; the jobs carry the error
                 log.exception("decode step over %d rows failed", len(batch.rows))
+                failed = [r.job for r in batch.rows] + [j for j in joining if not j.future.done()]
                 with self._cond:
-                    self.stats.failed_requests += len(batch.rows)
-                for row in batch.rows:
-                    _fail(row.job, error)
+                    self.stats.failed_requests += len(failed)
+                for job in failed:
+                    _fail(job, error)
                 batch = _Batch(key)
 
-    def _join(self, batch: _Batch, job: Job) -> None:
-        """Prefill `job` alone and add it to `batch`, unless its first token already ends it."""
-        if job.cancelled:
-            self._finish(job, "cancelled", 0)
-            return
-        try:
-            if mlora.adapter_names(self.model) and self.model.active_adapter != batch.key.adapter:
-                mlora.use_adapter(self.model, batch.key.adapter)
-            cache, length, position, logits = self._prefill(job)
-            job.tokens = []
-            token = self._choose(batch.key, logits)[0]
-        except Exception as error:
-            log.info("request failed: %s", error)
-            with self._cond:
-                self.stats.failed_requests += 1
-            _fail(job, error)
-            return
-        reason = self._accept(job, token)
-        if reason is not None:
-            self._finish(job, reason, 1)
-            return
-        batch.add(_Row(job, token, position), cache, length)
-
     @torch.no_grad()
-    def _prefill(self, job: Job) -> tuple[DynamicCache, int, int, torch.Tensor]:
-        """Run `job`'s prompt: its cache, length, the position of its first new token
-        and the `[1, vocab]` logits of that token."""
-        model = self.model
-        inputs = _to_device(collate([job.sample], model.config.tokens.pad, padding_side="left"), model.device)
-        inputs.pop("labels", None)
-        embeds, positions, _ = model.prepare_inputs(**inputs)
-        cache = DynamicCache(config=model.backbone.config.text_config)
-        hidden = model.backbone.model.language_model(
-            inputs_embeds=embeds, attention_mask=inputs["attention_mask"], position_ids=positions, cache=cache,
-            use_cache=True).last_hidden_state
-        return cache, embeds.shape[1], int(positions.max()) + 1, model.backbone.lm_head(hidden[:, -1])
-
-    @torch.no_grad()
-    def _step(self, batch: _Batch) -> None:
-        """Drop cancelled rows, then run one decode step over the rest; finished rows leave."""
+    def _step(self, batch: _Batch, joining: list[Job]) -> None:
+        """One step of the engine: cancelled rows leave; the joining jobs are prefilled
+        (each alone); one decode step runs over the running rows; one LM head call gives
+        the next token of both; finished rows leave and unfinished new ones join."""
         live = [r for r in batch.rows if not r.job.cancelled]
         if len(live) < len(batch.rows):
             for row in batch.rows:
                 if row not in live:
                     self._finish(row.job, "cancelled", row.batch_size)
             batch.keep(live)
-        if not live:
+        prefilled = [p for p in map(self._prefill, joining) if p is not None]
+        hidden = [p.hidden for p in prefilled]
+        if live:
+            hidden.insert(0, self._decode(batch))
+        if not hidden:
             return
-        model, size = self.model, len(live)
-        self.stats.count_step(size)
-        device = batch.mask.device
-        tokens = torch.tensor([[r.token] for r in live], device=device)
-        positions = torch.tensor([r.position for r in live], device=device).view(1, size, 1).expand(3, -1, -1)
-        batch.mask = torch.cat([batch.mask, batch.mask.new_ones(size, 1)], dim=1)
-        hidden = model.backbone.model.language_model(
-            inputs_embeds=model.backbone.get_input_embeddings()(tokens), attention_mask=batch.mask,
-            position_ids=positions, cache=batch.cache, use_cache=True).last_hidden_state
-        chosen = self._choose(batch.key, model.backbone.lm_head(hidden[:, -1]))
+        chosen = self._choose(batch.key, self.model.backbone.lm_head(torch.cat(hidden)))
         done: list[tuple[_Row, str]] = []
         for row, token in zip(live, chosen):
-            row.token, row.position, row.batch_size = token, row.position + 1, max(row.batch_size, size)
+            row.token, row.position, row.batch_size = token, row.position + 1, max(row.batch_size, len(live))
             reason = self._accept(row.job, token)
             if reason is not None:
                 done.append((row, reason))
@@ -382,6 +357,49 @@ class ContinuousBatcher:
             batch.keep([r for r in live if all(r is not d for d, _ in done)])
             for row, reason in done:
                 self._finish(row.job, reason, row.batch_size)
+        for new, token in zip(prefilled, chosen[len(live):]):
+            reason = self._accept(new.job, token)
+            if reason is not None:
+                self._finish(new.job, reason, 1)
+            else:
+                batch.add(_Row(new.job, token, new.position), new.cache, new.length)
+
+    def _prefill(self, job: Job) -> _Prefill | None:
+        """Run `job`'s prompt alone; None (the job failed or was cancelled) when there is
+        nothing to add."""
+        if job.cancelled:
+            self._finish(job, "cancelled", 0)
+            return None
+        model = self.model
+        try:
+            inputs = _to_device(collate([job.sample], model.config.tokens.pad, padding_side="left"), model.device)
+            inputs.pop("labels", None)
+            embeds, positions, _ = model.prepare_inputs(**inputs)
+            cache = DynamicCache(config=model.backbone.config.text_config)
+            hidden = model.backbone.model.language_model(
+                inputs_embeds=embeds, attention_mask=inputs["attention_mask"], position_ids=positions, cache=cache,
+                use_cache=True).last_hidden_state
+        except Exception as error:  # e.g. media the model rejects: this job fails alone
+            log.info("request failed: %s", error)
+            with self._cond:
+                self.stats.failed_requests += 1
+            _fail(job, error)
+            return None
+        job.tokens = []
+        return _Prefill(job, cache, embeds.shape[1], int(positions.max()) + 1, hidden[:, -1])
+
+    def _decode(self, batch: _Batch) -> torch.Tensor:
+        """Feed every row its last token; the `[B, hidden]` states that predict the next."""
+        model, size = self.model, len(batch.rows)
+        self.stats.count_step(size)
+        device = batch.mask.device
+        tokens = torch.tensor([[r.token] for r in batch.rows], device=device)
+        positions = torch.tensor([r.position for r in batch.rows], device=device).view(1, size, 1).expand(3, -1, -1)
+        batch.mask = torch.cat([batch.mask, batch.mask.new_ones(size, 1)], dim=1)
+        hidden = model.backbone.model.language_model(
+            inputs_embeds=model.backbone.get_input_embeddings()(tokens), attention_mask=batch.mask,
+            position_ids=positions, cache=batch.cache, use_cache=True).last_hidden_state
+        return hidden[:, -1]
 
     def _choose(self, key: BatchKey, logits: torch.Tensor) -> list[int]:
         """The next token of each row from `[B, vocab]` logits."""
