@@ -224,10 +224,17 @@ def main(argv: list[str] | None = None) -> int:
               f"{setup.train_config.gradient_checkpointing}", flush=True)
         for length in lengths:
             rows.extend(measure_cell(setup, length, args, meter, dtype))
+            write_json(args, argv, config, device, rows, started)  # after every cell: a run cut short keeps them
         del setup
         if device.type == "cuda":
             torch.cuda.empty_cache()
     print_table(rows)
+    print(f"wrote {args.json} ({time.perf_counter() - started:.1f} s)")
+    return 0
+
+
+def write_json(args, argv: list[str] | None, config: LyraConfig, device: torch.device, rows: list[dict],
+               started: float) -> None:
     payload = {
         "device": device_name(device), "device_type": device.type, "dtype": args.dtype,
         "preset": args.preset or "mid-size", "text": asdict(config.text),
@@ -241,8 +248,6 @@ def main(argv: list[str] | None = None) -> int:
         "paper_table_4b_run_change": PAPER_TABLE_4B, "run_prediction": RUN_PREDICTION, "rows": rows,
     }
     atomic_write_json(args.json, payload)
-    print(f"wrote {args.json} ({payload['wall_s']} s)")
-    return 0
 
 
 if __name__ == "__main__":
