@@ -101,15 +101,18 @@ main() {
 "transformers", transformers.__version__, "peft", peft.__version__)'
     echo "install_s=$((SECONDS - start))"
   } 2>&1 | tee "$OUT/session.txt"
-  if [ -n "${DRY_RUN:-}" ]; then
-    local model=(--preset nano --device cpu --dtype bf16) lengths=(--lengths 1024 2048) long=(3000)
+  if [ -n "${DRY_RUN:-}" ]; then  # the same code paths, small enough for a shared CPU
+    local model=(--preset nano --device cpu --dtype bf16) lengths=(600 1200) long=(1500) repeats=2
+    local speech=(--chunks 5 --max-new-tokens 12 --repeats 1)
   else
-    local model=(--preset base --device cuda --dtype bf16) lengths=(--lengths 8192 16384 32768) long=(25000)
+    local model=(--preset base --device cuda --dtype bf16) lengths=(8192 16384 32768) long=(25000) repeats=3
+    local speech=()
   fi
-  run_bench bench_train_step "${TRAIN_S:-270}" $PYTHON scripts/bench_train_step.py "${model[@]}" "${lengths[@]}" \
-    --long-speech-lengths "${long[@]}" --warmup 1 --repeats 3 --json "$OUT/bench_train_step_${SUFFIX}.json"
+  run_bench bench_train_step "${TRAIN_S:-270}" $PYTHON scripts/bench_train_step.py "${model[@]}" \
+    --lengths "${lengths[@]}" --long-speech-lengths "${long[@]}" --warmup 1 --repeats "$repeats" \
+    --json "$OUT/bench_train_step_${SUFFIX}.json"
   run_bench bench_speech_latency "${SPEECH_S:-80}" $PYTHON scripts/bench_speech_latency.py "${model[@]}" \
-    --out "$OUT/bench_speech_latency_${SUFFIX}.json"
+    "${speech[@]}" --out "$OUT/bench_speech_latency_${SUFFIX}.json"
   if [ -z "${DRY_RUN:-}" ]; then
     run_bench bench_softdtw "${SOFTDTW_S:-110}" $PYTHON scripts/bench_softdtw.py --device cuda \
       --out "$OUT/bench_softdtw_cuda.json"
