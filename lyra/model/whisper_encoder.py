@@ -43,10 +43,12 @@ def sinusoids(length: int, channels: int, max_timescale: float = 10_000.0) -> to
 
 
 class _LayerNorm(nn.LayerNorm):
-    """LayerNorm in float32 whatever the activations' dtype (as Whisper was trained)."""
+    """LayerNorm in float32 whatever the activations' and the weights' dtype (as Whisper was
+    trained); a model cast to bf16 as a whole (DeepSpeed's bf16 mode) has bf16 weights here."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).type(x.dtype)
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(),
+                            self.eps).type(x.dtype)
 
 
 class SelfAttention(nn.Module):
