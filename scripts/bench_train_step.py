@@ -124,6 +124,7 @@ def set_up(config: LyraConfig, recipe: Path, device: torch.device, dtype: torch.
 def train_step(setup: Setup, sample: Sample, settings: LMMEConfig, dtype: torch.dtype) -> float:
     """Forward + backward + clip + AdamW step; returns the loss."""
     device_type = sample.input_ids.device.type
+    # bf16 runs under autocast as the Trainer's do: the float32 log-mel meets bf16 conv weights
     with torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32):
         loss = setup.model(**sample.inputs(settings)).loss
     loss.backward()
