@@ -20,6 +20,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=.whl
 PYTHON=${PYTHON:-python3}
+SITE=${SITE:-/tmp/site}  # where missing wheels go: the machine's own environment stays as it is
 MAX_MIB=64
 # distribution | what Lyra accepts | wheels to install when it is not met
 REQUIREMENTS='
@@ -30,6 +31,8 @@ httpcore2|>=2|httpcore2==2.17.0
 truststore|>=0.10|truststore==0.10.5
 peft|==0.21.2|peft==0.21.2
 accelerate|==1.15.0|accelerate==1.15.0
+regex|>=2025.10.22|regex==2026.12.2
+typing-extensions|>=4.16.0|typing-extensions==4.16.0
 pydantic|>=2.7|pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
 pysdtw|>=0.0.5|pysdtw==0.0.5
 '
@@ -73,7 +76,8 @@ sys.exit(0 if found is not None and SpecifierSet(accepted).contains(found, prere
 PY
     then continue; fi
     # shellcheck disable=SC2086
-    $PYTHON -m pip install -q --no-deps --no-index --find-links "$WHEELS" $pins \
+    $PYTHON -m pip install -q --no-deps --no-index --no-compile --find-links "$WHEELS" --upgrade \
+      --target "$SITE" $pins \
       || echo "warning: could not install $pins; the benchmarks that need $name will say so"
   done
 }
@@ -94,7 +98,8 @@ main() {
   mkdir -p "$OUT"
   local start=$SECONDS
   install_missing 2>&1 | tee "$OUT/install.log"
-  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # this checkout's lyra, not an installed one
+  # what was installed above, then this checkout's lyra (not an installed one)
+  export PYTHONPATH=$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
   {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no nvidia-smi"
     $PYTHON -c 'import torch, transformers, peft; print("torch", torch.__version__, "cuda", torch.version.cuda,
