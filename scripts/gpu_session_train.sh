@@ -13,6 +13,7 @@
 # carried GPU soft-DTW. Every wheel is installed with --no-deps and only where what is installed
 # does not satisfy Lyra: the machine's own torch and numpy stay. pydantic-core is the one
 # compiled wheel: fetch gets it for Pythons 3.11 to 3.13 (transformers 5.24 needs 3.11) (TARGET_PYS to change).
+# The device call: run(command="bash scripts/gpu_session_train.sh", carry=[".whl"], timeout_s=540).
 # Benchmark figures go to $OUT/*.json, logs to $OUT/*.log, exit codes and wall times to
 # $OUT/session.txt. Each benchmark has its own time limit (seconds, TRAIN_S / SPEECH_S /
 # SOFTDTW_S), so one that hangs cannot take the others' time.
