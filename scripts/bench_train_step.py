@@ -53,11 +53,8 @@ RUN_PREDICTION = (
     "(stage 3, up to 25,000 tokens) is the case where one long cell stands for most of a run."
 )
 
-MEMORY_NOTE = {
-    True: "torch.cuda.max_memory_allocated over the step (reset before it)",
-    False: "the process's peak RSS (VmHWM, reset to the current RSS before the step); the heap that "
-           "earlier steps freed stays resident, so on CPU it does not separate the variants",
-}
+CPU_MEMORY_NOTE = ("; reset to the current RSS before each step, and the heap that earlier steps freed stays "
+                   "resident, so on CPU it does not separate the variants")
 
 
 @dataclass
@@ -248,7 +245,7 @@ def write_json(args, argv: list[str] | None, config: LyraConfig, device: torch.d
         "speech_tokens_per_clip": config.speech_tokens_per_clip,
         "instruction_tokens": INSTRUCTION_TOKENS, "answer_tokens": ANSWER_TOKENS,
         "warmup": args.warmup, "repeats": args.repeats,
-        "peak_memory": MEMORY_NOTE[device.type == "cuda"],
+        "peak_memory": Meter(device).kind + ("" if device.type == "cuda" else CPU_MEMORY_NOTE),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__},
         "command": "python scripts/bench_train_step.py " + " ".join(sys.argv[1:] if argv is None else argv),
