@@ -33,7 +33,6 @@ import argparse
 import gc
 import json
 import math
-import platform
 import statistics
 import sys
 import time
@@ -47,19 +46,14 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLRotaryEmbedding, Qwen2VLTextModel
 
+from lyra.bench import MID_SIZE, Meter, device_name, flop_bound, prefill_flops
 from lyra.config import LMMEConfig, LyraConfig, load_config
-from lyra.memory import reset_peak_rss, status_mib
 from lyra.model.backbone import qwen2vl_config
-from lyra.model.lmme import SPEECH, TEXT, block_ranges, keep_count, lmme_decode, lmme_prefill
+from lyra.model.lmme import SPEECH, TEXT, lmme_decode, lmme_prefill
 from lyra.utils.io import atomic_file, atomic_write_json, atomic_write_text
 
 INSTRUCTION_TOKENS = 64
 INIT_STD = 0.02  # Qwen2's initializer_range
-MID_SIZE = {  # a mid-size CPU config: Qwen2-shaped, 8 layers of width 512
-    "text.vocab_size": 4096, "text.hidden_size": 512, "text.intermediate_size": 1536, "text.num_hidden_layers": 8,
-    "text.num_attention_heads": 8, "text.num_key_value_heads": 2, "text.mrope_section": [8, 12, 12],
-    "text.max_position_embeddings": 262144,
-}
 VARIANTS: dict[str, LMMEConfig | None] = {
     "baseline": None,
     "LMME(4,0.8)": LMMEConfig(True, 4, 0.8, 32),
@@ -241,30 +235,6 @@ def check_equivalence(lm: LanguageModel, context: int = 512, keep: float = 1.0, 
 
 
 # --------------------------------------------------------------------------- measuring
-class Meter:
-    """Peak memory of one measured call: CUDA's allocator peak, else the process VmHWM."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.kind = "cuda max_memory_allocated" if device.type == "cuda" else "process RSS high-water mark (VmHWM)"
-
-    def reset(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            reset_peak_rss()
-
-    def peak_gib(self) -> float:
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 2**30
-        return status_mib("VmHWM") / 1024
-
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-
 def measure(lm: LanguageModel, prompt: Prompt, settings: LMMEConfig | None, meter: Meter, decode_tokens: int) -> dict:
     """One prefill + greedy decode: seconds, tokens/s, peak GiB, kept fraction, scoring share."""
     meter.reset()
@@ -286,29 +256,6 @@ def measure(lm: LanguageModel, prompt: Prompt, settings: LMMEConfig | None, mete
         "kept_fraction": result.retention.kept_fraction()[-1] if result is not None else 1.0,
         "scoring_share": result.scoring_seconds / prefill_s if result is not None else 0.0,
     }
-
-
-def prefill_flops(num_layers: int, params_per_layer: int, width: int, text: int, context: int,
-                  settings: LMMEConfig | None) -> float:
-    """FLOPs of one prefill by the model of DESIGN.md §6: 2·params per token per layer, plus
-    causal attention 2·n²·width per layer; LMME's block b sees the context kept after b steps."""
-    def cost(tokens: int) -> float:
-        return 2 * tokens * params_per_layer + 2 * tokens * tokens * width
-
-    if settings is None:
-        return num_layers * cost(text + context)
-    total, kept = 0.0, context
-    for block in block_ranges(num_layers, settings.blocks):
-        total += len(block) * cost(text + kept)
-        kept = keep_count(kept, settings)
-    return total
-
-
-def flop_bound(num_layers: int, params_per_layer: int, width: int, text: int, context: int,
-               settings: LMMEConfig | None) -> float:
-    """The best prefill speedup the FLOP model allows: baseline FLOPs / pruned FLOPs."""
-    args = (num_layers, params_per_layer, width, text, context)
-    return prefill_flops(*args, None) / prefill_flops(*args, settings)
 
 
 @dataclass
@@ -581,12 +528,6 @@ def draw_png(rows: list[dict], path: Path, title: str) -> None:
     draw.text((size[0] + 330, 10), "thick, dots: ours; thin, squares: paper", fill="black")
     with atomic_file(path) as temporary:
         picture.save(temporary, format="PNG")
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 # --------------------------------------------------------------------------- main
