@@ -354,7 +354,7 @@ class _SoftDTWNumba(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_values: Tensor) -> tuple[Tensor, None, None, None, None]:
         costs, q, ends_l, ends_s = ctx.saved_tensors
-        grad = torch.zeros_like(costs)
+        grad = torch.empty_like(costs)  # every cell written by the kernel
         upstream = grad_values.to(costs.dtype).contiguous().numpy()
         threads = _numba_threads(*costs.shape)
         args = (costs.numpy(), ctx.scale, ends_l.numpy(), ends_s.numpy(), q.numpy(), upstream, grad.numpy())

@@ -15,7 +15,7 @@ libm calls, ~25 ns a cell). Walking a strip of STRIP rows along its anti-diagona
 the STRIP cells of one step independent, so their calls overlap (~16 ns a cell here).
 
 Per-sample lengths and the band are handled in the loops: only cells (i ≤ L_b, j ≤ S_b)
-are visited, out-of-band cells get Q = -inf, so E there is 0; the caller zero-fills E.
+are visited, out-of-band cells get Q = -inf, so E there is 0; padding gets E = 0.
 """
 
 from __future__ import annotations
@@ -58,29 +58,34 @@ def _forward_one(cost, scale, rows, cols, band, q):
 
 @njit(cache=True, nogil=True)
 def _backward_one(cost, scale, rows, cols, q, grad, e):
-    """E of one sample times grad into e [L, S] (zero-filled by the caller), in reverse row order."""
+    """E of one sample times grad into every cell of e [L, S] (0 on padding), in reverse row order."""
     neg_inf = q.dtype.type(-np.inf)
-    e[rows - 1, cols - 1] = grad
+    zero = e.dtype.type(0.0)
+    # Zeroed here, not by the caller: a torch fill of a large tensor is a parallel region,
+    # which on a busy machine waits milliseconds for a descheduled thread.
+    e[rows:, :] = zero
+    e[:rows, cols:] = zero
     # Unlike the forward, a cell's dependence on its right neighbour is one multiply-add
     # (the exp2 calls do not wait on it), so plain row order is as fast as strips here.
     for i in range(rows, 0, -1):
         for j in range(cols, 0, -1):
             here = q[i, j]
-            if here == neg_inf or (i == rows and j == cols):
-                continue
-            total = e.dtype.type(0.0)
-            # Successors that are -inf (blocked or unreachable) have E = 0: skipped, not 0 · inf.
-            if i < rows and q[i + 1, j] > neg_inf:
-                total += e[i, j - 1] * np.exp2(here + cost[i, j - 1] * scale - q[i + 1, j])
-            if j < cols and q[i, j + 1] > neg_inf:
-                total += e[i - 1, j] * np.exp2(here + cost[i - 1, j] * scale - q[i, j + 1])
-            if i < rows and j < cols and q[i + 1, j + 1] > neg_inf:
-                total += e[i, j] * np.exp2(here + cost[i, j] * scale - q[i + 1, j + 1])
+            total = zero
+            if i == rows and j == cols:
+                total = grad
+            elif here > neg_inf:
+                # Successors that are -inf (blocked or unreachable) have E = 0: skipped, not 0 · inf.
+                if i < rows and q[i + 1, j] > neg_inf:
+                    total += e[i, j - 1] * np.exp2(here + cost[i, j - 1] * scale - q[i + 1, j])
+                if j < cols and q[i, j + 1] > neg_inf:
+                    total += e[i - 1, j] * np.exp2(here + cost[i - 1, j] * scale - q[i, j + 1])
+                if i < rows and j < cols and q[i + 1, j + 1] > neg_inf:
+                    total += e[i, j] * np.exp2(here + cost[i, j] * scale - q[i + 1, j + 1])
             e[i - 1, j - 1] = total
 
 
 # Batch drivers. cost [B, L, S]; scale = -1/(γ ln 2) in cost's dtype; ends_l, ends_s [B] int64
-# (1-based last cell); band >= 0, or -1 for none; q [B, L+1, S+1]; grad [B]; e [B, L, S] zeros.
+# (1-based last cell); band >= 0, or -1 for none; q [B, L+1, S+1]; grad [B]; e [B, L, S] (any contents).
 # The serial pair never starts a thread: small problems are dominated by thread wake-ups.
 
 
