@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -224,6 +229,45 @@ def test_numba_parallel_equals_serial(monkeypatch):
     assert torch.equal(serial[0], parallel[0]) and torch.equal(serial[1], parallel[1])
 
 
+CUDA_SIMULATOR_CHECK = textwrap.dedent(
+    """
+    import json, torch
+    from lyra.losses.soft_dtw import soft_dtw
+    generator = torch.Generator().manual_seed(11)
+    cases = [((2, 7, 5), {}), ((3, 5, 9), {"lengths_l": [5, 3, 2], "lengths_s": [9, 4, 9], "band": 2}),
+             ((2, 40, 3), {"lengths_l": [40, 17]})]
+    report = []
+    for dtype in (torch.float64, torch.float32):
+        for shape, options in cases:
+            cost = torch.rand(shape, dtype=dtype, generator=generator) * 2
+            kwargs = {k: torch.tensor(v) if isinstance(v, list) else v for k, v in options.items()}
+            weights = torch.linspace(-1.5, 2.0, shape[0], dtype=dtype)
+            out = {}
+            for kernel in ("cuda", "wavefront"):
+                x = cost.clone().requires_grad_()
+                values = soft_dtw(x, 0.3, kernel=kernel, **kwargs)
+                (grad,) = torch.autograd.grad((values * weights).sum(), x)
+                out[kernel] = values.detach(), grad
+            (v_cuda, g_cuda), (v_wave, g_wave) = out["cuda"], out["wavefront"]
+            report.append([str(dtype), shape, (v_cuda - v_wave).abs().max().item() / v_wave.abs().max().item(),
+                           (g_cuda - g_wave).abs().max().item() / g_wave.abs().max().item()])
+    print(json.dumps(report))
+    """
+)
+
+
+def test_fused_cuda_kernel_in_the_simulator():
+    """kernel='cuda' (one numba.cuda launch per pass) against the torch wavefront, run by numba's CUDA simulator."""
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1"}
+    child = subprocess.run([sys.executable, "-c", CUDA_SIMULATOR_CHECK], env=env, capture_output=True, text=True, check=False)
+    assert child.returncode == 0, child.stderr
+    report = json.loads(child.stdout.strip().splitlines()[-1])
+    assert len(report) == 6
+    for dtype, shape, value_error, grad_error in report:
+        limit = 1e-12 if dtype == "torch.float64" else 1e-5
+        assert value_error <= limit and grad_error <= limit, (dtype, shape, value_error, grad_error)
+
+
 def test_rejects_bad_arguments():
     cost = torch.rand(2, 3, 4)
     with pytest.raises(ValueError, match=r"\[B, L, S\]"):
@@ -239,9 +283,11 @@ def test_rejects_bad_arguments():
     with pytest.raises(ValueError, match="band"):
         soft_dtw(cost, 0.1, band=-1)
     with pytest.raises(ValueError, match="kernel must be one of"):
-        soft_dtw(cost, 0.1, kernel="cuda")
+        soft_dtw(cost, 0.1, kernel="gpu")
     with pytest.raises(ValueError, match="CPU tensors only"):
         soft_dtw(cost.to("meta"), 0.1, kernel="numba")
+    with pytest.raises(ValueError, match="kernel='cuda' needs a CUDA tensor"):
+        soft_dtw(cost, 0.1, kernel="cuda")
 
 
 def hand_lcmr(xs: list[torch.Tensor], ys: list[torch.Tensor], config: LCMRConfig) -> float:

@@ -65,13 +65,13 @@ import numba
 import torch
 from torch import Tensor
 
-from lyra.losses import soft_dtw_numba
+from lyra.losses import soft_dtw_cuda, soft_dtw_numba
 
 __all__ = ["soft_dtw", "KERNELS"]
 
 _NEG_INF = -math.inf
 _LN2 = math.log(2.0)
-KERNELS = ("auto", "numba", "wavefront")
+KERNELS = ("auto", "numba", "cuda", "wavefront")
 # Below this many cells (B·L·S) the numba kernel runs serially: ~30 ms of work, well above
 # the cost of waking threads even on a busy machine, where a parallel region waits for a
 # descheduled thread.
@@ -84,7 +84,7 @@ def soft_dtw(
     lengths_l: Tensor | None = None,
     lengths_s: Tensor | None = None,
     band: int | None = None,
-    kernel: Literal["auto", "numba", "wavefront"] = "auto",
+    kernel: Literal["auto", "numba", "cuda", "wavefront"] = "auto",
 ) -> Tensor:
     """Soft-DTW value R[L_b, S_b] of each sample's cost matrix.
 
@@ -102,9 +102,10 @@ def soft_dtw(
             measured along the shorter side (for L_b = S_b: |i - j| ≤ band).
             band ≥ 1 always leaves a path; a smaller one may leave none (value +inf,
             gradient NaN).
-        kernel: "numba" (CPU tensors only), "wavefront" (any device), or "auto": numba
-            on the CPU, the wavefront elsewhere. Both give the same values and gradients
-            up to rounding.
+        kernel: "numba" (CPU tensors only); "wavefront" (torch ops, any device); "cuda"
+            (the wavefront fused into one numba.cuda launch per pass, CUDA tensors only);
+            or "auto": numba on the CPU, "cuda" on CUDA where numba.cuda works there,
+            else the wavefront. All give the same values and gradients up to rounding.
 
     Returns:
         [B] values R[L_b, S_b]. Padding (i > L_b or j > S_b) and out-of-band cells are
@@ -114,14 +115,18 @@ def soft_dtw(
     _check_cost(cost, gamma, band)
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    if kernel == "numba" and cost.device.type != "cpu":
+    device = cost.device.type
+    if kernel == "numba" and device != "cpu":
         raise ValueError(f"kernel='numba' runs on CPU tensors only, cost is on {cost.device}: use 'wavefront'")
+    if kernel == "cuda" and not soft_dtw_cuda.available(device):
+        raise ValueError(f"kernel='cuda' needs a CUDA tensor and a working numba.cuda, cost is on {cost.device}")
     batch, rows, cols = cost.shape
     ends_l = _check_lengths(lengths_l, batch, rows, "lengths_l", cost.device)
     ends_s = _check_lengths(lengths_s, batch, cols, "lengths_s", cost.device)
-    if kernel == "numba" or (kernel == "auto" and cost.device.type == "cpu"):
+    if kernel == "numba" or (kernel == "auto" and device == "cpu"):
         return _SoftDTWNumba.apply(cost, float(gamma), ends_l, ends_s, band)
-    return _SoftDTW.apply(cost, float(gamma), ends_l, ends_s, band)
+    fused = kernel == "cuda" or (kernel == "auto" and soft_dtw_cuda.available(device))
+    return _SoftDTW.apply(cost, float(gamma), ends_l, ends_s, band, fused)
 
 
 def _check_cost(cost: Tensor, gamma: float, band: int | None) -> None:
@@ -207,13 +212,19 @@ class _Skew:
         return buffer[:, :, start : start + self.span].unbind(1)
 
 
-def _forward_pass(k: Tensor, skew: _Skew) -> Tensor:
-    """Skewed Q = -R/(γ ln 2) from skewed K = -C/(γ ln 2); border and out-of-matrix slots are -inf."""
+def _forward_pass(k: Tensor, skew: _Skew, fused: bool) -> Tensor:
+    """Skewed Q = -R/(γ ln 2) from skewed K = -C/(γ ln 2); border and out-of-matrix slots are -inf.
+
+    fused: the loop below as one `soft_dtw_cuda` launch.
+    """
     q = skew.empty(k)
     # The loop writes slots 1..span of rows 2..; the rest is border, -inf but for R[0, 0] = 0.
     q[:, :2] = _NEG_INF
     q[:, :, :: skew.width - 1] = _NEG_INF  # slots 0 and width-1
     q[:, 0, skew.base] = 0.0
+    if fused:
+        soft_dtw_cuda.forward(k, q, skew.span, skew.shift)
+        return q
     s = skew.shift
     # Q[i-1, j] and Q[i, j-1] are neighbouring slots of row d-1, Q[i-1, j-1] is in row d-2;
     # the four slot offsets take two values, and each list of row views costs ~1 µs a row.
@@ -271,7 +282,7 @@ class _SoftDTW(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, cost: Tensor, gamma: float, ends_l: Tensor | None, ends_s: Tensor | None, band: int | None
+        ctx, cost: Tensor, gamma: float, ends_l: Tensor | None, ends_s: Tensor | None, band: int | None, fused: bool
     ) -> Tensor:
         skew = _Skew(*cost.shape)
         k = skew.empty(cost, _NEG_INF)
@@ -283,28 +294,33 @@ class _SoftDTW(torch.autograd.Function):
             ends_l = torch.full((skew.batch,), skew.rows, dtype=torch.long, device=cost.device)
         if ends_s is None:
             ends_s = torch.full((skew.batch,), skew.cols, dtype=torch.long, device=cost.device)
-        q = _forward_pass(k, skew)
+        q = _forward_pass(k, skew, fused)
         ends_d = ends_l + ends_s
         q_end = q[torch.arange(skew.batch, device=q.device), ends_d, skew.slot(ends_l, ends_d)]
         ctx.save_for_backward(k, q, ends_l, ends_s, q_end)
-        ctx.shape = cost.shape
+        ctx.shape, ctx.fused = cost.shape, fused
         return q_end * -(gamma * _LN2)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_values: Tensor) -> tuple[Tensor, None, None, None, None]:
+    def backward(ctx, grad_values: Tensor) -> tuple[Tensor, None, None, None, None, None]:
         k, q, ends_l, ends_s, q_end = ctx.saved_tensors
         skew = _Skew(*ctx.shape)
         grad_values = grad_values.to(q.dtype)
         # |grad_b| · E[L_b, S_b] = 2^(G + Q) there: the upstream factor rides in the seed.
-        seeds = _seeds(skew, ends_l, ends_s, grad_values.abs().log2() - q_end)
-        g = _backward_pass(k, q, skew, seeds)
+        seed_value = grad_values.abs().log2() - q_end
+        if ctx.fused:
+            g = skew.empty(k)
+            ends_d = ends_l + ends_s
+            soft_dtw_cuda.backward(k, g, skew.span, skew.shift, ends_d, skew.slot(ends_l, ends_d), seed_value)
+        else:
+            g = _backward_pass(k, q, skew, _seeds(skew, ends_l, ends_s, seed_value))
         # E = 2^(G + Q), over all written rows at once: contiguous runs, unlike the cells' view.
         written = g[:, 2:, 1 : 1 + skew.span]
         written.add_(q[:, 2:, 1 : 1 + skew.span]).exp2_()
         if bool((grad_values < 0).any()):
             written.mul_(grad_values.sign().view(-1, 1, 1))
-        return skew.cells(g), None, None, None, None
+        return skew.cells(g), None, None, None, None, None
 
 
 def _numba_threads(batch: int, rows: int, cols: int) -> int:
