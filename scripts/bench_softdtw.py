@@ -3,8 +3,10 @@
 Methods, all on the same cost matrices [B, L, S] (uniform in [0, 1), γ = 0.1):
 
 * ours-fp32 / ours-fp64: `lyra.losses.soft_dtw` with its default kernel (numba on the
-  CPU, the torch anti-diagonal wavefront on CUDA), analytic backward.
-* wavefront-fp32: the same call with kernel="wavefront" (the CPU default before numba).
+  CPU; on CUDA the anti-diagonal wavefront fused into one numba.cuda launch per pass,
+  or the torch wavefront where numba.cuda fails: the JSON's `cuda_kernel` says which).
+* wavefront-fp32: the same call with kernel="wavefront", the torch anti-diagonal
+  wavefront (three ops per diagonal; the CPU default before the numba kernel).
 * per-sample: ours-fp32 called once per sample ([1, L, S] each), as a training loop
   without batching would.
 * loop: the straightforward per-cell Python loop over (i, j), each cell a few torch ops
@@ -52,7 +54,10 @@ SIZES = {
     "cuda": [(300, 32), (1200, 128), (4800, 512), (16384, 1024)],
 }
 METHODS = ["ours-fp32", "ours-fp64", "wavefront-fp32", "per-sample", "loop", "tslearn", "torchmetrics", "pysdtw"]
-DEFAULT_METHODS = {"cpu": ["ours-fp32", "ours-fp64", "wavefront-fp32", "tslearn"], "cuda": ["ours-fp32", "per-sample", "pysdtw"]}
+DEFAULT_METHODS = {
+    "cpu": ["ours-fp32", "ours-fp64", "wavefront-fp32", "tslearn"],
+    "cuda": ["ours-fp32", "wavefront-fp32", "per-sample", "pysdtw"],
+}
 PEER_MODULES = {"tslearn": "tslearn.metrics", "torchmetrics": "torchmetrics.functional.timeseries", "pysdtw": "pysdtw"}
 GAMMA = 0.1
 # Past these cell counts per sample a method takes minutes per call: reported as skipped.
@@ -289,12 +294,18 @@ def describe(device: str) -> dict:
         models = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
         name = models[0] if models else platform.processor()
     versions = {}
-    for package in ("torch", "numba", "tslearn", "torchmetrics", "pysdtw"):
+    for package in ("torch", "numba", "numba-cuda", "tslearn", "torchmetrics", "pysdtw"):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = None
-    return {"device": device, "device_name": name, "cpus": os.cpu_count(), "versions": versions}
+    report = {"device": device, "device_name": name, "cpus": os.cpu_count(), "versions": versions}
+    if device == "cuda":
+        from lyra.losses import soft_dtw_cuda
+
+        problem = soft_dtw_cuda.unavailable("cuda")
+        report["cuda_kernel"] = "fused numba.cuda" if problem is None else f"torch wavefront ({problem})"
+    return report
 
 
 def table(rows: list[dict]) -> str:

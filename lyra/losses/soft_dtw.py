@@ -118,14 +118,14 @@ def soft_dtw(
     device = cost.device.type
     if kernel == "numba" and device != "cpu":
         raise ValueError(f"kernel='numba' runs on CPU tensors only, cost is on {cost.device}: use 'wavefront'")
-    if kernel == "cuda" and not soft_dtw_cuda.available(device):
-        raise ValueError(f"kernel='cuda' needs a CUDA tensor and a working numba.cuda, cost is on {cost.device}")
+    if kernel == "cuda" and (problem := soft_dtw_cuda.unavailable(device)) is not None:
+        raise ValueError(f"kernel='cuda' cannot run here ({problem}): use 'wavefront'")
     batch, rows, cols = cost.shape
     ends_l = _check_lengths(lengths_l, batch, rows, "lengths_l", cost.device)
     ends_s = _check_lengths(lengths_s, batch, cols, "lengths_s", cost.device)
     if kernel == "numba" or (kernel == "auto" and device == "cpu"):
         return _SoftDTWNumba.apply(cost, float(gamma), ends_l, ends_s, band)
-    fused = kernel == "cuda" or (kernel == "auto" and soft_dtw_cuda.available(device))
+    fused = kernel == "cuda" or (kernel == "auto" and soft_dtw_cuda.unavailable(device) is None)
     return _SoftDTW.apply(cost, float(gamma), ends_l, ends_s, band, fused)
 
 

@@ -14,23 +14,44 @@ same kernels on the CPU, on numpy arrays: that is how the tests check them witho
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 
 import numba
 import torch
 from numba import cuda
 from torch import Tensor
 
-__all__ = ["available", "forward", "backward"]
+__all__ = ["unavailable", "forward", "backward"]
 
 _MAX_THREADS = 1024
 
 
-def available(device_type: str) -> bool:
-    """Whether these kernels can run on tensors of this device type here."""
+def unavailable(device_type: str) -> str | None:
+    """None when these kernels can run on tensors of this device type here, else why not."""
     if numba.config.ENABLE_CUDASIM:
-        return device_type == "cpu"
-    return device_type == "cuda" and cuda.is_available()
+        return None if device_type == "cpu" else "the numba CUDA simulator is on: CPU tensors only"
+    if device_type != "cuda":
+        return f"CUDA tensors only, not {device_type}"
+    return _cuda_problem()
+
+
+@functools.cache
+def _cuda_problem() -> str | None:
+    """Why numba.cuda cannot compile and run a kernel on torch's tensors here, or None: probed once."""
+    if not cuda.is_available():
+        return "numba.cuda finds no CUDA driver or device"
+    try:
+        k = torch.zeros(1, 4, 3, device="cuda")
+        q = torch.zeros_like(k)
+        forward(k, q, 1, 1)
+        torch.cuda.synchronize()
+    except Exception as error:  # a missing NVVM or an old numba-cuda shows up only here
+        problem = f"numba.cuda failed on a probe kernel: {type(error).__name__}: {error}"
+        warnings.warn(problem + "; soft_dtw falls back to the torch wavefront", RuntimeWarning, stacklevel=3)
+        return problem
+    return None
 
 
 @cuda.jit(device=True)
