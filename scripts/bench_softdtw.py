@@ -340,7 +340,7 @@ def main() -> int:
     parser.add_argument("--methods", nargs="+", choices=METHODS, help="default: " + json.dumps(DEFAULT_METHODS))
     parser.add_argument("--sizes", nargs="+", type=parse_size, help="LxS pairs; default: " + json.dumps(SIZES))
     parser.add_argument("--cell-timeout", type=float, default=240.0, help="seconds per (method, size) process")
-    parser.add_argument("--install-peers", action="store_true", help="pip install tslearn and torchmetrics first")
+    parser.add_argument("--install-peers", action="store_true", help="pip install tslearn, torchmetrics, pysdtw first")
     parser.add_argument("--out", default="outputs/bench_softdtw.json")
     parser.add_argument("--one", nargs=7, help=argparse.SUPPRESS)  # child-process mode
     args = parser.parse_args()
@@ -354,7 +354,7 @@ def main() -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device here (the same methods run on the CPU with --device cpu)")
     if args.install_peers:
-        subprocess.run([sys.executable, "-m", "pip", "install", "tslearn", "torchmetrics"], check=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "tslearn", "torchmetrics", "pysdtw"], check=True)
     methods = args.methods or DEFAULT_METHODS[args.device]
     sizes = args.sizes or SIZES[args.device]
     thread_counts = args.threads if args.device == "cpu" else [0]  # 0: leave torch's CPU threads alone
