@@ -21,7 +21,7 @@ Methods, all on the same cost matrices [B, L, S] (uniform in [0, 1), γ = 0.1):
 
 Each (method, size) runs in a fresh process (a crash, an out-of-memory error or a hang
 past --cell-timeout is recorded for that cell and the run goes on): one small warm-up
-call (JIT, lazy init), then the peak-memory counter is reset and the first real call's
+call (JIT, lazy init; on the CPU every numba kernel of ours is compiled first), then the peak-memory counter is reset and the first real call's
 peak above the baseline is the memory figure (CPU: peak RSS via /proc/self/clear_refs;
 CUDA: torch's max_memory_allocated); the time is the median of the following repeats (at
 least two; fewer than --repeats past a time budget), synchronised on CUDA. Every method
@@ -215,6 +215,10 @@ def measure(method: str, batch: int, rows: int, cols: int, repeats: int, threads
     if threads > 0:
         torch.set_num_threads(threads)
     meter = Meter(device)
+    if device.type == "cpu":
+        from lyra.losses import soft_dtw_numba
+
+        soft_dtw_numba.compile_all()  # the size picks a serial or a parallel kernel: compile both
     warm_fb, _ = make_runner(method, random_cost(2, 8, 4, device))
     warm_fb()
     cost = random_cost(batch, rows, cols, device)
