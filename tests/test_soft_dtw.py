@@ -212,6 +212,16 @@ def test_kernels_agree(dtype):
     torch.testing.assert_close(g_numba, g_wave, **tol)
 
 
+def test_auto_kernel_on_the_cpu(monkeypatch):
+    """"auto" takes numba below _WAVEFRONT_MIN_CELLS cells per anti-diagonal (B·min(L, S)), the wavefront from there."""
+    calls = []
+    for name in ("_SoftDTWNumba", "_SoftDTW"):
+        monkeypatch.setattr(soft_dtw_module, name, type(name, (), {"apply": staticmethod(lambda *a, n=name: calls.append(n))}))
+    for batch, rows, cols in ((8, 300, 32), (8, 1200, 128), (8, 4800, 512), (1, 64, 4096), (2, 1024, 1024)):
+        soft_dtw(torch.empty(batch, rows, cols), 0.1)
+    assert calls == ["_SoftDTWNumba", "_SoftDTWNumba", "_SoftDTW", "_SoftDTWNumba", "_SoftDTW"]
+
+
 def test_numba_parallel_equals_serial(monkeypatch):
     """Past _PARALLEL_MIN_CELLS the samples run on numba threads: same per-sample code, same bits."""
     cost = torch.rand(3, 50, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(10))

@@ -1,23 +1,22 @@
 """Batched soft-DTW over a precomputed cost matrix, with an analytic backward.
 
-Two kernels compute the same thing (`soft_dtw(..., kernel=)`):
+Three kernels compute the same thing (`soft_dtw(..., kernel=)`):
 
-* "numba" (CPU): `soft_dtw_numba.py`, one sample's cells at a time, compiled; serial for
-  small problems and parallel over the samples for large ones (see `_numba_threads`).
-  Default on the CPU: it has no per-step launch cost, so it is the fast one at small
-  sizes (where the torch wavefront below pays ~12 µs per anti-diagonal in op overhead)
-  and no slower per cell at large ones.
-* "wavefront" (any device, the default off the CPU): the torch anti-diagonal wavefront
-  below, vectorised over the batch and the diagonal; three ops per anti-diagonal.
-
-Recursion (Cuturi & Blondel, 2017), 1-based cells of one sample's L×S cost C:
-
-    R[0, 0] = 0,   R[i, 0] = R[0, j] = +inf (i, j >= 1)
-    R[i, j] = C[i, j] + softmin_γ(R[i-1, j], R[i, j-1], R[i-1, j-1])
-    softmin_γ(a) = -γ log Σ exp(-a / γ)
-
-and the value is R[L, S]. Its gradient with respect to C is the expected alignment
-matrix E, whose recursion (the "E-matrix") runs from the last cell back to the first.
+* "numba" (CPU): `soft_dtw_numba.py`, one sample's cells at a time, compiled; serial
+  below _PARALLEL_MIN_CELLS cells, parallel over the samples above, on torch's intra-op
+  thread count. It has no per-step cost, where the torch wavefront pays ~12 µs of op
+  overhead per anti-diagonal (most of its time at 300×32). It never enters a torch
+  parallel region: with 2 threads on a busy machine each one waits milliseconds for a
+  descheduled thread, which made the wavefront take 110 ms at 300×32, B = 8, against
+  13 ms on one thread. Memory: Q [B, L+1, S+1] kept for the backward, which writes E
+  straight into the gradient.
+* "wavefront" (any device): the torch anti-diagonal wavefront below, vectorised over the
+  batch and the diagonal; three ops per anti-diagonal. Per cell its vectorised exp2 and
+  log2 beat numba's scalar libm calls (one thread, CPU time: 23 against 35 ns a cell at
+  4800×512, B = 8), so on the CPU "auto" takes it where a diagonal holds enough cells:
+  B·min(L, S) ≥ _WAVEFRONT_MIN_CELLS (the two tie at B·min(L, S) ≈ 1000).
+* "cuda" (the default on CUDA where numba.cuda works): `soft_dtw_cuda.py`, the same
+  wavefront on the same buffers with each pass's loop fused into one launch.
 
 How the wavefront is computed
 -----------------------------
@@ -72,6 +71,8 @@ __all__ = ["soft_dtw", "KERNELS"]
 _NEG_INF = -math.inf
 _LN2 = math.log(2.0)
 KERNELS = ("auto", "numba", "cuda", "wavefront")
+# "auto" on the CPU: the wavefront from this many cells per anti-diagonal (B·min(L, S)) up.
+_WAVEFRONT_MIN_CELLS = 2048
 # Below this many cells (B·L·S) the numba kernel runs serially: ~30 ms of work, well above
 # the cost of waking threads even on a busy machine, where a parallel region waits for a
 # descheduled thread.
@@ -104,8 +105,9 @@ def soft_dtw(
             gradient NaN).
         kernel: "numba" (CPU tensors only); "wavefront" (torch ops, any device); "cuda"
             (the wavefront fused into one numba.cuda launch per pass, CUDA tensors only);
-            or "auto": numba on the CPU, "cuda" on CUDA where numba.cuda works there,
-            else the wavefront. All give the same values and gradients up to rounding.
+            or "auto": on the CPU numba, or the wavefront where B·min(L, S) ≥ 2048;
+            on CUDA "cuda" where numba.cuda works there, else the wavefront. All give
+            the same values and gradients up to rounding.
 
     Returns:
         [B] values R[L_b, S_b]. Padding (i > L_b or j > S_b) and out-of-band cells are
@@ -123,7 +125,9 @@ def soft_dtw(
     batch, rows, cols = cost.shape
     ends_l = _check_lengths(lengths_l, batch, rows, "lengths_l", cost.device)
     ends_s = _check_lengths(lengths_s, batch, cols, "lengths_s", cost.device)
-    if kernel == "numba" or (kernel == "auto" and device == "cpu"):
+    if kernel == "auto" and device == "cpu":
+        kernel = "numba" if batch * min(rows, cols) < _WAVEFRONT_MIN_CELLS else "wavefront"
+    if kernel == "numba":
         return _SoftDTWNumba.apply(cost, float(gamma), ends_l, ends_s, band)
     fused = kernel == "cuda" or (kernel == "auto" and soft_dtw_cuda.unavailable(device) is None)
     return _SoftDTW.apply(cost, float(gamma), ends_l, ends_s, band, fused)
