@@ -212,14 +212,22 @@ def test_kernels_agree(dtype):
     torch.testing.assert_close(g_numba, g_wave, **tol)
 
 
-def test_auto_kernel_on_the_cpu(monkeypatch):
-    """"auto" takes numba below _WAVEFRONT_MIN_CELLS cells per anti-diagonal (B·min(L, S)), the wavefront from there."""
+@pytest.mark.parametrize("threads", [1, 2])
+def test_auto_kernel_on_the_cpu(monkeypatch, threads):
+    """"auto": numba below 1024 cells per anti-diagonal (B·min(L, S)) and numba thread, the wavefront from there."""
     calls = []
     for name in ("_SoftDTWNumba", "_SoftDTW"):
         monkeypatch.setattr(soft_dtw_module, name, type(name, (), {"apply": staticmethod(lambda *a, n=name: calls.append(n))}))
-    for batch, rows, cols in ((8, 300, 32), (8, 1200, 128), (8, 4800, 512), (1, 64, 4096), (2, 1024, 1024)):
-        soft_dtw(torch.empty(batch, rows, cols), 0.1)
-    assert calls == ["_SoftDTWNumba", "_SoftDTWNumba", "_SoftDTW", "_SoftDTWNumba", "_SoftDTW"]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for batch, rows, cols in ((8, 300, 32), (8, 1200, 128), (8, 4800, 512), (1, 64, 4096), (2, 1024, 1024)):
+            soft_dtw(torch.empty(batch, rows, cols), 0.1)
+    finally:
+        torch.set_num_threads(previous)
+    numba, wavefront = "_SoftDTWNumba", "_SoftDTW"
+    # 1200×128, B = 8: 1024 cells a diagonal, 1.2M cells, so numba would run on both threads.
+    assert calls == [numba, wavefront if threads == 1 else numba, wavefront, numba, wavefront]
 
 
 def test_numba_parallel_equals_serial(monkeypatch):

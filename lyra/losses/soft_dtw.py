@@ -14,7 +14,8 @@ Three kernels compute the same thing (`soft_dtw(..., kernel=)`):
   batch and the diagonal; three ops per anti-diagonal. Per cell its vectorised exp2 and
   log2 beat numba's scalar libm calls (one thread, CPU time: 23 against 35 ns a cell at
   4800×512, B = 8), so on the CPU "auto" takes it where a diagonal holds enough cells:
-  B·min(L, S) ≥ _WAVEFRONT_MIN_CELLS (the two tie at B·min(L, S) ≈ 1000).
+  B·min(L, S) ≥ 1024 per numba thread (`_cpu_kernel`; on one thread they tie near
+  1000, and numba's threads divide its time where the wavefront's small ops run on one).
 * "cuda" (the default on CUDA where numba.cuda works): `soft_dtw_cuda.py`, the same
   wavefront on the same buffers with each pass's loop fused into one launch.
 
@@ -71,8 +72,9 @@ __all__ = ["soft_dtw", "KERNELS"]
 _NEG_INF = -math.inf
 _LN2 = math.log(2.0)
 KERNELS = ("auto", "numba", "cuda", "wavefront")
-# "auto" on the CPU: the wavefront from this many cells per anti-diagonal (B·min(L, S)) up.
-_WAVEFRONT_MIN_CELLS = 2048
+# "auto" on the CPU: the wavefront from this many cells per anti-diagonal (B·min(L, S)) and
+# numba thread up.
+_WAVEFRONT_MIN_CELLS_PER_THREAD = 1024
 # Below this many cells (B·L·S) the numba kernel runs serially: ~30 ms of work, well above
 # the cost of waking threads even on a busy machine, where a parallel region waits for a
 # descheduled thread.
@@ -105,9 +107,9 @@ def soft_dtw(
             gradient NaN).
         kernel: "numba" (CPU tensors only); "wavefront" (torch ops, any device); "cuda"
             (the wavefront fused into one numba.cuda launch per pass, CUDA tensors only);
-            or "auto": on the CPU numba, or the wavefront where B·min(L, S) ≥ 2048;
-            on CUDA "cuda" where numba.cuda works there, else the wavefront. All give
-            the same values and gradients up to rounding.
+            or "auto": on the CPU numba, or the wavefront where B·min(L, S) ≥ 1024 per
+            thread numba would use; on CUDA "cuda" where numba.cuda works there, else
+            the wavefront. All give the same values and gradients up to rounding.
 
     Returns:
         [B] values R[L_b, S_b]. Padding (i > L_b or j > S_b) and out-of-band cells are
@@ -126,7 +128,7 @@ def soft_dtw(
     ends_l = _check_lengths(lengths_l, batch, rows, "lengths_l", cost.device)
     ends_s = _check_lengths(lengths_s, batch, cols, "lengths_s", cost.device)
     if kernel == "auto" and device == "cpu":
-        kernel = "numba" if batch * min(rows, cols) < _WAVEFRONT_MIN_CELLS else "wavefront"
+        kernel = _cpu_kernel(batch, rows, cols)
     if kernel == "numba":
         return _SoftDTWNumba.apply(cost, float(gamma), ends_l, ends_s, band)
     fused = kernel == "cuda" or (kernel == "auto" and soft_dtw_cuda.unavailable(device) is None)
@@ -325,6 +327,12 @@ class _SoftDTW(torch.autograd.Function):
         if bool((grad_values < 0).any()):
             written.mul_(grad_values.sign().view(-1, 1, 1))
         return skew.cells(g), None, None, None, None, None
+
+
+def _cpu_kernel(batch: int, rows: int, cols: int) -> str:
+    """"auto" on the CPU: the torch wavefront where a diagonal's ops are long enough to win, else numba."""
+    wide = batch * min(rows, cols) >= _WAVEFRONT_MIN_CELLS_PER_THREAD * _numba_threads(batch, rows, cols)
+    return "wavefront" if wide else "numba"
 
 
 def _numba_threads(batch: int, rows: int, cols: int) -> int:
