@@ -63,7 +63,7 @@ def _logaddexp2(a, b):
     return high + math.log2(1 + math.exp((min(a, b) - high) * 0.6931471805599453))
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _forward_kernel(k, q, span, shift):
     b = cuda.blockIdx.x
     for d in range(2, q.shape[1]):
@@ -84,7 +84,7 @@ def _h(g, k, b, d, slot, span):
     return g[b, d, slot] + k[b, d, slot]
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _backward_kernel(k, g, span, shift, seed_d, seed_slot, seed_value):
     b = cuda.blockIdx.x
     for d in range(g.shape[1] - 1, 1, -1):
