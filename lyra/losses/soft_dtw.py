@@ -1,5 +1,14 @@
 """Batched soft-DTW over a precomputed cost matrix, with an analytic backward.
 
+Recursion (Cuturi & Blondel, 2017), 1-based cells of one sample's L×S cost C:
+
+    R[0, 0] = 0,   R[i, 0] = R[0, j] = +inf (i, j >= 1)
+    R[i, j] = C[i, j] + softmin_γ(R[i-1, j], R[i, j-1], R[i-1, j-1])
+    softmin_γ(a) = -γ log Σ exp(-a / γ)
+
+and the value is R[L, S]. Its gradient with respect to C is the expected alignment
+matrix E, whose recursion (the "E-matrix") runs from the last cell back to the first.
+
 Three kernels compute the same thing (`soft_dtw(..., kernel=)`):
 
 * "numba" (CPU): `soft_dtw_numba.py`, one sample's cells at a time, compiled; serial
