@@ -113,7 +113,8 @@ def soft_dtw(
             i.e. within `band` steps of the straight line from (1, 1) to (L_b, S_b),
             measured along the shorter side (for L_b = S_b: |i - j| ≤ band).
             band ≥ 1 always leaves a path; a smaller one may leave none (value +inf,
-            gradient NaN).
+            and a meaningless gradient: NaN from the wavefronts, the upstream
+            gradient at the last cell alone from numba).
         kernel: "numba" (CPU tensors only); "wavefront" (torch ops, any device); "cuda"
             (the wavefront fused into one numba.cuda launch per pass, CUDA tensors only);
             or "auto": on the CPU numba, or the wavefront where B·min(L, S) ≥ 1024 per
