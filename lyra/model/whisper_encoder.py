@@ -18,20 +18,43 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.audio_utils import mel_filter_bank
 
 from lyra.data.audio import SAMPLE_RATE
 
 N_FFT = 400  # 25 ms window at 16 kHz
 
 
+# Slaney's mel scale: linear below 1 kHz (3 mels per 200 Hz), logarithmic above.
+_HZ_PER_MEL = 200.0 / 3
+_LOG_HZ, _LOG_MEL, _LOG_STEP = 1000.0, 15.0, math.log(6.4) / 27.0
+
+
+def _hz_to_mel(hz: np.ndarray) -> np.ndarray:
+    hz = np.asarray(hz, dtype=np.float64)
+    logarithmic = _LOG_MEL + np.log(np.maximum(hz, _LOG_HZ) / _LOG_HZ) / _LOG_STEP
+    return np.where(hz >= _LOG_HZ, logarithmic, hz / _HZ_PER_MEL)
+
+
+def _mel_to_hz(mel: np.ndarray) -> np.ndarray:
+    mel = np.asarray(mel, dtype=np.float64)
+    return np.where(mel >= _LOG_MEL, _LOG_HZ * np.exp(_LOG_STEP * (mel - _LOG_MEL)), _HZ_PER_MEL * mel)
+
+
 def mel_filterbank(n_mels: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """`[n_mels, N_FFT // 2 + 1]` Slaney mel filters: the same numbers openai-whisper ships (and
-    librosa's `filters.mel` computes; transformers' numpy version spares the model librosa and numba)."""
-    filters = mel_filter_bank(num_frequency_bins=N_FFT // 2 + 1, num_mel_filters=n_mels, min_frequency=0.0,
-                              max_frequency=SAMPLE_RATE / 2, sampling_rate=SAMPLE_RATE, norm="slaney",
-                              mel_scale="slaney")
-    return torch.from_numpy(np.ascontiguousarray(filters.T, dtype=np.float32)).to(device)
+    """`[n_mels, N_FFT // 2 + 1]` area-normalised Slaney mel triangles over 0..8 kHz, bit for bit the
+    table openai-whisper ships: the triangles are rounded to float32 before the normalisation, as
+    that table was (the encoder turns a 1e-7 change of the log-mel into 1e-3 at its output). Needs
+    neither librosa nor numba."""
+    bins = np.fft.rfftfreq(N_FFT, 1.0 / SAMPLE_RATE)
+    edges = _mel_to_hz(np.linspace(_hz_to_mel(0.0), _hz_to_mel(SAMPLE_RATE / 2), n_mels + 2))
+    widths = np.diff(edges)
+    offsets = edges[:, None] - bins[None, :]  # [n_mels + 2, bins]: edge minus bin frequency
+    filters = np.empty((n_mels, bins.size), dtype=np.float32)
+    for i in range(n_mels):
+        rising, falling = -offsets[i] / widths[i], offsets[i + 2] / widths[i + 1]
+        filters[i] = np.maximum(0.0, np.minimum(rising, falling))
+    filters *= (2.0 / (edges[2:] - edges[:-2]))[:, None]
+    return torch.from_numpy(filters).to(device)
 
 
 def sinusoids(length: int, channels: int, max_timescale: float = 10_000.0) -> torch.Tensor:
