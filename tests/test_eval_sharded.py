@@ -1,0 +1,187 @@
+"""Sharded, batched, resumable evaluation (lyra/eval/runner.py) with the tiny model: two
+processes under torchrun (gloo) give the single process's predictions and scores item for
+item, a run killed midway resumes under another process count without answering any item
+twice, a batch gives batch 1's greedy answers, and predictions of other settings are refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lyra.eval.runner import EvalTask, Layout, batches, deal, model_fingerprint, shard_folder
+from lyra.inference import Assistant
+from lyra.model.lyra import LyraForConditionalGeneration
+
+from conftest import REPO_ROOT, load_script
+from test_eval_scripts import (  # noqa: F401 (fixtures)
+    SMALL, _one_thread, librispeech_root, prediction_lines, replies, speech_vqa_roots, videomme_root,
+)
+
+TIMING = {"seconds"}  # per-item wall time: the only field that may differ between runs
+
+
+def torchrun(script: str, argv: list[str], processes: int = 2) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node N script argv` (CPU: gloo), from the repository root."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc_per_node={processes}", script, *argv],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+def answers(predictions: Path) -> list[dict]:
+    """The merged predictions without timings, in file order."""
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in prediction_lines(predictions)]
+
+
+def shard_records(predictions: Path) -> list[dict]:
+    return [r for shard in sorted(shard_folder(predictions).glob("*.jsonl")) for r in prediction_lines(shard)]
+
+
+SETS = {  # script, its arguments (the data root's fixture filled in), the result fields that score it
+    "videomme": ("eval_videomme", ["--mode", "omni"], ("accuracy", "counts", "n", "unparsed")),
+    "docvqa": ("eval_speech_vqa", ["--task", "docvqa"], ("score", "exact_match", "n")),
+    "librispeech": ("eval_librispeech", ["--splits", "test-clean", "test-other"], ("splits",)),
+}
+
+
+@pytest.fixture()
+def data_roots(videomme_root, speech_vqa_roots, librispeech_root) -> dict[str, Path]:
+    return {"videomme": videomme_root, "docvqa": speech_vqa_roots["docvqa"], "librispeech": librispeech_root}
+
+
+def arguments(name: str, root: Path, out: Path, *extra: str) -> list[str]:
+    return [*SMALL, *SETS[name][1], "--data-root", str(root), "--out", str(out),
+            "--predictions", str(out.with_suffix(".predictions.jsonl")), *extra]
+
+
+@pytest.mark.parametrize("name", list(SETS))
+def test_two_processes_equal_one(name, data_roots, tmp_path):
+    """Merged predictions of 2 ranks (batches of 2) == one process at batch 1, and so do the scores."""
+    script, _, fields = SETS[name]
+    single, sharded = tmp_path / "single.json", tmp_path / "sharded.json"
+    assert load_script(script).main(arguments(name, data_roots[name], single)) == 0
+    run = torchrun(f"scripts/{script}.py", arguments(name, data_roots[name], sharded, "--batch-size", "2"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    reference = answers(single.with_suffix(".predictions.jsonl"))
+    assert answers(sharded.with_suffix(".predictions.jsonl")) == reference
+    shards = sorted(p.name for p in shard_folder(sharded.with_suffix(".predictions.jsonl")).iterdir())
+    assert shards == ["rank0-of-2.jsonl", "rank1-of-2.jsonl"]
+    assert sorted(r["id"] for r in shard_records(sharded.with_suffix(".predictions.jsonl"))) == sorted(
+        r["id"] for r in reference)  # each item answered by exactly one rank
+    ours, theirs = json.loads(single.read_text()), json.loads(sharded.read_text())
+    assert {f: ours[f] for f in fields} == {f: theirs[f] for f in fields}
+    assert theirs["processes"] == 2 and theirs["run"]["computed"] == len(reference)
+    assert "items/s" in run.stderr and "time by modality" in run.stderr
+
+
+def test_killed_two_processes_resume_with_one(data_roots, tmp_path, replies):
+    """SIGKILL both ranks midway, resume with one process: only the missing items are answered,
+    each exactly once, and the result equals an uninterrupted run's."""
+    root = data_roots["librispeech"]
+    reference, out = tmp_path / "reference.json", tmp_path / "resumed.json"
+    assert load_script("eval_librispeech").main(arguments("librispeech", root, reference)) == 0
+    total = len(replies)
+    predictions = out.with_suffix(".predictions.jsonl")
+    killed = torchrun("tests/support/killed_eval.py", ["eval_librispeech", "1", *arguments("librispeech", root, out)])
+    assert killed.returncode != 0 and not predictions.exists()  # nothing merged
+    before = shard_records(predictions)
+    assert 0 < len(before) < total, killed.stderr[-3000:]
+
+    assert load_script("eval_librispeech").main(arguments("librispeech", root, out)) == 0
+    assert len(replies) == 2 * total - len(before)  # the reference run, then only what the shards lacked
+    ids = [r["id"] for r in shard_records(predictions)]
+    assert len(ids) == len(set(ids)) == total
+    assert answers(predictions) == answers(reference.with_suffix(".predictions.jsonl"))
+    resumed, uninterrupted = json.loads(out.read_text()), json.loads(reference.read_text())
+    assert resumed["splits"] == uninterrupted["splits"]
+    assert resumed["run"] == {"computed": total - len(before), "skipped": len(before), "failed": 0}
+
+
+@pytest.fixture()
+def batch_sizes(monkeypatch) -> list[int]:
+    """How many conversations each Assistant.reply_batch call the scripts make holds."""
+    sizes = []
+    original = Assistant.reply_batch
+
+    def counting(self, conversations, options=None):
+        sizes.append(len(conversations))
+        return original(self, conversations, options)
+
+    monkeypatch.setattr(Assistant, "reply_batch", counting)
+    return sizes
+
+
+@pytest.mark.parametrize("name, batch", [("librispeech", 3), ("videomme", 4)])
+def test_batches_equal_batch_one(name, batch, data_roots, tmp_path, batch_sizes):
+    """Greedy answers do not depend on the batch size (rows of different lengths, left-padded)."""
+    script = load_script(SETS[name][0]).main
+    one, many = tmp_path / "one.json", tmp_path / "many.json"
+    assert script(arguments(name, data_roots[name], one)) == 0
+    assert set(batch_sizes) == {1}
+    assert script(arguments(name, data_roots[name], many, "--batch-size", str(batch))) == 0
+    assert answers(many.with_suffix(".predictions.jsonl")) == answers(one.with_suffix(".predictions.jsonl"))
+    assert max(batch_sizes) > 1 and all(size <= batch for size in batch_sizes)
+
+
+def test_foreign_shard_is_refused(data_roots, tmp_path, capsys):
+    """A shard written with other settings (here max_new_tokens) is refused by name, not merged;
+    so is a merged file whose header carries another run's hash."""
+    root = data_roots["docvqa"]
+    run = load_script("eval_speech_vqa").main
+    other = tmp_path / "other.json"
+    assert run(arguments("docvqa", root, other, "--max-new-tokens", "3")) == 0
+    out = tmp_path / "mine.json"
+    predictions = out.with_suffix(".predictions.jsonl")
+    foreign = shard_folder(predictions) / "rank1-of-2.jsonl"
+    foreign.parent.mkdir(parents=True)
+    foreign.write_text((shard_folder(other.with_suffix(".predictions.jsonl")) / "rank0-of-1.jsonl").read_text())
+    capsys.readouterr()
+    assert run(arguments("docvqa", root, out)) == 2
+    error = capsys.readouterr().err
+    assert str(foreign) in error and "settings hash" in error and "max_new_tokens: 3 there, 4 now" in error
+    assert not predictions.exists()
+
+    foreign.unlink()
+    predictions.write_text(other.with_suffix(".predictions.jsonl").read_text().replace(
+        '"max_new_tokens": 3', '"max_new_tokens": 4'))  # same settings but the header's hash is another run's
+    assert run(arguments("docvqa", root, out)) == 2
+    assert str(predictions) in capsys.readouterr().err
+
+
+def test_model_fingerprint_follows_the_weights(tiny_config):
+    torch.manual_seed(0)
+    model = LyraForConditionalGeneration.from_config(tiny_config)
+    torch.manual_seed(0)
+    same = LyraForConditionalGeneration.from_config(tiny_config)
+    assert model_fingerprint(model) == model_fingerprint(same)
+    with torch.no_grad():
+        next(same.parameters()).view(-1)[0] += 1.0  # one value changed: another model
+    assert model_fingerprint(model) != model_fingerprint(same)
+    assert model_fingerprint(model) != model_fingerprint(model.to(torch.bfloat16))
+
+
+def test_deal_and_batches():
+    """Every pending item goes to exactly one rank, each rank's share is sorted by length, and
+    a batch holds one modality and at most `batch_size` items."""
+    items = [("speech", 3.0), ("image", 1.0), ("speech", 1.0), ("text", 0.0), ("image", 2.0), ("speech", 2.0),
+             ("text", 5.0)]
+    task = EvalTask("t", items, lambda item: f"{item[0]}{item[1]}", lambda item: [], lambda item, a: {},
+                    lambda item: item)
+    shares = [deal(task, items, Layout(rank, 3, rank)) for rank in range(3)]
+    assert sorted(i for share in shares for i in share) == sorted(items)
+    assert shares[0] == [("image", 1.0), ("speech", 2.0), ("text", 5.0)]
+    assert all(share == sorted(share) for share in shares)
+    everything = deal(task, items, Layout())
+    grouped = list(batches(task, everything, 2))
+    assert grouped == [[("image", 1.0), ("image", 2.0)], [("speech", 1.0), ("speech", 2.0)], [("speech", 3.0)],
+                       [("text", 0.0), ("text", 5.0)]]
+    with pytest.raises(ValueError, match="RANK 2 is not in"):
+        Layout.from_env({"RANK": "2", "WORLD_SIZE": "2"})
+    assert Layout.from_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}) == Layout(1, 2, 1)
