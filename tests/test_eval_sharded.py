@@ -29,7 +29,7 @@ TIMING = {"seconds"}  # per-item wall time: the only field that may differ betwe
 def torchrun(script: str, argv: list[str], processes: int = 2) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc_per_node N script argv` (CPU: gloo), from the repository root."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(REPO_ROOT))  # this checkout's lyra
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            f"--nproc_per_node={processes}", script, *argv],
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
@@ -51,7 +51,7 @@ SETS = {  # script, its arguments (the data root's fixture filled in), the resul
 }
 
 
-@pytest.fixture()
+@pytest.fixture(scope="module")
 def data_roots(videomme_root, speech_vqa_roots, librispeech_root) -> dict[str, Path]:
     return {"videomme": videomme_root, "docvqa": speech_vqa_roots["docvqa"], "librispeech": librispeech_root}
 
@@ -61,41 +61,64 @@ def arguments(name: str, root: Path, out: Path, *extra: str) -> list[str]:
             "--predictions", str(out.with_suffix(".predictions.jsonl")), *extra]
 
 
+@pytest.fixture(scope="module")
+def single(data_roots, tmp_path_factory) -> dict[str, Path]:
+    """Each set evaluated by one process at batch 1: name -> results JSON."""
+    folder = tmp_path_factory.mktemp("single")
+    outs = {name: folder / f"{name}.json" for name in SETS}
+    for name, out in outs.items():
+        assert load_script(SETS[name][0]).main(arguments(name, data_roots[name], out)) == 0
+    return outs
+
+
+@pytest.fixture(scope="module")
+def two_ranks(data_roots, tmp_path_factory) -> tuple[dict[str, Path], Path, subprocess.CompletedProcess]:
+    """One `torchrun --nproc_per_node 2` launch: each set at batch 2 (name -> results JSON),
+    then a LibriSpeech run whose ranks are SIGKILLed after one answer each (its results JSON
+    path, never written) -- and the launch's outcome."""
+    folder = tmp_path_factory.mktemp("two_ranks")
+    outs = {name: folder / f"{name}.json" for name in SETS}
+    killed = folder / "killed.json"
+    jobs = [{"script": SETS[name][0], "argv": arguments(name, data_roots[name], out, "--batch-size", "2")}
+            for name, out in outs.items()]
+    jobs.append({"script": "eval_librispeech", "argv": arguments("librispeech", data_roots["librispeech"], killed),
+                 "kill_after": 1})
+    (folder / "jobs.json").write_text(json.dumps(jobs))
+    return outs, killed, torchrun("tests/support/eval_jobs.py", [str(folder / "jobs.json")])
+
+
 @pytest.mark.parametrize("name", list(SETS))
-def test_two_processes_equal_one(name, data_roots, tmp_path):
+def test_two_processes_equal_one(name, single, two_ranks):
     """Merged predictions of 2 ranks (batches of 2) == one process at batch 1, and so do the scores."""
-    script, _, fields = SETS[name]
-    single, sharded = tmp_path / "single.json", tmp_path / "sharded.json"
-    assert load_script(script).main(arguments(name, data_roots[name], single)) == 0
-    run = torchrun(f"scripts/{script}.py", arguments(name, data_roots[name], sharded, "--batch-size", "2"))
-    assert run.returncode == 0, run.stderr[-3000:]
-    reference = answers(single.with_suffix(".predictions.jsonl"))
+    fields = SETS[name][2]
+    outs, _, launch = two_ranks
+    sharded = outs[name]
+    assert sharded.is_file(), launch.stderr[-3000:]
+    reference = answers(single[name].with_suffix(".predictions.jsonl"))
     assert answers(sharded.with_suffix(".predictions.jsonl")) == reference
     shards = sorted(p.name for p in shard_folder(sharded.with_suffix(".predictions.jsonl")).iterdir())
     assert shards == ["rank0-of-2.jsonl", "rank1-of-2.jsonl"]
     assert sorted(r["id"] for r in shard_records(sharded.with_suffix(".predictions.jsonl"))) == sorted(
         r["id"] for r in reference)  # each item answered by exactly one rank
-    ours, theirs = json.loads(single.read_text()), json.loads(sharded.read_text())
+    ours, theirs = json.loads(single[name].read_text()), json.loads(sharded.read_text())
     assert {f: ours[f] for f in fields} == {f: theirs[f] for f in fields}
     assert theirs["processes"] == 2 and theirs["run"]["computed"] == len(reference)
-    assert "items/s" in run.stderr and "time by modality" in run.stderr
+    assert launch.stderr.count("items/s; time by modality") >= len(SETS)  # rank 0's throughput line
 
 
-def test_killed_two_processes_resume_with_one(data_roots, tmp_path, replies):
+def test_killed_two_processes_resume_with_one(data_roots, single, two_ranks, replies):
     """SIGKILL both ranks midway, resume with one process: only the missing items are answered,
     each exactly once, and the result equals an uninterrupted run's."""
-    root = data_roots["librispeech"]
-    reference, out = tmp_path / "reference.json", tmp_path / "resumed.json"
-    assert load_script("eval_librispeech").main(arguments("librispeech", root, reference)) == 0
-    total = len(replies)
+    _, out, launch = two_ranks
     predictions = out.with_suffix(".predictions.jsonl")
-    killed = torchrun("tests/support/killed_eval.py", ["eval_librispeech", "1", *arguments("librispeech", root, out)])
-    assert killed.returncode != 0 and not predictions.exists()  # nothing merged
+    assert launch.returncode != 0 and not predictions.exists()  # killed before any merge
     before = shard_records(predictions)
-    assert 0 < len(before) < total, killed.stderr[-3000:]
+    reference = single["librispeech"]
+    total = len(prediction_lines(reference.with_suffix(".predictions.jsonl")))
+    assert 0 < len(before) < total, launch.stderr[-3000:]
 
-    assert load_script("eval_librispeech").main(arguments("librispeech", root, out)) == 0
-    assert len(replies) == 2 * total - len(before)  # the reference run, then only what the shards lacked
+    assert load_script("eval_librispeech").main(arguments("librispeech", data_roots["librispeech"], out)) == 0
+    assert len(replies) == total - len(before)  # only what the shards lacked
     ids = [r["id"] for r in shard_records(predictions)]
     assert len(ids) == len(set(ids)) == total
     assert answers(predictions) == answers(reference.with_suffix(".predictions.jsonl"))

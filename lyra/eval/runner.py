@@ -173,13 +173,14 @@ def _error_record(item_id: str, error: BaseException) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- processes
 
-@dataclass(frozen=True)
+@dataclass
 class Layout:
     """This process's place among the evaluation's processes."""
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    owns_group: bool = field(default=False, compare=False)  # `start` made the process group
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "Layout":
@@ -211,12 +212,14 @@ class Layout:
         return device
 
     def start(self, device: torch.device) -> None:
-        """Join the process group (nccl on GPU, gloo on CPU) when there are several processes."""
+        """Join the process group (nccl on GPU, gloo on CPU) when there are several processes;
+        one that already exists (the caller's) is used as it is."""
         if not self.distributed or torch.distributed.is_initialized():
             return
         if device.type == "cuda":
             torch.cuda.set_device(device)
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        self.owns_group = True
 
     def barrier(self) -> None:
         if self.distributed:
@@ -231,8 +234,10 @@ class Layout:
         return values
 
     def stop(self) -> None:
-        if self.distributed and torch.distributed.is_initialized():
+        """Leave the process group `start` made."""
+        if self.owns_group and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+            self.owns_group = False
 
 
 # ----------------------------------------------------------------------------- evaluation
