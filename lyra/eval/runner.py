@@ -107,8 +107,7 @@ class PredictionLog:
         self._file = open(self.path, "a", encoding="utf-8")
 
     def done(self, item_id: str) -> bool:
-        record = self.records.get(item_id)
-        return record is not None and "error" not in record
+        return _finished(self.records.get(item_id))
 
     def append(self, record: dict[str, Any]) -> None:
         record = {"id": str(record["id"]), **{k: v for k, v in record.items() if k != "id"}}
@@ -207,7 +206,7 @@ class Layout:
 
     def device(self, device: str) -> str:
         """--device for this rank: `auto`/`cuda` become this process's GPU (LOCAL_RANK)."""
-        if device == "auto" and torch.cuda.is_available() or device == "cuda":
+        if (device == "auto" and torch.cuda.is_available()) or device == "cuda":
             return f"cuda:{self.local_rank}" if self.distributed else device
         return device
 
@@ -302,6 +301,10 @@ def audio_seconds(path: str | Path) -> float:
         return 0.0
 
 
+def _finished(record: dict[str, Any] | None) -> bool:
+    return record is not None and "error" not in record
+
+
 def read_shards(predictions: Path, meta: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """id -> record over the merged file and every shard next to it; a finished record
     wins over a failed one, whichever file holds it."""
@@ -311,7 +314,7 @@ def read_shards(predictions: Path, meta: dict[str, Any]) -> dict[str, dict[str, 
         if not path.is_file() or not path.stat().st_size:
             continue
         for item_id, record in read_predictions_file(path, meta)[0].items():
-            if item_id not in records or "error" in records[item_id]:
+            if not _finished(records.get(item_id)):
                 records[item_id] = record
     return records
 
@@ -388,7 +391,7 @@ def evaluate(task: EvalTask, answer: Callable[[list[Any]], list[Any]], predictio
         raise ValueError(f"{task.name}: item ids are not unique")
     known = read_shards(predictions, meta)
     layout.barrier()  # every rank has read the same files before any rank writes
-    pending = [item for item in task.items if "error" in known.get(task.item_id(item), {"error": ""})]
+    pending = [item for item in task.items if not _finished(known.get(task.item_id(item)))]
     mine = deal(task, pending, layout)
     shard = shard_folder(predictions) / f"rank{layout.rank}-of-{layout.world_size}.jsonl"
     computed = failed = 0
@@ -406,8 +409,8 @@ def evaluate(task: EvalTask, answer: Callable[[list[Any]], list[Any]], predictio
             modality_seconds[task.group(batch[0])[0]] += time.perf_counter() - batch_started
             bar.update(len(batch))
     seconds = time.perf_counter() - started
+    # Collective: once every rank has sent its figures, every shard is complete and closed.
     gathered = layout.gather((computed, failed, seconds, dict(modality_seconds)))
-    layout.barrier()  # every shard is complete
     merged_seconds: dict[str, float] = defaultdict(float)
     for _, _, _, by_modality in gathered:
         for modality, value in by_modality.items():
