@@ -10,7 +10,8 @@ The items are made for the run: pictures of a coloured shape drawn with PIL at s
 questions spoken by espeak-ng (different lengths), and text questions. Every configuration
 answers all of them from an empty predictions folder, after a warm-up item of each modality;
 items/s counts the answering loop only (model loading excluded). The process comparison
-gives each process `cores / processes` threads and runs at batch 1. Greedy answers are the
+runs at batch 1: one process with every core's thread (its baseline), one with a single
+thread, and two with half the threads each. Greedy answers are the
 same in every configuration (tested in tests/test_eval_sharded.py), so only the time differs.
 """
 
@@ -121,8 +122,8 @@ def worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def processes_run(args: argparse.Namespace, items_file: Path, work: Path, processes: int) -> dict:
-    threads = max(1, (os.cpu_count() or 1) // processes)
+def processes_run(args: argparse.Namespace, items_file: Path, work: Path, processes: int, threads: int) -> dict:
+    """`processes` ranks under torchrun, `threads` intra-op threads each; rank 0's figures."""
     result = work / "result.json"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
                __file__, "--worker", "--items", str(items_file), "--work", str(work), "--result", str(result),
@@ -155,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which("espeak-ng") is None:
         raise SystemExit("espeak-ng is needed to speak the questions (apt-get install espeak-ng, or `make setup`)")
 
+    load_before = [round(v, 2) for v in os.getloadavg()]  # other work on the machine moves every figure
     with tempfile.TemporaryDirectory(prefix="lyra-bench-eval-") as tmp:
         tmp = Path(tmp)
         items = make_items(tmp, args.items_per_modality)
@@ -163,26 +165,30 @@ def main(argv: list[str] | None = None) -> int:
         assistant, options, info, _ = load(args)
         batches = [timed_run(assistant, options, items, tmp / f"batch{b}", b, Layout()) for b in args.batch_sizes]
         del assistant
-        processes = [processes_run(args, items_file, tmp / f"procs{n}", n) for n in (1, 2)]
+        # All cores in one process (the baseline), one thread alone, then the cores split over 2 ranks.
+        cores = os.cpu_count() or 1
+        layouts = [(1, cores), (1, 1), (2, max(1, cores // 2))]
+        processes = [processes_run(args, items_file, tmp / f"procs{n}x{t}", n, t) for n, t in layouts]
 
     base = batches[0]["items_per_second"]
     for row in batches:
         row["ratio_to_batch_1"] = round(row["items_per_second"] / base, 3) if base else None
     for row in processes:
-        row["ratio_to_1_process"] = round(row["items_per_second"] / processes[0]["items_per_second"], 3)
+        row["ratio_to_1_process_all_cores"] = round(row["items_per_second"] / processes[0]["items_per_second"], 3)
     print(f"{len(items)} items ({args.items_per_modality} image, speech and text each), {info['model']}, "
           f"max {args.max_new_tokens} new tokens, {os.cpu_count()} cores")
     print("| configuration | items/s | ratio | image s | speech s | text s |\n|---|---|---|---|---|---|")
     for row, label, ratio in ([(r, f"1 process, batch {r['batch_size']}", r["ratio_to_batch_1"]) for r in batches]
-                              + [(r, f"{r['processes']} process(es), batch 1, {r['threads_per_process']} thread(s)",
-                                  r["ratio_to_1_process"]) for r in processes]):
+                              + [(r, f"{r['processes']} process(es) x {r['threads_per_process']} thread(s), batch 1",
+                                  r["ratio_to_1_process_all_cores"]) for r in processes]):
         split = row["modality_seconds"]
         print(f"| {label} | {row['items_per_second']:.2f} | {ratio:.2f} | {split.get('image', 0):.1f} | "
               f"{split.get('speech', 0):.1f} | {split.get('text', 0):.1f} |")
     atomic_write_json(args.json, {
         "model": info["model"], "untrained": info["untrained"], "device": info["device"],
         "items_per_modality": args.items_per_modality, "max_new_tokens": args.max_new_tokens,
-        "cores": os.cpu_count(), "load_average_after": [round(v, 2) for v in os.getloadavg()],
+        "cores": os.cpu_count(), "load_average_before": load_before,
+        "load_average_after": [round(v, 2) for v in os.getloadavg()],
         "batch_sizes": batches, "processes": processes,
         "command": "python scripts/bench_eval.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     })
