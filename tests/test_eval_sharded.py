@@ -17,7 +17,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from lyra.eval.runner import EvalTask, Layout, batches, deal, model_fingerprint, shard_folder
+from lyra.eval.runner import EvalTask, Layout, batches, deal, evaluate, model_fingerprint, shard_folder
 from lyra.inference import Assistant
 from lyra.model.lyra import LyraForConditionalGeneration
 
@@ -226,3 +226,29 @@ def test_deal_and_batches():
     with pytest.raises(ValueError, match="RANK 2 is not in"):
         Layout.from_env({"RANK": "2", "WORLD_SIZE": "2"})
     assert Layout.from_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}) == Layout(1, 2, 1)
+
+
+def test_a_bad_item_fails_alone_and_is_retried(tmp_path):
+    """A batch whose generation fails is answered item by item: only the bad item gets an error
+    record, and the next run retries just that one."""
+    calls: list[list[str]] = []
+    broken = {"b"}
+
+    def answer(requests: list[str]) -> list[str]:
+        calls.append(list(requests))
+        if broken & set(requests):
+            raise RuntimeError("cannot decode")
+        return [r.upper() for r in requests]
+
+    task = EvalTask("letters", ["a", "b", "c", "d"], str, lambda item: [item], lambda item, out: {"answer": out[0]},
+                    lambda item: ("text", 0.0))
+    predictions = tmp_path / "letters.predictions.jsonl"
+    first_run = evaluate(task, answer, predictions, {"benchmark": "letters"}, Layout(), batch_size=4)
+    assert calls == [["a", "b", "c", "d"], ["a"], ["b"], ["c"], ["d"]]
+    assert [r.get("answer") for r in first_run.records] == ["A", None, "C", "D"]
+    assert "RuntimeError: cannot decode" in first_run.records[1]["error"]
+    assert (first_run.summary.computed, first_run.summary.failed) == (3, 1)
+    broken.clear()
+    second = evaluate(task, answer, predictions, {"benchmark": "letters"}, Layout(), batch_size=4)
+    assert calls[-1] == ["b"] and [r["answer"] for r in second.records] == ["A", "B", "C", "D"]
+    assert (second.summary.computed, second.summary.skipped) == (1, 3)
