@@ -11,8 +11,8 @@ questions spoken by espeak-ng (different lengths), and text questions. Every con
 answers all of them from an empty predictions folder, after a warm-up item of each modality;
 items/s counts the answering loop only (model loading excluded). The process comparison
 runs at batch 1: one process with every core's thread (its baseline), one with a single
-thread, and two with half the threads each. Greedy answers are the
-same in every configuration (tested in tests/test_eval_sharded.py), so only the time differs.
+thread, and two with half the threads each. Answers are greedy, and each configuration's
+are checked against batch 1's (`same_answers_as_batch_1`): only the time may differ.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from PIL import Image, ImageDraw
 import lyra
 from lyra.eval.runner import EvalTask, Layout, Request, evaluate, lyra_answers
 from lyra.inference import Assistant, GenerationOptions, Media, default_model, load_model
+from lyra.model.speech import FrameCache
 from lyra.utils.io import atomic_write_json
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 160, 60), "blue": (30, 60, 220), "yellow": (230, 200, 20)}
@@ -95,13 +96,17 @@ def timed_run(assistant: Assistant, options: GenerationOptions, items: list[Benc
     warm = [next(i for i in items if i.modality == m) for m in ("image", "speech", "text")]
     meta = {"benchmark": "bench_eval", "model": "bench"}
     evaluate(bench_task(warm), lyra_answers(assistant, options), folder / "warm.predictions.jsonl", meta, layout)
+    model = assistant.model
+    if model.frame_cache is not None:  # an evaluation hears each recording once: nothing cached yet
+        model.frame_cache = FrameCache(model.config.speech.frozen_encoder_cache_mib)
     outcome = evaluate(bench_task(items), lyra_answers(assistant, options), folder / "run.predictions.jsonl", meta,
                        layout, batch_size)
     if not layout.main:
         return None
     new_tokens = sum(r.get("new_tokens", 0) for r in outcome.records)
     return {"batch_size": batch_size, "processes": layout.world_size, "items": len(items),
-            "failed": outcome.summary.failed, "new_tokens": new_tokens, **outcome.throughput()}
+            "failed": outcome.summary.failed, "new_tokens": new_tokens, **outcome.throughput(),
+            "answers": {r["id"]: r.get("response") for r in outcome.records}}
 
 
 def load(args: argparse.Namespace) -> tuple[Assistant, GenerationOptions, dict, Layout]:
@@ -170,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         layouts = [(1, cores), (1, 1), (2, max(1, cores // 2))]
         processes = [processes_run(args, items_file, tmp / f"procs{n}x{t}", n, t) for n, t in layouts]
 
+    reference = batches[0]["answers"]
+    for row in batches + processes:  # greedy: every configuration must give batch 1's answers
+        row["same_answers_as_batch_1"] = row.pop("answers") == reference
     base = batches[0]["items_per_second"]
     for row in batches:
         row["ratio_to_batch_1"] = round(row["items_per_second"] / base, 3) if base else None
@@ -177,13 +185,14 @@ def main(argv: list[str] | None = None) -> int:
         row["ratio_to_1_process_all_cores"] = round(row["items_per_second"] / processes[0]["items_per_second"], 3)
     print(f"{len(items)} items ({args.items_per_modality} image, speech and text each), {info['model']}, "
           f"max {args.max_new_tokens} new tokens, {os.cpu_count()} cores")
-    print("| configuration | items/s | ratio | image s | speech s | text s |\n|---|---|---|---|---|---|")
+    print("| configuration | items/s | ratio | image s | speech s | text s | same answers |\n"
+          "|---|---|---|---|---|---|---|")
     for row, label, ratio in ([(r, f"1 process, batch {r['batch_size']}", r["ratio_to_batch_1"]) for r in batches]
                               + [(r, f"{r['processes']} process(es) x {r['threads_per_process']} thread(s), batch 1",
                                   r["ratio_to_1_process_all_cores"]) for r in processes]):
         split = row["modality_seconds"]
         print(f"| {label} | {row['items_per_second']:.2f} | {ratio:.2f} | {split.get('image', 0):.1f} | "
-              f"{split.get('speech', 0):.1f} | {split.get('text', 0):.1f} |")
+              f"{split.get('speech', 0):.1f} | {split.get('text', 0):.1f} | {row['same_answers_as_batch_1']} |")
     atomic_write_json(args.json, {
         "model": info["model"], "untrained": info["untrained"], "device": info["device"],
         "items_per_modality": args.items_per_modality, "max_new_tokens": args.max_new_tokens,
