@@ -258,7 +258,6 @@ class Assistant:
             speech_seconds=speech_seconds,
         )
 
-
     def reply_batch(self, conversations: list[tuple[list[dict[str, str]], Media | None]],
                     options: GenerationOptions | None = None) -> list[Reply]:
         """Answer several (messages, media) conversations at once, in the order given.

@@ -121,16 +121,24 @@ def main(argv: list[str] | None = None) -> int:
             layout.start(next(transcribe.model.parameters()).device)
             meta = {"benchmark": "librispeech", "system": f"whisper:{args.whisper}"}
             info = {"model": f"whisper:{args.whisper}", "untrained": False}
-            request = lambda u: u.audio  # noqa: E731
-            answer = lambda audios: [transcribe(a) for a in audios]  # noqa: E731
+
+            def request(u: Utterance) -> Path:
+                return u.audio
+
+            def answer(audios: list[Path]) -> list[str]:
+                return [transcribe(a) for a in audios]
         else:
             from lyra.inference import Media
 
             assistant, options, info = load_assistant(args, layout)
             meta = {"benchmark": "librispeech", "system": "lyra", **model_meta(args, info)}
-            request = lambda u: Request([{"role": "user", "content": ASR_PROMPT}], Media(speech=[u.audio]))  # noqa: E731
             replies = lyra_answers(assistant, options)
-            answer = lambda requests: [reply.text for reply in replies(requests)]  # noqa: E731
+
+            def request(u: Utterance) -> Request:
+                return Request([{"role": "user", "content": ASR_PROMPT}], Media(speech=[u.audio]))
+
+            def answer(requests: list[Request]) -> list[str]:
+                return [reply.text for reply in replies(requests)]
     except (ValueError, FileNotFoundError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
