@@ -1,19 +1,23 @@
-"""Load test of the API server: throughput and latency, batched vs one request at a time.
+"""Load test of the API server: throughput and latency, continuous batching vs one request at a time.
 
-    python scripts/bench_api.py [--model tiny] [--requests 24] [--rounds 3] [--concurrency 1,4,8]
-                                [--out outputs/bench_api.json]
+    python scripts/bench_api.py [--model tiny,nano] [--mix mixed,text] [--concurrency 1,4,8,16]
+                                [--max-tokens 8,16,32] [--requests 24] [--rounds 2]
+                                [--threads N] [--out docs/bench_api.json]
 
-Starts two `python -m lyra.serve.api` processes on 127.0.0.1 (a free port each), one with
-`--max-batch-size 8` and one with `--max-batch-size 1`, and sends both the same fixed
-list of requests (a mix of text, image + text and speech, or `--mix text`; greedy; `--max-tokens` new
-tokens at most) from 1, 4 and 8 concurrent clients (threads, one keep-alive connection
-each). Each round runs every level on both servers in turn, so load from other
-processes on a shared machine affects both alike. Reports requests/s (over all rounds,
-and per round), generated tokens/s, p50/p95 latency over every request, and the mean
-batch size the server formed and the server process's CPU time per request (psutil);
-checks that greedy answers are the same both ways;
-prints a table and writes JSON. Bounded: a fixed request count, a per-request timeout
-and an overall time limit (levels past it are skipped).
+For each model, starts two `python -m lyra.serve.api` processes on 127.0.0.1 (a free port
+each), one with `--max-batch-size 8` (continuous batching) and one with `--max-batch-size 1`
+(one at a time), and sends both the same fixed list of requests from 1, 4, 8 and 16
+concurrent clients (threads, one keep-alive connection each). Mixes: "mixed" cycles text,
+image + text and speech requests, "text" is text only; `max_tokens` cycles through
+`--max-tokens` (every kind of request gets every length; greedy). Each round runs every
+level on both servers in turn, so load from other processes on a shared machine affects
+both alike. Reports requests/s (over all rounds, and per round), generated tokens/s,
+p50/p95 latency over every request, the mean number of rows per decode step and the server
+process's CPU time per request (psutil); checks that greedy answers are the same both
+ways and whether the targets hold on the mixed set (continuous >= 3x one-at-a-time at 8
+clients, no slower at 1 client, p95 at 8 clients no worse); prints a table and writes
+JSON. Bounded: a fixed request count, a per-request timeout and an overall time limit
+(levels past it are skipped). `--threads N` sets each server's torch threads.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import base64
 import http.client
 import io
 import json
+import os
 import platform
 import re
 import subprocess
@@ -34,13 +39,16 @@ from pathlib import Path
 
 import numpy as np
 
+from lyra.utils.io import atomic_write_json
+
 HOST = "127.0.0.1"  # loopback only
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def build_requests(model_id: str, count: int, max_tokens: int, mix: str = "mixed") -> list[dict]:
+def build_requests(model_id: str, count: int, max_tokens: list[int], mix: str = "mixed") -> list[dict]:
     """`count` requests cycling through text, image + text and speech inputs (`mix`
-    "mixed"), or text only ("text")."""
+    "mixed"), or text only ("text"); request i asks for `max_tokens[(i // 3) % len]` tokens,
+    so every kind gets every length."""
     import soundfile as sf
     from PIL import Image
 
@@ -69,19 +77,21 @@ def build_requests(model_id: str, count: int, max_tokens: int, mix: str = "mixed
             content = [{"type": "input_audio", "input_audio": {"data": wav(1.0 + (i % 2), 220.0 + 40 * i),
                                                                "format": "wav"}}]
         requests.append({"model": model_id, "messages": [{"role": "user", "content": content}],
-                         "max_tokens": max_tokens, "temperature": 0})
+                         "max_tokens": max_tokens[(i // 3) % len(max_tokens)], "temperature": 0})
     return requests
 
 
 class Server:
     """`python -m lyra.serve.api` in a subprocess on a free loopback port."""
 
-    def __init__(self, model: str, max_batch_size: int, max_wait_ms: float, start_timeout: float = 300):
+    def __init__(self, model: str, max_batch_size: int, threads: int | None = None, start_timeout: float = 300):
         command = [sys.executable, "-m", "lyra.serve.api", "--model", model, "--host", HOST, "--port", "0",
-                   "--max-batch-size", str(max_batch_size), "--max-wait-ms", str(max_wait_ms),
-                   "--log-level", "WARNING"]
+                   "--max-batch-size", str(max_batch_size), "--log-level", "WARNING"]
+        env = dict(os.environ)
+        if threads is not None:  # torch reads it at start-up
+            env["OMP_NUM_THREADS"] = str(threads)
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                                        cwd=REPO_ROOT)
+                                        cwd=REPO_ROOT, env=env)
         self.port = None
         self.model_id = None
         deadline = time.monotonic() + start_timeout
@@ -95,7 +105,7 @@ class Server:
                 break
         if self.port is None:
             self.stop()
-            raise RuntimeError(f"the server did not start (exit code {self.process.poll()})")
+            raise RuntimeError(f"the server for --model {model} did not start (exit code {self.process.poll()})")
 
     def get(self, path: str) -> dict:
         conn = http.client.HTTPConnection(HOST, self.port, timeout=30)
@@ -174,8 +184,8 @@ def run_level(server: Server, requests: list[dict], clients: int, timeout: float
     wall = time.perf_counter() - started
     cpu = server.cpu_seconds() - cpu_before if cpu_before is not None else None
     after = server.get("/health")["batches"]
-    batches = after["batches"] - before["batches"]
-    served = after["requests"] - before["requests"]
+    steps = after["steps"] - before["steps"]
+    row_steps = after["row_steps"] - before["row_steps"]
     lat = np.array(latencies) * 1000
     return {
         "clients": clients, "requests": len(requests), "ok": len(latencies), "errors": errors[:5],
@@ -183,9 +193,9 @@ def run_level(server: Server, requests: list[dict], clients: int, timeout: float
         "requests_per_s": round(len(latencies) / wall, 3), "tokens_per_s": round(tokens / wall, 2),
         "p50_ms": round(float(np.percentile(lat, 50)), 1) if len(lat) else None,
         "p95_ms": round(float(np.percentile(lat, 95)), 1) if len(lat) else None,
-        "mean_batch_size": round(served / batches, 2) if batches else None,
+        "mean_batch_size": round(row_steps / steps, 2) if steps else None,
         "answers": [answers.get(i) for i in range(len(requests))],
-        "latencies_ms": lat.tolist(), "tokens": tokens, "batches": batches, "served": served, "cpu_s": cpu,
+        "latencies_ms": lat.tolist(), "tokens": tokens, "steps": steps, "row_steps": row_steps, "cpu_s": cpu,
     }
 
 
@@ -195,7 +205,7 @@ def combine(rounds: list[dict]) -> dict:
     lat = np.array([x for r in rounds for x in r["latencies_ms"]])
     wall = sum(r["wall_s"] for r in rounds)
     ok = sum(r["ok"] for r in rounds)
-    batches = sum(r["batches"] for r in rounds)
+    steps = sum(r["steps"] for r in rounds)
     return {
         "clients": rounds[0]["clients"], "rounds": len(rounds), "requests": sum(r["requests"] for r in rounds),
         "ok": ok, "error_count": sum(r["error_count"] for r in rounds),
@@ -204,94 +214,138 @@ def combine(rounds: list[dict]) -> dict:
         "requests_per_s_by_round": [r["requests_per_s"] for r in rounds],
         "p50_ms": round(float(np.percentile(lat, 50)), 1) if len(lat) else None,
         "p95_ms": round(float(np.percentile(lat, 95)), 1) if len(lat) else None,
-        "mean_batch_size": round(sum(r["served"] for r in rounds) / batches, 2) if batches else None,
+        "mean_batch_size": round(sum(r["row_steps"] for r in rounds) / steps, 2) if steps else None,
         "server_cpu_ms_per_request": (round(1000 * sum(r["cpu_s"] for r in rounds) / ok, 1)
                                       if ok and all(r["cpu_s"] is not None for r in rounds) else None),
         "answers": rounds[-1]["answers"],
     }
 
 
+def targets(results: list[dict]) -> dict:
+    """The issue's targets on the mixed set, per model: continuous >= 3x one-at-a-time
+    req/s at 8 clients, no slower at 1 client, p95 at 8 clients no worse."""
+    rows = {(r["model"], r["mix"], r["mode"], r["clients"]): r for r in results}
+    found = {}
+    for model in dict.fromkeys(r["model"] for r in results):
+        cell = lambda mode, clients: rows.get((model, "mixed", mode, clients))  # noqa: E731
+        checks = {}
+        for clients in (8, 1):
+            fast, slow = cell("continuous", clients), cell("one-at-a-time", clients)
+            if fast and slow:
+                ratio = round(fast["requests_per_s"] / slow["requests_per_s"], 2)
+                checks[f"speedup_at_{clients}"] = {"value": ratio, "target": 3.0 if clients == 8 else 1.0,
+                                                   "met": ratio >= (3.0 if clients == 8 else 1.0)}
+        fast, slow = cell("continuous", 8), cell("one-at-a-time", 8)
+        if fast and slow:
+            checks["p95_ms_at_8"] = {"value": fast["p95_ms"], "target": slow["p95_ms"],
+                                     "met": fast["p95_ms"] <= slow["p95_ms"]}
+        if checks:
+            found[model] = checks
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny", help="preset or checkpoint directory")
+    parser.add_argument("--model", default="tiny,nano", help="presets or checkpoint directories, comma-separated")
+    parser.add_argument("--mix", default="mixed,text",
+                        help="comma-separated: mixed (1/3 text, 1/3 image + text, 1/3 speech) and/or text")
     parser.add_argument("--requests", type=int, default=24, help="requests per concurrency level and round")
-    parser.add_argument("--rounds", type=int, default=3, help="passes over all levels, alternating servers")
-    parser.add_argument("--concurrency", default="1,4,8")
-    parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--mix", choices=["mixed", "text"], default="mixed",
-                        help="mixed: 1/3 text, 1/3 image + text, 1/3 speech; text: text only")
-    parser.add_argument("--max-batch-size", type=int, default=8, help="of the batched server")
-    parser.add_argument("--max-wait-ms", type=float, default=10.0, help="of the batched server")
+    parser.add_argument("--rounds", type=int, default=2, help="passes over all levels, alternating servers")
+    parser.add_argument("--concurrency", default="1,4,8,16")
+    parser.add_argument("--max-tokens", default="8,16,32", help="max_tokens values the requests cycle through")
+    parser.add_argument("--max-batch-size", type=int, default=8, help="of the continuous server")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of each server (OMP_NUM_THREADS; default: torch's). On a machine "
+                             "shared with other work, 1 keeps threads from waiting on each other")
     parser.add_argument("--request-timeout", type=float, default=120.0)
-    parser.add_argument("--time-limit", type=float, default=1200.0, help="skip levels after this many seconds")
-    parser.add_argument("--out", default=str(REPO_ROOT / "outputs" / "bench_api.json"))
+    parser.add_argument("--time-limit", type=float, default=1800.0, help="skip levels after this many seconds")
+    parser.add_argument("--out", default=str(REPO_ROOT / "docs" / "bench_api.json"))
     args = parser.parse_args(argv)
-    levels = [int(c) for c in args.concurrency.split(",")]
-    if args.requests < 1 or args.rounds < 1 or any(c < 1 for c in levels):
-        parser.error("--requests, --rounds and every --concurrency level must be at least 1")
+    try:
+        levels = [int(c) for c in args.concurrency.split(",")]
+        max_tokens = [int(n) for n in args.max_tokens.split(",")]
+    except ValueError:
+        parser.error("--concurrency and --max-tokens take comma-separated integers, e.g. 1,4,8,16")
+    models = [m for m in args.model.split(",") if m]
+    mixes = [m for m in args.mix.split(",") if m]
+    if (args.requests < 1 or args.rounds < 1 or any(c < 1 for c in levels) or any(n < 1 for n in max_tokens)
+            or args.threads is not None and args.threads < 1):
+        parser.error("--requests, --rounds, --threads, every --concurrency level and every --max-tokens must be "
+                     "at least 1")
+    if not models or any(m not in ("mixed", "text") for m in mixes) or not mixes:
+        parser.error("--model needs at least one model; --mix takes mixed and/or text")
 
     started = time.monotonic()
-    modes = [("batched", args.max_batch_size, args.max_wait_ms), ("one-at-a-time", 1, 0.0)]
-    servers = {}
-    runs: dict[tuple[str, int], list[dict]] = {}
-    try:
-        for mode, batch_size, wait_ms in modes:
-            servers[mode] = Server(args.model, batch_size, wait_ms)
-        requests = build_requests(servers["batched"].model_id, args.requests, args.max_tokens, args.mix)
-        for server in servers.values():
-            run_level(server, requests[:6], 2, args.request_timeout)  # warm-up, not reported
-        # Rounds alternate the two servers level by level, so load from other processes
-        # on a shared machine drifts over both alike; a round's levels share one request list.
-        for round_index in range(args.rounds):
-            for clients in levels:
-                for mode, _, _ in modes:
-                    if time.monotonic() - started > args.time_limit:
-                        print(f"time limit reached; skipping {mode} x {clients}", file=sys.stderr)
-                        continue
-                    result = run_level(servers[mode], requests, clients, args.request_timeout)
-                    runs.setdefault((mode, clients), []).append(result)
-                    print(f"round {round_index + 1} {mode:>14} clients={clients}: "
-                          f"{result['requests_per_s']:.2f} req/s, p50 {result['p50_ms']} ms",
-                          file=sys.stderr, flush=True)
-    finally:
-        for server in servers.values():
-            server.stop()
+    modes = [("continuous", args.max_batch_size), ("one-at-a-time", 1)]
+    runs: dict[tuple[str, str, str, int], list[dict]] = {}
+    for model in models:
+        servers = {}
+        try:
+            for mode, batch_size in modes:
+                servers[mode] = Server(model, batch_size, args.threads)
+            for mix in mixes:
+                requests = build_requests(servers["continuous"].model_id, args.requests, max_tokens, mix)
+                for server in servers.values():
+                    run_level(server, requests[:6], 2, args.request_timeout)  # warm-up, not reported
+                # Rounds alternate the two servers level by level, so load from other processes
+                # on a shared machine drifts over both alike; a round's levels share one request list.
+                for round_index in range(args.rounds):
+                    for clients in levels:
+                        for mode, _ in modes:
+                            if time.monotonic() - started > args.time_limit:
+                                print(f"time limit reached; skipping {model} {mix} {mode} x {clients}",
+                                      file=sys.stderr)
+                                continue
+                            result = run_level(servers[mode], requests, clients, args.request_timeout)
+                            runs.setdefault((model, mix, mode, clients), []).append(result)
+                            print(f"{model} {mix} round {round_index + 1} {mode:>14} clients={clients}: "
+                                  f"{result['requests_per_s']:.2f} req/s, p50 {result['p50_ms']} ms",
+                                  file=sys.stderr, flush=True)
+        finally:
+            for server in servers.values():
+                server.stop()
     results = []
-    for mode, batch_size, wait_ms in modes:
-        for clients in levels:
-            if (mode, clients) in runs:
-                result = combine(runs[(mode, clients)])
-                result.update(mode=mode, max_batch_size=batch_size, max_wait_ms=wait_ms)
-                results.append(result)
+    for (model, mix, mode, clients), rounds in runs.items():
+        result = combine(rounds)
+        result.update(model=model, mix=mix, mode=mode, max_batch_size=dict(modes)[mode])
+        results.append(result)
+    results.sort(key=lambda r: (models.index(r["model"]), mixes.index(r["mix"]), r["mode"] != "continuous",
+                                r["clients"]))
 
     # Greedy answers must not depend on batching.
-    by_clients = {}
-    for result in results:
-        by_clients.setdefault(result["clients"], {})[result["mode"]] = result["answers"]
-    same = {c: (len(m) == 2 and m["batched"] == m["one-at-a-time"]) for c, m in by_clients.items()}
+    by_level: dict[str, dict[str, list]] = {}
+    for r in results:
+        by_level.setdefault(f"{r['model']} {r['mix']} x{r['clients']}", {})[r["mode"]] = r["answers"]
+    same = {level: len(m) == 2 and m["continuous"] == m["one-at-a-time"] for level, m in by_level.items()}
+    met = targets(results)
 
-    print("| mode | clients | requests | req/s | req/s per round | tokens/s | p50 ms | p95 ms | mean batch "
-          "| server CPU ms/req |")
-    print("|" + "---|" * 10)
+    print("| model | mix | mode | clients | requests | req/s | req/s per round | tokens/s | p50 ms | p95 ms "
+          "| rows per step | server CPU ms/req |")
+    print("|" + "---|" * 12)
     for r in results:
         per_round = " / ".join(f"{x:.1f}" for x in r["requests_per_s_by_round"])
-        print(f"| {r['mode']} | {r['clients']} | {r['ok']}/{r['requests']} | {r['requests_per_s']:.2f} | "
-              f"{per_round} | {r['tokens_per_s']:.1f} | {r['p50_ms']} | {r['p95_ms']} | {r['mean_batch_size']} | "
-              f"{r['server_cpu_ms_per_request']} |")
-    print(f"greedy answers identical batched vs one-at-a-time: {same}")
+        print(f"| {r['model']} | {r['mix']} | {r['mode']} | {r['clients']} | {r['ok']}/{r['requests']} | "
+              f"{r['requests_per_s']:.2f} | {per_round} | {r['tokens_per_s']:.1f} | {r['p50_ms']} | {r['p95_ms']} | "
+              f"{r['mean_batch_size']} | {r['server_cpu_ms_per_request']} |")
+    print(f"greedy answers identical continuous vs one-at-a-time: {all(same.values())} "
+          f"({sum(same.values())}/{len(same)} levels)")
+    for model, checks in met.items():
+        print(f"targets on the mixed set, {model}: " + ", ".join(
+            f"{name} {c['value']} (target {c['target']}: {'met' if c['met'] else 'NOT met'})"
+            for name, c in checks.items()))
     report = {
-        "model": args.model, "max_tokens": args.max_tokens, "requests_per_level": args.requests,
-        "rounds": args.rounds,
-        "mix": ("1/3 text, 1/3 image (56-112 px) + text, 1/3 speech (1-2 s)" if args.mix == "mixed"
-                else "text only"), "host": HOST,
-        "machine": {"python": platform.python_version(), "processor": platform.processor() or platform.machine()},
-        "answers_identical": same,
+        "models": models, "mixes": {m: ("1/3 text, 1/3 image (56-112 px) + text, 1/3 speech (1-2 s)" if m == "mixed"
+                                        else "text only") for m in mixes},
+        "max_tokens": max_tokens, "requests_per_level": args.requests, "rounds": args.rounds,
+        "concurrency": levels, "server_threads": args.threads, "host": HOST, "command": "python scripts/bench_api.py " + " ".join(
+            sys.argv[1:] if argv is None else argv),
+        "machine": {"python": platform.python_version(), "processor": platform.processor() or platform.machine(),
+                    "cpus": os.cpu_count()},
+        "answers_identical": same, "targets": met,
         "results": [{k: v for k, v in r.items() if k not in ("answers", "latencies_ms")} for r in results],
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+    atomic_write_json(args.out, report, indent=2)
+    print(f"wrote {args.out}")
     return 0 if all(r["error_count"] == 0 for r in results) else 1
 
 

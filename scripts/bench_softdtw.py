@@ -1,22 +1,36 @@
-"""Soft-DTW forward+backward: time and peak memory, ours against its peers.
+"""Soft-DTW forward+backward: time and peak memory, ours against its peers, on CPU or CUDA.
 
 Methods, all on the same cost matrices [B, L, S] (uniform in [0, 1), γ = 0.1):
 
-* ours-fp32 / ours-fp64: `lyra.losses.soft_dtw` (anti-diagonal wavefront, analytic backward).
+* ours-fp32 / ours-fp64: `lyra.losses.soft_dtw` with its default kernel (numba on the
+  CPU; on CUDA the anti-diagonal wavefront fused into one numba.cuda launch per pass,
+  or the torch wavefront where numba.cuda fails: the JSON's `cuda_kernel` says which).
+* wavefront-fp32: the same call with kernel="wavefront", the torch anti-diagonal
+  wavefront (three ops per diagonal; the CPU default before the numba kernel).
+* per-sample: ours-fp32 called once per sample ([1, L, S] each), as a training loop
+  without batching would.
 * loop: the straightforward per-cell Python loop over (i, j), each cell a few torch ops
   on the [B] batch, backward by autograd (the reference's CPU fallback, but batched).
-* tslearn: `tslearn.metrics.SoftDTW` on the precomputed cost (`.compute()` then
-  `.grad()`), one sample at a time (numba, float64).
-* torchmetrics: `torchmetrics.functional.timeseries.soft_dtw`, which takes sequences
-  and a `distance_fn`, not a cost matrix: it is handed the cost through a
-  `distance_fn` that ignores its inputs. Backward by autograd.
+* tslearn (CPU only): `tslearn.metrics.SoftDTW` on the precomputed cost (`.compute()`
+  then `.grad()`), one sample at a time (numba, float64).
+* torchmetrics: `torchmetrics.functional.timeseries.soft_dtw`, which takes sequences and
+  a `distance_fn`, not a cost matrix: it is handed the cost through a `distance_fn` that
+  ignores its inputs. Backward by autograd.
+* pysdtw: `pysdtw.SoftDTW` (numba CUDA kernels on CUDA, numba CPU ones on the CPU),
+  handed the cost the same way; float32.
 
-Each (method, size) runs in a fresh process: one small warm-up call (JIT, lazy
-init), then the peak-RSS counter is reset (/proc/self/clear_refs) and the first real
-call's peak RSS above the baseline is the memory figure; the time is the median of the
-following repeats (at least two; fewer than --repeats for methods past a time budget). Speedups are other / ours-fp32, measured in the same run.
+Each (method, size) runs in a fresh process (a crash, an out-of-memory error or a hang
+past --cell-timeout is recorded for that cell and the run goes on): one small warm-up
+call (JIT, lazy init; on the CPU every numba kernel of ours is compiled first), then the peak-memory counter is reset and the first real call's
+peak above the baseline is the memory figure (CPU: peak RSS via /proc/self/clear_refs;
+CUDA: torch's max_memory_allocated); the time is the median of the following repeats (at
+least --repeats and one second's worth, at most 100; at least two, and no more past 30 s),
+synchronised on CUDA. Every method
+but ours is checked against ours-fp64 on the same costs (max relative value error).
+Speedups are other / ours-fp32, measured in the same run.
 
-    python scripts/bench_softdtw.py --install-peers --out outputs/bench_softdtw.json
+    python scripts/bench_softdtw.py --out docs/bench_softdtw_cpu.json
+    python scripts/bench_softdtw.py --device cuda --out $OUT/bench_softdtw_cuda.json
 """
 
 from __future__ import annotations
@@ -25,21 +39,34 @@ import argparse
 import json
 import math
 import os
+import platform
 import statistics
 import subprocess
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 
-from lyra.utils.io import atomic_write_json
 from lyra.memory import reset_peak_rss, status_mib
+from lyra.utils.io import atomic_write_json
 
-SIZES = [(300, 32), (1200, 128), (4800, 512)]
-METHODS = ["ours-fp32", "ours-fp64", "loop", "tslearn", "torchmetrics"]
+SIZES = {
+    "cpu": [(300, 32), (1200, 128), (4800, 512)],
+    "cuda": [(300, 32), (1200, 128), (4800, 512), (16384, 1024)],
+}
+METHODS = ["ours-fp32", "ours-fp64", "wavefront-fp32", "per-sample", "loop", "tslearn", "torchmetrics", "pysdtw"]
+DEFAULT_METHODS = {
+    "cpu": ["ours-fp32", "ours-fp64", "wavefront-fp32", "tslearn"],
+    "cuda": ["ours-fp32", "wavefront-fp32", "per-sample", "pysdtw"],
+}
+PEER_MODULES = {"tslearn": "tslearn.metrics", "torchmetrics": "torchmetrics.functional.timeseries", "pysdtw": "pysdtw"}
 GAMMA = 0.1
 # Past these cell counts per sample a method takes minutes per call: reported as skipped.
 MAX_CELLS = {"loop": 300 * 32, "torchmetrics": 1200 * 128}
 TIME_BUDGET_S = 30.0  # per (method, size): slow methods stop repeating after two timed runs past this
+# Fast methods repeat for at least this long (at most MAX_RUNS runs): on a shared machine a
+# median of five millisecond calls is mostly the scheduler's.
+MIN_TIMED_S, MAX_RUNS = 1.0, 100
 
 
 def loop_soft_dtw(cost, gamma: float):
@@ -59,81 +86,159 @@ def loop_soft_dtw(cost, gamma: float):
 
 
 def make_runner(method: str, cost):
-    """A zero-argument function running one forward+backward of `method` on `cost`, and its forward-only twin."""
+    """A zero-argument forward+backward of `method` on `cost` [B, L, S] (on its device), and its forward-only twin.
+
+    Both return the [B] values (a tensor or a list).
+    """
     import torch
 
-    if method in ("ours-fp32", "ours-fp64", "loop", "torchmetrics"):
-        x = cost.to(torch.float64 if method == "ours-fp64" else torch.float32, copy=True).requires_grad_()
-        if method.startswith("ours"):
-            from lyra.losses.soft_dtw import soft_dtw
+    from lyra.losses.soft_dtw import soft_dtw
 
-            def forward():
-                return soft_dtw(x, GAMMA)
-        elif method == "loop":
-
-            def forward():
-                return loop_soft_dtw(x, GAMMA)
-        else:
-            from torchmetrics.functional.timeseries import soft_dtw as tm_soft_dtw
-
-            batch, rows, cols = x.shape
-            dummy_a, dummy_b = x.new_zeros(batch, rows, 1), x.new_zeros(batch, cols, 1)
-
-            def forward():
-                return tm_soft_dtw(dummy_a, dummy_b, gamma=GAMMA, distance_fn=lambda a, b: x)
-
-        def forward_backward():
-            values = forward()
-            (grad,) = torch.autograd.grad(values.sum(), x)
-            return values, grad
-
-        return forward_backward, forward
     if method == "tslearn":
+        if cost.device.type != "cpu":
+            raise ValueError("tslearn runs on the CPU only")
         from tslearn.metrics import SoftDTW
 
         matrices = [m.numpy() for m in cost.to(torch.float64, copy=True)]
 
         def forward_backward():
-            values, grads = [], []
+            values = []
             for d in matrices:
                 sdtw = SoftDTW(d, gamma=GAMMA)
                 values.append(sdtw.compute())
-                grads.append(sdtw.grad())
-            return values, grads
+                sdtw.grad()
+            return values
 
         def forward():
             return [SoftDTW(d, gamma=GAMMA).compute() for d in matrices]
 
         return forward_backward, forward
-    raise ValueError(f"unknown method {method!r}")
+    if method == "per-sample":
+        xs = [c.to(torch.float32, copy=True).unsqueeze(0).requires_grad_() for c in cost]
+
+        def forward():
+            return [soft_dtw(x, GAMMA) for x in xs]
+
+        def forward_backward():
+            values = []
+            for x in xs:
+                value = soft_dtw(x, GAMMA)
+                torch.autograd.grad(value.sum(), x)
+                values.append(value.detach())
+            return torch.cat(values)
+
+        return forward_backward, forward
+    x = cost.to(torch.float64 if method == "ours-fp64" else torch.float32, copy=True).requires_grad_()
+    batch, rows, cols = x.shape
+    if method in ("ours-fp32", "ours-fp64"):
+
+        def forward():
+            return soft_dtw(x, GAMMA)
+    elif method == "wavefront-fp32":
+
+        def forward():
+            return soft_dtw(x, GAMMA, kernel="wavefront")
+    elif method == "loop":
+
+        def forward():
+            return loop_soft_dtw(x, GAMMA)
+    elif method == "torchmetrics":
+        from torchmetrics.functional.timeseries import soft_dtw as tm_soft_dtw
+
+        dummy_a, dummy_b = x.new_zeros(batch, rows, 1), x.new_zeros(batch, cols, 1)
+
+        def forward():
+            return tm_soft_dtw(dummy_a, dummy_b, gamma=GAMMA, distance_fn=lambda a, b: x)
+    elif method == "pysdtw":
+        import pysdtw
+
+        dummy_a, dummy_b = x.new_zeros(batch, rows, 1), x.new_zeros(batch, cols, 1)
+        sdtw = pysdtw.SoftDTW(gamma=GAMMA, dist_func=lambda a, b: x, use_cuda=x.device.type == "cuda")
+
+        def forward():
+            return sdtw(dummy_a, dummy_b)
+    else:
+        raise ValueError(f"unknown method {method!r}")
+
+    def forward_backward():
+        values = forward()
+        torch.autograd.grad(values.sum(), x)
+        return values.detach()
+
+    return forward_backward, forward
 
 
-def measure(method: str, batch: int, rows: int, cols: int, repeats: int, threads: int) -> dict:
+class Meter:
+    """Synchronised wall time and peak memory above a baseline, on the CPU (RSS) or CUDA (torch's allocator)."""
+
+    def __init__(self, device) -> None:
+        import torch
+
+        self.torch, self.cuda = torch, device.type == "cuda"
+
+    def sync(self) -> None:
+        if self.cuda:
+            self.torch.cuda.synchronize()
+
+    def timed(self, fn) -> tuple[float, object]:
+        self.sync()
+        start = time.perf_counter()
+        out = fn()
+        self.sync()
+        return time.perf_counter() - start, out
+
+    def reset(self) -> None:
+        self.sync()
+        if self.cuda:
+            self.torch.cuda.reset_peak_memory_stats()
+            self.baseline = self.torch.cuda.memory_allocated() / 2**20
+        else:
+            reset_peak_rss()
+            self.baseline = status_mib("VmRSS")
+
+    def peak_mib(self) -> float:
+        if self.cuda:
+            return self.torch.cuda.max_memory_allocated() / 2**20 - self.baseline
+        return status_mib("VmHWM") - self.baseline
+
+
+def random_cost(batch: int, rows: int, cols: int, device):
+    """The benchmark's costs: uniform [0, 1) float64 from seed 0, made on the CPU (same numbers on any device)."""
+    import torch
+
+    return torch.rand(batch, rows, cols, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).to(device)
+
+
+def measure(method: str, batch: int, rows: int, cols: int, repeats: int, threads: int, device_name: str) -> dict:
     """One (method, size) in this process: peak memory of the first call, median times of the rest."""
     import torch
 
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    warm_fb, _ = make_runner(method, torch.rand(2, 8, 4, dtype=torch.float64))
+    from lyra.losses.soft_dtw import soft_dtw
+
+    device = torch.device(device_name)
+    if threads > 0:
+        torch.set_num_threads(threads)
+    meter = Meter(device)
+    if device.type == "cpu":
+        from lyra.losses import soft_dtw_numba
+
+        soft_dtw_numba.compile_all()  # the size picks a serial or a parallel kernel: compile both
+    warm_fb, _ = make_runner(method, random_cost(2, 8, 4, device))
     warm_fb()
-    cost = torch.rand(batch, rows, cols, dtype=torch.float64)
+    cost = random_cost(batch, rows, cols, device)
     forward_backward, forward = make_runner(method, cost)
-    reset_peak_rss()
-    baseline = status_mib("VmRSS")
-    start = time.perf_counter()
-    forward_backward()
-    first = time.perf_counter() - start
-    peak = status_mib("VmHWM") - baseline
+    meter.reset()
+    first, values = meter.timed(forward_backward)
+    peak = meter.peak_mib()
     times, forward_times = [], []
-    budget_end = time.perf_counter() + TIME_BUDGET_S
-    while len(times) < repeats and (len(times) < 2 or time.perf_counter() < budget_end):
-        start = time.perf_counter()
-        forward()
-        forward_times.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        forward_backward()
-        times.append(time.perf_counter() - start)
-    return {
+    start = time.perf_counter()
+    while len(times) < MAX_RUNS:
+        elapsed = time.perf_counter() - start
+        if len(times) >= 2 and elapsed > TIME_BUDGET_S or len(times) >= repeats and elapsed > MIN_TIMED_S:
+            break
+        forward_times.append(meter.timed(forward)[0])
+        times.append(meter.timed(forward_backward)[0])
+    result = {
         "runs": len(times),
         "first_ms": round(first * 1e3, 2),
         "fwd_ms": round(statistics.median(forward_times) * 1e3, 2),
@@ -141,16 +246,21 @@ def measure(method: str, batch: int, rows: int, cols: int, repeats: int, threads
         "fwd_bwd_min_ms": round(min(times) * 1e3, 2),
         "peak_mib": round(peak, 1),
     }
+    if not method.startswith("ours"):
+        del forward_backward, forward
+        values = torch.as_tensor(values, dtype=torch.float64).to(device).flatten()
+        reference = soft_dtw(cost, GAMMA).detach()
+        result["value_rel_err_vs_ours_fp64"] = float(((values - reference).abs() / reference.abs()).max())
+    return result
 
 
-def fp32_error(batch: int, rows: int, cols: int) -> dict:
+def fp32_error(batch: int, rows: int, cols: int, device_name: str) -> dict:
     """How far ours in float32 is from ours in float64 on the same costs (value and gradient)."""
     import torch
 
     from lyra.losses.soft_dtw import soft_dtw
 
-    torch.manual_seed(0)
-    cost = torch.rand(batch, rows, cols, dtype=torch.float64)
+    cost = random_cost(batch, rows, cols, torch.device(device_name))
     results = []
     for dtype in (torch.float32, torch.float64):
         x = cost.to(dtype).requires_grad_()
@@ -166,23 +276,47 @@ def fp32_error(batch: int, rows: int, cols: int) -> dict:
 
 def peer_available(method: str) -> str | None:
     """None when `method` can run here, else why not."""
-    module = {"tslearn": "tslearn.metrics", "torchmetrics": "torchmetrics.functional.timeseries"}.get(method)
+    module = PEER_MODULES.get(method)
     if module is None:
         return None
     probe = subprocess.run([sys.executable, "-c", f"import {module}"], check=False, capture_output=True, text=True)
     return None if probe.returncode == 0 else f"not importable: {probe.stderr.strip().splitlines()[-1]}"
 
 
-def run_child(method: str, batch: int, rows: int, cols: int, repeats: int, threads: int) -> dict:
-    child = subprocess.run(
-        [sys.executable, __file__, "--one", method, str(batch), str(rows), str(cols), str(repeats), str(threads)],
-        check=False,
-        capture_output=True,
-        text=True,
-    )
+def run_child(method: str, batch: int, rows: int, cols: int, repeats: int, threads: int, device: str, timeout: float) -> dict:
+    """`measure` in a fresh process; its failure (error, crash, hang) becomes the cell's result."""
+    command = [sys.executable, __file__, "--one", method, str(batch), str(rows), str(cols), str(repeats), str(threads), device]
+    try:
+        child = subprocess.run(command, check=False, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
     if child.returncode != 0:
-        return {"skipped": "failed: " + (child.stderr.strip().splitlines() or ["?"])[-1]}
+        return {"error": "failed: " + (child.stderr.strip().splitlines() or [f"exit {child.returncode}"])[-1]}
     return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+def describe(device: str) -> dict:
+    """What the figures were measured on: device name, library versions."""
+    import torch
+
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+    else:
+        models = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+        name = models[0] if models else platform.processor()
+    versions = {}
+    for package in ("torch", "numba", "numba-cuda", "tslearn", "torchmetrics", "pysdtw"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    report = {"device": device, "device_name": name, "cpus": os.cpu_count(), "versions": versions}
+    if device == "cuda":
+        from lyra.losses import soft_dtw_cuda
+
+        problem = soft_dtw_cuda.unavailable("cuda")
+        report["cuda_kernel"] = "fused numba.cuda" if problem is None else f"torch wavefront ({problem})"
+    return report
 
 
 def table(rows: list[dict]) -> str:
@@ -192,59 +326,78 @@ def table(rows: list[dict]) -> str:
     ]
     for row in rows:
         head = f"| {row['threads']} | {row['L']}×{row['S']} | {row['method']}"
-        if "skipped" in row:
-            lines.append(f"{head} | skipped: {row['skipped']} | | | |")
+        if "fwd_bwd_ms" not in row:
+            lines.append(f"{head} | {row.get('skipped') or row.get('error')} | | | |")
             continue
         speedup = f"{row['speedup']:.1f}×" if "speedup" in row else ""
         lines.append(f"{head} | {row['fwd_ms']} | {row['fwd_bwd_ms']} | {row['peak_mib']} | {speedup} |")
     return "\n".join(lines)
 
 
+def parse_size(text: str) -> tuple[int, int]:
+    try:
+        rows, cols = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--sizes takes LxS pairs such as 300x32, got {text!r}") from None
+    return rows, cols
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=sorted(SIZES), default="cpu")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, nargs="+", default=[2], help="torch.set_num_threads values to run")
-    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
-    parser.add_argument("--install-peers", action="store_true", help="pip install tslearn and torchmetrics first")
+    parser.add_argument("--threads", type=int, nargs="+", default=[2], help="torch.set_num_threads values (CPU)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, help="default: " + json.dumps(DEFAULT_METHODS))
+    parser.add_argument("--sizes", nargs="+", type=parse_size, help="LxS pairs; default: " + json.dumps(SIZES))
+    parser.add_argument("--cell-timeout", type=float, default=240.0, help="seconds per (method, size) process")
+    parser.add_argument("--install-peers", action="store_true", help="pip install tslearn, torchmetrics, pysdtw first")
     parser.add_argument("--out", default="outputs/bench_softdtw.json")
-    parser.add_argument("--one", nargs=6, help=argparse.SUPPRESS)  # child-process mode
+    parser.add_argument("--one", nargs=7, help=argparse.SUPPRESS)  # child-process mode
     args = parser.parse_args()
     if args.one is not None:
-        method, *numbers = args.one
+        method, *numbers, device = args.one
         batch, rows, cols, repeats, threads = map(int, numbers)
-        print(json.dumps(measure(method, batch, rows, cols, repeats, threads)))
+        print(json.dumps(measure(method, batch, rows, cols, repeats, threads, device)))
         return 0
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device here (the same methods run on the CPU with --device cpu)")
     if args.install_peers:
-        subprocess.run([sys.executable, "-m", "pip", "install", "tslearn", "torchmetrics"], check=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "tslearn", "torchmetrics", "pysdtw"], check=True)
+    methods = args.methods or DEFAULT_METHODS[args.device]
+    sizes = args.sizes or SIZES[args.device]
+    thread_counts = args.threads if args.device == "cpu" else [0]  # 0: leave torch's CPU threads alone
     load_at_start = os.getloadavg()
-    unavailable = {m: peer_available(m) for m in args.methods}
+    unavailable = {m: peer_available(m) for m in methods}
     rows = []
-    for threads in args.threads:
-        for L, S in SIZES:
+    for threads in thread_counts:
+        for L, S in sizes:
             size_rows = []
-            for method in args.methods:
-                row = {"threads": threads, "L": L, "S": S, "B": args.batch, "method": method}
+            for method in methods:
+                row = {"threads": threads or None, "L": L, "S": S, "B": args.batch, "method": method}
                 if unavailable[method]:
                     row["skipped"] = unavailable[method]
                 elif L * S > MAX_CELLS.get(method, math.inf):
                     row["skipped"] = f"too slow past {MAX_CELLS[method]} cells per sample"
                 else:
-                    row.update(run_child(method, args.batch, L, S, args.repeats, threads))
-                print(json.dumps(row), file=sys.stderr)
+                    row.update(run_child(method, args.batch, L, S, args.repeats, threads, args.device, args.cell_timeout))
+                print(json.dumps(row), file=sys.stderr, flush=True)
                 size_rows.append(row)
             ours = next((r for r in size_rows if r["method"] == "ours-fp32" and "fwd_bwd_ms" in r), None)
             for row in size_rows:
                 if ours is not None and "fwd_bwd_ms" in row:
                     row["speedup"] = round(row["fwd_bwd_ms"] / ours["fwd_bwd_ms"], 2)
             rows.extend(size_rows)
-    accuracy = {f"{L}x{S}": fp32_error(args.batch, L, S) for L, S in SIZES[:2]}
+    accuracy = {f"{L}x{S}": fp32_error(args.batch, L, S, args.device) for L, S in sizes[:2]}
     print(table(rows))
     print("float32 vs float64 (ours):", json.dumps(accuracy))
     report = {
+        **describe(args.device),
         "gamma": GAMMA,
-        "cpus": os.cpu_count(),
         "load_average": {"start": load_at_start, "end": os.getloadavg()},
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "rows": rows,
         "fp32_vs_fp64": accuracy,
     }

@@ -1,10 +1,13 @@
-"""Latency of streaming speech: first generated text token -> first audio chunk, on CPU.
+"""Latency of streaming speech: first generated text token -> first audio chunk.
 
-The nano Lyra (`load_config("nano")`, random LLM weights, real Whisper tiny.en
-encoder), its CTC speech generator (random), and a unit HiFi-GAN with the real
-mhubert_vp_en_es_fr_it3_400k_layer11_km1000_lj hyper-parameters (random weights,
-weight norm folded, duration prediction on). EOS is disabled so every run decodes
---max-new-tokens tokens.
+On CPU (default): the nano Lyra (`load_config("nano")`, random LLM weights, real Whisper
+tiny.en encoder) and its CTC speech generator (random). On a GPU (`--device cuda --preset
+base --dtype bf16`): Lyra-Base dimensions with random weights, built on the GPU, and the
+preset's speech generator, which for base is the largest config (LLaMA-Omni's: 2 layers of
+width 4096, upsampling x25). Both with a unit HiFi-GAN with the real
+mhubert_vp_en_es_fr_it3_400k_layer11_km1000_lj hyper-parameters (random weights, weight
+norm folded, duration prediction on, fp32 on the run's device). EOS is disabled so every
+run decodes --max-new-tokens tokens.
 
 Random weights make the generator emit almost no units (its frames barely differ), so
 the vocoder would do no work. The generator still runs for real (it is timed), but its
@@ -25,6 +28,7 @@ and 0 = emit immediately) the median over --repeats runs is reported:
   rtf              total compute / audio duration (whole answer)
 
     python scripts/bench_speech_latency.py --out outputs/bench_speech_latency.json
+    python scripts/bench_speech_latency.py --device cuda --preset base --dtype bf16 --out outputs/speech_cuda.json
 """
 
 from __future__ import annotations
@@ -139,20 +143,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames-per-unit", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: the 2 shared cores thrash with more under load)")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="the LLM's and generator's")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_speech_latency.json"))
     args = parser.parse_args(argv)
 
+    from lyra.bench import DTYPES, device_name, random_model
     from lyra.config import load_config
     from lyra.model.lyra import LyraForConditionalGeneration
     from lyra.model.speechgen import SpeechGenerator
     from lyra.model.hifigan import CodeHiFiGAN, VocoderConfig
 
-    torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = load_config(args.preset)
-    model = LyraForConditionalGeneration.from_config(cfg).eval()
-    generator = SpeechGenerator.from_config(cfg.speech_generator, cfg.text.hidden_size).eval()
-    vocoder = CodeHiFiGAN(VocoderConfig.from_dict(VOCODER_CONFIG)).remove_weight_norm().eval()
+    if device.type == "cpu" and dtype == torch.float32:
+        model = LyraForConditionalGeneration.from_config(cfg).eval()  # with the preset's encoder checkpoint
+    else:  # random weights throughout, made on the device: a Lyra-Base never passes through host memory
+        model = random_model(cfg, device, dtype).eval()
+    generator = SpeechGenerator.from_config(cfg.speech_generator, cfg.text.hidden_size).to(device, dtype).eval()
+    vocoder = CodeHiFiGAN(VocoderConfig.from_dict(VOCODER_CONFIG)).remove_weight_norm().to(device).eval()
     if args.units_per_token:
         with torch.no_grad():  # constant durations: log(1 + frames)
             vocoder.dur_predictor.proj.weight.zero_()
@@ -175,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
 
     header = (f"{'chunk':>5} {'look':>4} {'first_audio_ms':>14} {'(min)':>6} {'prefill_ms':>10} {'token_ms':>8} "
               f"{'units_ms':>8} {'vocoder_ms':>10} {'first_chunk_s':>13} {'audio_s':>7} {'rtf':>5}")
+    generator_shape = cfg.speech_generator
+    print(f"{device_name(device)}, {args.dtype}, speech generator {generator_shape.num_layers} x "
+          f"{generator_shape.hidden_size}")
     print(f"preset {args.preset}, {torch.get_num_threads()} threads, prompt {args.prompt_tokens} tokens, "
           f"{args.max_new_tokens} new tokens, upsample x{cfg.speech_generator.upsample}, "
           f"{args.units_per_token or 'generator'} units/token x {args.frames_per_unit} frames, median of {args.repeats}")
@@ -193,7 +208,12 @@ def main(argv: list[str] | None = None) -> int:
         "units_per_token": args.units_per_token,
         "frames_per_unit": args.frames_per_unit,
         "vocoder_receptive_field_units": field,
-        "device": "cpu",
+        "device": device_name(device),
+        "device_type": device.type,
+        "dtype": args.dtype,
+        "speech_generator": {"num_layers": generator_shape.num_layers, "hidden_size": generator_shape.hidden_size,
+                             "intermediate_size": generator_shape.intermediate_size,
+                             "upsample": generator_shape.upsample, "num_units": generator_shape.num_units},
         "reference": "LLaMA-Omni: 226 ms first-audio latency on GPU",
         "rows": rows,
     }

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import soundfile as sf
+import torch
 from PIL import Image
 
+from lyra.config import load_config
 from lyra.data.validate import main
+from lyra.model.speechgen import SpeechGenerator
 
 from conftest import tone
 
@@ -81,8 +87,8 @@ def test_malformed_json_list_reports_line_and_column(tmp_path, capsys):
 
 
 def test_malformed_jsonl_line_reports_line_and_column(tmp_path, capsys):
-    good = json.dumps({"id": "a", "conversations": [turn("human", "hi"), turn("gpt", "yo")]})
-    (tmp_path / "d.jsonl").write_text(f"{good}\n{good}\n{{\"id\": \"b\", \"conversations\": [,]}}\n{good}\n")
+    good = [json.dumps({"id": f"a{k}", "conversations": [turn("human", "hi"), turn("gpt", "yo")]}) for k in range(3)]
+    (tmp_path / "d.jsonl").write_text(f"{good[0]}\n{good[1]}\n{{\"id\": \"b\", \"conversations\": [,]}}\n{good[2]}\n")
     assert main([str(tmp_path / "d.jsonl"), "--tokenizer", "tiny", "--quiet"]) == 1
     out = capsys.readouterr().out
     assert "#2 (line 3) malformed_json: d.jsonl line 3, column 31" in out
@@ -129,3 +135,175 @@ def test_cli_entry_point(tmp_path):
     assert "validating" in result.stderr  # the tqdm progress bar
     counts = {line.split()[0]: line.split()[2] for line in result.stdout.splitlines()[2:9]}
     assert counts == {code: "1" for code in EXPECTED.values()}
+
+
+# ----------------------------------------------------------------------------- one test per problem code
+def chat(sample_id: str, answer: str = "Fine.", **media) -> dict:
+    """A valid text record (with one <image> per image path given)."""
+    images = media.get("image", [])
+    question = "<image>\n" * len(images if isinstance(images, list) else [images]) + "What is it?"
+    return {"id": sample_id, **media, "conversations": [turn("human", question), turn("gpt", answer)]}
+
+
+def validate(data: Path, *extra: str) -> tuple[int, dict]:
+    """Exit code of the CLI's `main` and its --fix-report."""
+    report = data.parent / "report.json"
+    code = main([str(data), "--tokenizer", "tiny", "--quiet", "--fix-report", str(report), *extra])
+    return code, json.loads(report.read_text())
+
+
+def codes(report: dict) -> list[tuple[int, str]]:
+    return [(p["index"], p["code"]) for p in report["problems"]]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lyra.data.validate", *args, "--tokenizer", "tiny", "--quiet"],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+
+
+def test_not_utf8_json_list_is_a_finding_without_traceback(tmp_path):
+    records = json.dumps([chat("a"), chat("b")], indent=1).replace("What is it?", "Qu'est-ce que c'est ?", 1)
+    data = tmp_path / "d.json"
+    data.write_bytes(records.encode("utf-8").replace(b"'est", b"\xe9st", 1))  # a Latin-1 byte
+    result = run_cli(str(data), "--fix-report", str(tmp_path / "r.json"))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stdout + result.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert codes(report) == [(-1, "not_utf8")]
+    line = next(k for k, text in enumerate(records.splitlines(), 1) if "Qu'est" in text)
+    assert report["problems"][0]["line"] == line
+    assert f"line {line}, column" in result.stdout and "byte 0xe9" in result.stdout
+
+
+def test_not_utf8_jsonl_line_is_a_bad_sample(tmp_path):
+    lines = [json.dumps(chat(f"s{k}")).encode() for k in range(3)]
+    lines[1] = lines[1].replace(b"Fine.", b"Fin\xe9.")
+    (tmp_path / "d.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    code, report = validate(tmp_path / "d.jsonl")
+    assert code == 1 and codes(report) == [(1, "not_utf8")]
+    assert report["problems"][0]["line"] == 2 and "line 2, column" in report["problems"][0]["message"]
+
+
+def test_unreadable_data_file(tmp_path):
+    (tmp_path / "folder.json").mkdir()
+    for path, reason in ((tmp_path / "folder.json", "is a directory"), (tmp_path / "gone.json", "not found")):
+        code, report = validate(path)
+        assert code == 1 and codes(report) == [(-1, "unreadable_file")], path
+        assert reason in report["problems"][0]["message"]
+
+
+def test_unreadable_media_file_never_blocks(tmp_path):
+    Image.new("RGB", (28, 28), "red").save(tmp_path / "ok.png")
+    os.mkfifo(tmp_path / "pipe.png")  # opening it for reading would wait for a writer forever
+    (tmp_path / "folder.png").mkdir()
+    records = [chat("ok", image="ok.png"), chat("fifo", image="pipe.png"), chat("dir", image="folder.png")]
+    (tmp_path / "d.json").write_text(json.dumps(records))
+
+    def hung(signum, frame):
+        raise TimeoutError("the validator blocked on the FIFO")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    try:
+        code, report = validate(tmp_path / "d.json")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert code == 1 and codes(report) == [(1, "unreadable_file"), (2, "unreadable_file")]
+    assert "not a regular file" in report["problems"][0]["message"] and "a directory" in report["problems"][1]["message"]
+
+
+@pytest.mark.parametrize("content", [b"", b"  [ ]\n", b"\n\n  \n"], ids=["empty", "empty-list", "blank-lines"])
+def test_no_records(tmp_path, capsys, content):
+    (tmp_path / "d.json").write_bytes(content)
+    code, report = validate(tmp_path / "d.json")
+    assert code == 1 and codes(report) == [(-1, "no_records")] and report["num_samples"] == 0
+    assert "0 sample(s) checked: 0 with errors, 0 with warnings; the file itself is unusable" in capsys.readouterr().out
+
+
+def test_malformed_json_list_in_fix_report(tmp_path):
+    (tmp_path / "d.json").write_text(json.dumps([chat("a")]) + ",\n" + json.dumps([chat("b")]))
+    code, report = validate(tmp_path / "d.json")
+    assert code == 1 and codes(report) == [(-1, "malformed_json")] and report["problems"][0]["line"] == 1
+
+
+def test_duplicate_id(tmp_path):
+    records = [chat("a"), chat("b"), chat("a"), {**chat("x"), "id": 7}, {**chat("y"), "id": "7"}]
+    (tmp_path / "d.json").write_text(json.dumps(records, indent=1))
+    code, report = validate(tmp_path / "d.json", "--workers", "2")
+    assert code == 1 and codes(report) == [(2, "duplicate_id"), (4, "duplicate_id")]
+    assert report["bad_indices"] == [2, 4]  # the first of each id is kept
+    assert "record #0 (line 2)" in report["problems"][0]["message"]
+
+
+def test_path_outside_root(tmp_path):
+    root, elsewhere = tmp_path / "root", tmp_path / "elsewhere"
+    (root / "sub").mkdir(parents=True)
+    elsewhere.mkdir()
+    for folder in (root, elsewhere):
+        Image.new("RGB", (28, 28), "blue").save(folder / "img.png")
+    (root / "link.png").symlink_to(elsewhere / "img.png")
+    (root / "linked_dir").symlink_to(elsewhere)
+    (root / "inner.png").symlink_to(root / "img.png")  # a link that stays inside is fine
+    records = [
+        chat("inside", image="sub/../img.png"),
+        chat("absolute", image=str(elsewhere / "img.png")),
+        chat("dotdot", image="sub/../../elsewhere/img.png"),
+        chat("link", image="link.png"),
+        chat("linked-dir", image="linked_dir/img.png"),
+        chat("inner-link", image="inner.png"),
+    ]
+    (tmp_path / "d.json").write_text(json.dumps(records))
+    code, report = validate(tmp_path / "d.json", "--root", str(root))
+    assert code == 1 and codes(report) == [(i, "path_outside_root") for i in (1, 2, 3, 4)]
+    messages = [p["message"] for p in report["problems"]]
+    assert "is absolute" in messages[0] and "'..'" in messages[1] and "symlink" in messages[2]
+    assert report["problems"][3]["file"] == "linked_dir/img.png"
+    code, report = validate(tmp_path / "d.json", "--root", str(root), "--follow-symlinks")
+    assert code == 1 and codes(report) == [(1, "path_outside_root"), (2, "path_outside_root")]
+
+
+def test_unknown_key_in_record_and_turn(tmp_path):
+    typo = chat("typo")
+    typo["sorce"] = "coco"
+    turn_key = chat("turn-key")
+    turn_key["conversations"][1]["weight"] = 0.5
+    records = [{**chat("meta"), "meta": {"source": "coco"}}, typo, turn_key,
+               {"id": "role-content", "conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}]
+    (tmp_path / "d.json").write_text(json.dumps(records))
+    code, report = validate(tmp_path / "d.json")
+    assert code == 1 and codes(report) == [(1, "unknown_key"), (2, "unknown_key")]
+    assert "'sorce'" in report["problems"][0]["message"] and "turn 1" in report["problems"][1]["message"]
+
+
+def test_empty_answer(tmp_path):
+    multi = chat("multi")
+    multi["conversations"] += [turn("human", "And?"), turn("gpt", " \n")]
+    records = [chat("ok"), chat("empty", answer=""), multi]
+    (tmp_path / "d.json").write_text(json.dumps(records))
+    code, report = validate(tmp_path / "d.json")
+    assert code == 1 and codes(report) == [(1, "empty_answer"), (2, "empty_answer")]
+    assert "turn 3 (gpt)" in report["problems"][1]["message"]
+
+
+def test_unit_out_of_range_matches_the_stage4_loss(tmp_path):
+    num_units = load_config("tiny").speech_generator.num_units  # the vocabulary --tokenizer tiny checks against
+    records = [{**chat("in"), "tgt_unit": f"<0><{num_units - 1}>"},
+               {**chat("blank"), "tgt_unit": f"<3><{num_units}>"},
+               {**chat("far"), "tgt_unit": [1, 999]}]
+    (tmp_path / "d.json").write_text(json.dumps(records))
+    code, report = validate(tmp_path / "d.json")
+    assert code == 1 and codes(report) == [(1, "unit_out_of_range"), (2, "unit_out_of_range")]
+    generator = SpeechGenerator(llm_width=8, hidden_size=8, num_layers=1, num_heads=2, intermediate_size=16,
+                                num_units=num_units, upsample=2)
+    with pytest.raises(ValueError) as error:  # stage 4 refuses the same record with the same words
+        generator.loss(torch.zeros(1, 3, 8), None, [[3, num_units]])
+    assert report["problems"][0]["message"] == f"'tgt_unit': {error.value}"
+    assert validate(tmp_path / "d.json", "--config", "mini")[0] == 0  # 1000 units cover them all
+
+
+def test_setup_error_is_a_message(tmp_path, capsys):
+    (tmp_path / "d.json").write_text(json.dumps([chat("a")]))
+    assert main([str(tmp_path / "d.json"), "--tokenizer", "tiny", "--config", str(tmp_path / "none.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "none.yaml" in err

@@ -11,7 +11,6 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 
 from lyra.utils.io import atomic_file
 
@@ -49,6 +48,8 @@ def to_mono_16k(samples: np.ndarray, sample_rate: int, source: str = "<array>") 
 
 def write_wav(path: str | Path, audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> Path:
     """A 16-bit mono WAV, written atomically (lyra/utils/io.py); samples are clipped to [-1, 1]."""
+    import soundfile as sf  # here, not at import: building a model needs no audio I/O
+
     samples = np.clip(np.asarray(audio, dtype=np.float32).reshape(-1), -1.0, 1.0)
     with atomic_file(path) as temporary:
         sf.write(str(temporary), samples, sample_rate, subtype="PCM_16", format="WAV")
@@ -65,6 +66,8 @@ def load_audio(path: str | Path) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"audio file not found: {path}")
+    import soundfile as sf
+
     try:
         samples, sample_rate = sf.read(str(path), dtype="float32", always_2d=False)
     except Exception as soundfile_error:  # soundfile raises several types for bad files

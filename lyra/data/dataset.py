@@ -184,10 +184,13 @@ class LyraDataset(torch.utils.data.Dataset):
             raise BadSampleError(first.message, code=first.code, index=index, sample_id=sample_id)
         return parsed
 
+    def root_of(self, kind: str) -> Path:
+        """The folder that `kind` paths (image, video, speech, long_speech, sound) are relative to."""
+        return self.image_root if kind in ("image", "video") else self.audio_root
+
     def resolve(self, kind: str, path: str) -> Path:
         """The file a record's path names; raises `BadSampleError("missing_file")`."""
-        base = self.image_root if kind in ("image", "video") else self.audio_root
-        full = base / path
+        full = self.root_of(kind) / path
         if full.exists():
             return full
         if kind == "image" and full.suffix.lower() == ".jpg":

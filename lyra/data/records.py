@@ -4,7 +4,9 @@
 `lyra.data.dataset`) without parsing every record up front; `inspect_record` checks one
 record's structure (roles, placeholders against files, `speech_asr`, `tgt_unit`) without file
 access. A record that cannot be used is a `BadSampleError` with one of `BAD_SAMPLE_CODES`; in
-"skip" mode the dataset returns a `SkippedSample` in its place.
+"skip" mode the dataset returns a `SkippedSample` in its place. `strict_problems` adds the
+checks that the loader can do without but a data file should pass (unknown keys, empty
+answers); `python -m lyra.data.validate` applies them.
 """
 
 from __future__ import annotations
@@ -23,10 +25,15 @@ from lyra.processing import PLACEHOLDERS, PLACEHOLDER_PATTERN
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 MEDIA_KEYS = ("image", "video", "speech", "long_speech", "sound")
+RECORD_KEYS = frozenset({"id", "conversations", *MEDIA_KEYS, "speech_asr", "tgt_unit", "meta"})
+"""Keys a record may have; `meta` holds free-form bookkeeping that the loader ignores."""
+TURN_KEYS = frozenset({"from", "value", "role", "content"})
+"""Keys a turn may have (`role`/`content` are accepted for `from`/`value`)."""
 UNIT_PATTERN = re.compile(r"^\s*(?:<\d+>\s*)+$")
 
 BAD_SAMPLE_CODES: dict[str, str] = {
     "malformed_json": "the record is not valid JSON (fix the line and column given)",
+    "not_utf8": "the record's bytes are not valid UTF-8 (re-save the file as UTF-8)",
     "bad_schema": "a field is missing or has the wrong type",
     "bad_roles": "turns must alternate human/gpt, start with human (after an optional system turn) and end with gpt",
     "placeholder_mismatch": "the <image>/<video>/<speech>/<sound> placeholders do not match the files",
@@ -58,12 +65,14 @@ class BadSampleError(ValueError):
 
 
 class DataFileError(ValueError):
-    """The data file itself cannot be read (e.g. a JSON list with a syntax error)."""
+    """The data file itself cannot be read: a JSON list with a syntax error (`code`
+    "malformed_json") or with bytes that are not UTF-8 ("not_utf8")."""
 
-    def __init__(self, message: str, line: int | None = None, column: int | None = None):
+    def __init__(self, message: str, line: int | None = None, column: int | None = None, code: str = "malformed_json"):
         super().__init__(message)
         self.line = line
         self.column = column
+        self.code = code
 
 
 @dataclass
@@ -93,7 +102,10 @@ class RecordStore:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if not self.path.is_file():
-            raise FileNotFoundError(f"data file not found: {self.path}")
+            if not self.path.exists():
+                raise FileNotFoundError(f"data file not found: {self.path}")
+            kind = "a directory" if self.path.is_dir() else "not a regular file (a FIFO, device or socket?)"
+            raise FileNotFoundError(f"data file {self.path} is {kind}; give the JSON or JSONL file itself")
         self._blob: bytes | None = None
         self._handle = None
         self._handle_pid = -1
@@ -126,8 +138,17 @@ class RecordStore:
         return self._handle.read(end - start)
 
     def get(self, index: int) -> Any:
-        """The parsed record; `BadSampleError("malformed_json")` for a bad JSONL line."""
-        text = self.raw(index).decode("utf-8", errors="replace")
+        """The parsed record; `BadSampleError` ("malformed_json" or "not_utf8") for a bad JSONL line."""
+        raw = self.raw(index)
+        try:
+            text = raw.decode("utf-8-sig")  # a JSONL file may start with a byte-order mark
+        except UnicodeDecodeError as error:
+            raise BadSampleError(
+                f"{self.path.name} line {self.line(index)}, column {_column(raw, error.start)}: "
+                f"byte 0x{raw[error.start]:02x} is not valid UTF-8; re-save the file as UTF-8",
+                code="not_utf8",
+                index=index,
+            ) from None
         try:
             return json.loads(text)
         except json.JSONDecodeError as error:
@@ -143,7 +164,18 @@ class RecordStore:
         return state
 
     def _scan_json_list(self) -> None:
-        text = self.path.read_text(encoding="utf-8-sig")
+        data = self.path.read_bytes()
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as error:
+            line, column = data.count(b"\n", 0, error.start) + 1, _column(data, error.start)
+            raise DataFileError(
+                f"{self.path}: not UTF-8 at line {line}, column {column} (byte 0x{data[error.start]:02x}); "
+                f"re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)",
+                line=line,
+                column=column,
+                code="not_utf8",
+            ) from None
         decoder = json.JSONDecoder()
         skip = self._WHITESPACE
         spans: list[tuple[int, int]] = []
@@ -204,6 +236,11 @@ class RecordStore:
         self._lines = np.asarray(lines, dtype=np.int64)
 
 
+def _column(data: bytes, offset: int) -> int:
+    """1-based byte column of `offset` within its line of `data`."""
+    return offset - data.rfind(b"\n", 0, offset)
+
+
 @dataclass
 class ParsedRecord:
     """A record checked for structure, with its messages in chat-template form."""
@@ -260,7 +297,7 @@ def inspect_record(record: Any) -> tuple[ParsedRecord | None, list[Problem]]:
         if not isinstance(value, str):
             problems.append(Problem("bad_schema", f"turn {k} has no string 'value'"))
             continue
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             problems.append(Problem("bad_roles", f"turn {k} has role {role!r}; use 'human' or 'gpt'"))
             continue
         messages.append({"role": ROLES[role], "content": value})
@@ -326,3 +363,26 @@ def inspect_record(record: Any) -> tuple[ParsedRecord | None, list[Problem]]:
 
     parsed = ParsedRecord(sample_id, messages, media, bool(long_speech), transcripts, tgt_units)
     return parsed, problems
+
+
+def strict_problems(record: dict[str, Any], parsed: ParsedRecord) -> list[Problem]:
+    """What the loader tolerates but a clean data file should not hold: keys outside
+    `RECORD_KEYS` / `TURN_KEYS` (usually a typo such as 'images', which would leave a file
+    unused) and answers that are empty, which would teach the model to say nothing."""
+    problems = [
+        Problem("unknown_key", f"unknown record key {key!r}; known keys: {', '.join(sorted(RECORD_KEYS))}")
+        for key in record
+        if key not in RECORD_KEYS
+    ]
+    for k, turn in enumerate(record["conversations"]):
+        problems += [
+            Problem("unknown_key", f"turn {k} has unknown key {key!r}; a turn holds 'from' and 'value'")
+            for key in turn
+            if key not in TURN_KEYS
+        ]
+    problems += [
+        Problem("empty_answer", f"turn {k} (gpt) is empty; write the answer or drop the turn pair")
+        for k, message in enumerate(parsed.messages)
+        if message["role"] == "assistant" and not message["content"].strip()
+    ]
+    return problems

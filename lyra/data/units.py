@@ -55,6 +55,25 @@ def parse_units(text: str) -> list[int]:
     return [int(u) for u in UNIT_PATTERN.findall(text)]
 
 
+def check_unit_range(units: torch.Tensor | Iterable[int], num_units: int) -> None:
+    """Raise `ValueError` when a unit id lies outside a speech generator's vocabulary
+    `[0, num_units)`; id `num_units` is its CTC blank and never a target.
+
+    `units` is any shape of ids (a tensor stays on its device; one sync for the check).
+    Stage 4's loss and `python -m lyra.data.validate` both check with this.
+    """
+    if isinstance(units, torch.Tensor):
+        bad = units[(units < 0) | (units >= num_units)].unique().tolist()
+    else:
+        bad = sorted({int(u) for u in units if not 0 <= int(u) < num_units})
+    if bad:
+        raise ValueError(
+            f"unit ids {bad[:5]}{' ...' if len(bad) > 5 else ''} are outside the speech generator's vocabulary "
+            f"[0, {num_units}) (id {num_units} is the CTC blank); regenerate the units with this model's "
+            f"unit set or use a config whose speech_generator.num_units covers them"
+        )
+
+
 # ---------------------------------------------------------------------- k-means
 class KMeansQuantizer:
     """Nearest-centroid assignment (squared Euclidean), as fairseq's `ApplyKmeans`."""

@@ -9,8 +9,27 @@ Recursion (Cuturi & Blondel, 2017), 1-based cells of one sample's L×S cost C:
 and the value is R[L, S]. Its gradient with respect to C is the expected alignment
 matrix E, whose recursion (the "E-matrix") runs from the last cell back to the first.
 
-How it is computed
-------------------
+Three kernels compute the same thing (`soft_dtw(..., kernel=)`):
+
+* "numba" (CPU): `soft_dtw_numba.py`, one sample's cells at a time, compiled; serial
+  below _PARALLEL_MIN_CELLS cells, parallel over the samples above, on torch's intra-op
+  thread count. It has no per-step cost, where the torch wavefront pays ~12 µs of op
+  overhead per anti-diagonal (most of its time at 300×32). It never enters a torch
+  parallel region: with 2 threads on a busy machine each one waits milliseconds for a
+  descheduled thread, which made the wavefront take 110 ms at 300×32, B = 8, against
+  13 ms on one thread. Memory: Q [B, L+1, S+1] kept for the backward, which writes E
+  straight into the gradient.
+* "wavefront" (any device): the torch anti-diagonal wavefront below, vectorised over the
+  batch and the diagonal; three ops per anti-diagonal. Per cell its vectorised exp2 and
+  log2 beat numba's scalar libm calls (one thread, CPU time: 23 against 35 ns a cell at
+  4800×512, B = 8), so on the CPU "auto" takes it where a diagonal holds enough cells:
+  B·min(L, S) ≥ 1024 per numba thread (`_cpu_kernel`; on one thread they tie near
+  1000, and numba's threads divide its time where the wavefront's small ops run on one).
+* "cuda" (the default on CUDA where numba.cuda works): `soft_dtw_cuda.py`, the same
+  wavefront on the same buffers with each pass's loop fused into one launch.
+
+How the wavefront is computed
+-----------------------------
 A cell on anti-diagonal d = i + j depends only on diagonals d-1 and d-2, so each pass
 is L+S-1 sequential steps of three batched kernels over one whole diagonal of every
 sample. The work is latency-bound; everything below keeps each step at those three
@@ -49,14 +68,26 @@ G becomes the gradient, returned as a [B, L, S] strided view (no unskew copy).
 from __future__ import annotations
 
 import math
+from typing import Literal
 
+import numba
 import torch
 from torch import Tensor
 
-__all__ = ["soft_dtw"]
+from lyra.losses import soft_dtw_cuda, soft_dtw_numba
+
+__all__ = ["soft_dtw", "KERNELS"]
 
 _NEG_INF = -math.inf
 _LN2 = math.log(2.0)
+KERNELS = ("auto", "numba", "cuda", "wavefront")
+# "auto" on the CPU: the wavefront from this many cells per anti-diagonal (B·min(L, S)) and
+# numba thread up.
+_WAVEFRONT_MIN_CELLS_PER_THREAD = 1024
+# Below this many cells (B·L·S) the numba kernel runs serially: ~30 ms of work, well above
+# the cost of waking threads even on a busy machine, where a parallel region waits for a
+# descheduled thread.
+_PARALLEL_MIN_CELLS = 1 << 20
 
 
 def soft_dtw(
@@ -65,6 +96,7 @@ def soft_dtw(
     lengths_l: Tensor | None = None,
     lengths_s: Tensor | None = None,
     band: int | None = None,
+    kernel: Literal["auto", "numba", "cuda", "wavefront"] = "auto",
 ) -> Tensor:
     """Soft-DTW value R[L_b, S_b] of each sample's cost matrix.
 
@@ -81,18 +113,36 @@ def soft_dtw(
             i.e. within `band` steps of the straight line from (1, 1) to (L_b, S_b),
             measured along the shorter side (for L_b = S_b: |i - j| ≤ band).
             band ≥ 1 always leaves a path; a smaller one may leave none (value +inf,
-            gradient NaN).
+            and a meaningless gradient: NaN from the wavefronts, the upstream
+            gradient at the last cell alone from numba).
+        kernel: "numba" (CPU tensors only); "wavefront" (torch ops, any device); "cuda"
+            (the wavefront fused into one numba.cuda launch per pass, CUDA tensors only);
+            or "auto": on the CPU numba, or the wavefront where B·min(L, S) ≥ 1024 per
+            thread numba would use; on CUDA "cuda" where numba.cuda works there, else
+            the wavefront. All give the same values and gradients up to rounding.
 
     Returns:
         [B] values R[L_b, S_b]. Padding (i > L_b or j > S_b) and out-of-band cells are
-        ignored, whatever they hold, and get exactly zero gradient. The gradient is a
-        [B, L, S] strided view into the backward's working buffer.
+        ignored, whatever they hold, and get exactly zero gradient. The wavefront's
+        gradient is a [B, L, S] strided view into its backward's working buffer.
     """
     _check_cost(cost, gamma, band)
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    device = cost.device.type
+    if kernel == "numba" and device != "cpu":
+        raise ValueError(f"kernel='numba' runs on CPU tensors only, cost is on {cost.device}: use 'wavefront'")
+    if kernel == "cuda" and (problem := soft_dtw_cuda.unavailable(device)) is not None:
+        raise ValueError(f"kernel='cuda' cannot run here ({problem}): use 'wavefront'")
     batch, rows, cols = cost.shape
     ends_l = _check_lengths(lengths_l, batch, rows, "lengths_l", cost.device)
     ends_s = _check_lengths(lengths_s, batch, cols, "lengths_s", cost.device)
-    return _SoftDTW.apply(cost, float(gamma), ends_l, ends_s, band)
+    if kernel == "auto" and device == "cpu":
+        kernel = _cpu_kernel(batch, rows, cols)
+    if kernel == "numba":
+        return _SoftDTWNumba.apply(cost, float(gamma), ends_l, ends_s, band)
+    fused = kernel == "cuda" or (kernel == "auto" and soft_dtw_cuda.unavailable(device) is None)
+    return _SoftDTW.apply(cost, float(gamma), ends_l, ends_s, band, fused)
 
 
 def _check_cost(cost: Tensor, gamma: float, band: int | None) -> None:
@@ -178,13 +228,19 @@ class _Skew:
         return buffer[:, :, start : start + self.span].unbind(1)
 
 
-def _forward_pass(k: Tensor, skew: _Skew) -> Tensor:
-    """Skewed Q = -R/(γ ln 2) from skewed K = -C/(γ ln 2); border and out-of-matrix slots are -inf."""
+def _forward_pass(k: Tensor, skew: _Skew, fused: bool) -> Tensor:
+    """Skewed Q = -R/(γ ln 2) from skewed K = -C/(γ ln 2); border and out-of-matrix slots are -inf.
+
+    fused: the loop below as one `soft_dtw_cuda` launch.
+    """
     q = skew.empty(k)
     # The loop writes slots 1..span of rows 2..; the rest is border, -inf but for R[0, 0] = 0.
     q[:, :2] = _NEG_INF
     q[:, :, :: skew.width - 1] = _NEG_INF  # slots 0 and width-1
     q[:, 0, skew.base] = 0.0
+    if fused:
+        soft_dtw_cuda.forward(k, q, skew.span, skew.shift)
+        return q
     s = skew.shift
     # Q[i-1, j] and Q[i, j-1] are neighbouring slots of row d-1, Q[i-1, j-1] is in row d-2;
     # the four slot offsets take two values, and each list of row views costs ~1 µs a row.
@@ -242,7 +298,7 @@ class _SoftDTW(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, cost: Tensor, gamma: float, ends_l: Tensor | None, ends_s: Tensor | None, band: int | None
+        ctx, cost: Tensor, gamma: float, ends_l: Tensor | None, ends_s: Tensor | None, band: int | None, fused: bool
     ) -> Tensor:
         skew = _Skew(*cost.shape)
         k = skew.empty(cost, _NEG_INF)
@@ -254,25 +310,91 @@ class _SoftDTW(torch.autograd.Function):
             ends_l = torch.full((skew.batch,), skew.rows, dtype=torch.long, device=cost.device)
         if ends_s is None:
             ends_s = torch.full((skew.batch,), skew.cols, dtype=torch.long, device=cost.device)
-        q = _forward_pass(k, skew)
+        q = _forward_pass(k, skew, fused)
         ends_d = ends_l + ends_s
         q_end = q[torch.arange(skew.batch, device=q.device), ends_d, skew.slot(ends_l, ends_d)]
         ctx.save_for_backward(k, q, ends_l, ends_s, q_end)
-        ctx.shape = cost.shape
+        ctx.shape, ctx.fused = cost.shape, fused
         return q_end * -(gamma * _LN2)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_values: Tensor) -> tuple[Tensor, None, None, None, None]:
+    def backward(ctx, grad_values: Tensor) -> tuple[Tensor, None, None, None, None, None]:
         k, q, ends_l, ends_s, q_end = ctx.saved_tensors
         skew = _Skew(*ctx.shape)
         grad_values = grad_values.to(q.dtype)
         # |grad_b| · E[L_b, S_b] = 2^(G + Q) there: the upstream factor rides in the seed.
-        seeds = _seeds(skew, ends_l, ends_s, grad_values.abs().log2() - q_end)
-        g = _backward_pass(k, q, skew, seeds)
+        seed_value = grad_values.abs().log2() - q_end
+        if ctx.fused:
+            g = skew.empty(k)
+            ends_d = ends_l + ends_s
+            soft_dtw_cuda.backward(k, g, skew.span, skew.shift, ends_d, skew.slot(ends_l, ends_d), seed_value)
+        else:
+            g = _backward_pass(k, q, skew, _seeds(skew, ends_l, ends_s, seed_value))
         # E = 2^(G + Q), over all written rows at once: contiguous runs, unlike the cells' view.
         written = g[:, 2:, 1 : 1 + skew.span]
         written.add_(q[:, 2:, 1 : 1 + skew.span]).exp2_()
         if bool((grad_values < 0).any()):
             written.mul_(grad_values.sign().view(-1, 1, 1))
-        return skew.cells(g), None, None, None, None
+        return skew.cells(g), None, None, None, None, None
+
+
+def _cpu_kernel(batch: int, rows: int, cols: int) -> str:
+    """"auto" on the CPU: the torch wavefront where a diagonal's ops are long enough to win, else numba."""
+    wide = batch * min(rows, cols) >= _WAVEFRONT_MIN_CELLS_PER_THREAD * _numba_threads(batch, rows, cols)
+    return "wavefront" if wide else "numba"
+
+
+def _numba_threads(batch: int, rows: int, cols: int) -> int:
+    """Threads for the numba kernel: torch's intra-op count, capped by samples; 1 below _PARALLEL_MIN_CELLS."""
+    if batch * rows * cols < _PARALLEL_MIN_CELLS:
+        return 1
+    return max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS, batch))
+
+
+def _run_numba(serial, parallel, threads: int, *args) -> None:
+    """Run the serial kernel, or the parallel one on `threads` numba threads (restored after)."""
+    if threads == 1:
+        serial(*args)
+        return
+    previous = numba.get_num_threads()
+    numba.set_num_threads(threads)
+    try:
+        parallel(*args)
+    finally:
+        numba.set_num_threads(previous)
+
+
+class _SoftDTWNumba(torch.autograd.Function):
+    """The numba kernel: values [B] = R[L_b, S_b]; backward: grad [B, L, S] = E · grad_values."""
+
+    @staticmethod
+    def forward(
+        ctx, cost: Tensor, gamma: float, ends_l: Tensor | None, ends_s: Tensor | None, band: int | None
+    ) -> Tensor:
+        batch, rows, cols = cost.shape
+        if ends_l is None:
+            ends_l = torch.full((batch,), rows, dtype=torch.long)
+        if ends_s is None:
+            ends_s = torch.full((batch,), cols, dtype=torch.long)
+        costs = cost.detach().contiguous()  # shares cost's version counter when already contiguous
+        q = cost.new_empty(batch, rows + 1, cols + 1, requires_grad=False)
+        scale = costs.numpy().dtype.type(-1.0 / (gamma * _LN2))
+        threads = _numba_threads(batch, rows, cols)
+        band_arg = -1 if band is None else int(band)
+        args = (costs.numpy(), scale, ends_l.numpy(), ends_s.numpy(), band_arg, q.numpy())
+        _run_numba(soft_dtw_numba.forward_serial, soft_dtw_numba.forward_parallel, threads, *args)
+        ctx.save_for_backward(costs, q, ends_l, ends_s)
+        ctx.scale = scale
+        return q[torch.arange(batch), ends_l, ends_s] * -(gamma * _LN2)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_values: Tensor) -> tuple[Tensor, None, None, None, None]:
+        costs, q, ends_l, ends_s = ctx.saved_tensors
+        grad = torch.empty_like(costs)  # every cell written by the kernel
+        upstream = grad_values.to(costs.dtype).contiguous().numpy()
+        threads = _numba_threads(*costs.shape)
+        args = (costs.numpy(), ctx.scale, ends_l.numpy(), ends_s.numpy(), q.numpy(), upstream, grad.numpy())
+        _run_numba(soft_dtw_numba.backward_serial, soft_dtw_numba.backward_parallel, threads, *args)
+        return grad, None, None, None, None

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
@@ -256,18 +257,20 @@ def lmme_prefill(
         hidden, layer_input = _run_block(language_model, block, hidden, key_mask, cos, sin, cache, last_input=True)
         started = _clock(time_scoring, hidden.device)
         cached_keys = cache.layers[block.stop - 1].keys if cache is not None else None
-        keep = _select(language_model.layers[block.stop - 1], layer_input, cos, sin, key_mask.bool(),
-                       is_context, instruction, config, cached_keys)
+        with record_function("lmme.score"):  # named ranges for torch.profiler (scripts/bench_lmme.py)
+            keep = _select(language_model.layers[block.stop - 1], layer_input, cos, sin, key_mask.bool(),
+                           is_context, instruction, config, cached_keys)
         scoring_seconds += _clock(time_scoring, hidden.device) - started
-        rows = _repad(keep, key_mask)
-        hidden, cos, sin = _gather(hidden, rows), _gather(cos, rows), _gather(sin, rows)
-        is_context, instruction = _gather(is_context, rows, False), _gather(instruction, rows, False)
-        index = _gather(index, rows, -1)
-        key_mask = (rows >= 0).long()
-        if shifted is not None:
-            shifted = _gather(shifted, rows, -100)
+        with record_function("lmme.repad"):
+            rows = _repad(keep, key_mask)
+            hidden, cos, sin = _gather(hidden, rows), _gather(cos, rows), _gather(sin, rows)
+            is_context, instruction = _gather(is_context, rows, False), _gather(instruction, rows, False)
+            index = _gather(index, rows, -1)
+            key_mask = (rows >= 0).long()
+            if shifted is not None:
+                shifted = _gather(shifted, rows, -100)
         retention.layers.append(block.stop - 1)
-        retention.kept.append([[int(p) for p in idx[ctx]] for idx, ctx in zip(index, is_context)])
+        retention.kept.append([idx[ctx].tolist() for idx, ctx in zip(index, is_context)])  # one copy per sample
 
     hidden = language_model.norm(hidden)
     state = None

@@ -31,6 +31,7 @@ from transformers.utils import ModelOutput
 from lyra.config import AudioEncoderConfig, LMMEConfig, LyraConfig
 from lyra.losses.lcmr import lcmr_loss
 from lyra.model import mlora
+from lyra.model.backbone import qwen2vl_config
 from lyra.model.lmme import RetentionRecord, context_types, lmme_decode, lmme_prefill
 from lyra.model.projector import FrameConcatProjector
 from lyra.model.speech import FrameCache, WhisperEncoder, encode_audio, load_whisper_encoder_state, waveform_tensor
@@ -45,48 +46,6 @@ MODEL_TYPE = "lyra"
 # The keys of a collated batch that `prepare_inputs` takes: what the LLM reads.
 PREPARE_INPUT_KEYS = ("input_ids", "attention_mask", "speech", "sound", "pixel_values", "image_grid_thw",
                       "pixel_values_videos", "video_grid_thw", "mm_token_type_ids")
-
-
-def qwen2vl_config(config: LyraConfig) -> Qwen2VLConfig:
-    """The transformers config of the backbone described by `config`."""
-    text, vision, tokens = config.text, config.vision, config.tokens
-    return Qwen2VLConfig(
-        text_config=dict(
-            vocab_size=text.vocab_size,
-            hidden_size=text.hidden_size,
-            intermediate_size=text.intermediate_size,
-            num_hidden_layers=text.num_hidden_layers,
-            num_attention_heads=text.num_attention_heads,
-            num_key_value_heads=text.num_key_value_heads,
-            rms_norm_eps=text.rms_norm_eps,
-            max_position_embeddings=text.max_position_embeddings,
-            rope_parameters={
-                "rope_type": "default",
-                "rope_theta": text.rope_theta,
-                "mrope_section": list(text.mrope_section),
-            },
-            bos_token_id=tokens.pad,
-            eos_token_id=tokens.eos,
-            pad_token_id=tokens.pad,
-        ),
-        vision_config=dict(
-            depth=vision.depth,
-            embed_dim=vision.embed_dim,
-            hidden_size=text.hidden_size,
-            mlp_ratio=vision.mlp_ratio,
-            num_heads=vision.num_heads,
-            in_channels=vision.in_channels,
-            patch_size=vision.patch_size,
-            spatial_merge_size=vision.spatial_merge_size,
-            temporal_patch_size=vision.temporal_patch_size,
-        ),
-        image_token_id=tokens.image,
-        video_token_id=tokens.video,
-        vision_start_token_id=tokens.vision_start,
-        vision_end_token_id=tokens.vision_end,
-        tie_word_embeddings=text.tie_word_embeddings,
-        attn_implementation=config.attn_implementation,
-    )
 
 
 class LyraForConditionalGeneration(nn.Module):
@@ -467,7 +426,7 @@ class LyraForConditionalGeneration(nn.Module):
         prefill = lmme_prefill(language_model, embeds, position_ids, attention_mask, types, settings, cache=cache)
         self.last_retention = prefill.retention
         logits = self.backbone.lm_head(prefill.hidden_states[:, -1])
-        processors = _logits_processors(do_sample, temperature, top_k, top_p)
+        processors = sampling_processors(do_sample, temperature, top_k, top_p)
         return _decode_loop(self, logits, prefill.state, cache, input_ids, processors, max_new_tokens, do_sample,
                             streamer)
 
@@ -673,7 +632,8 @@ def _scatter(embeds: torch.Tensor, mask: torch.Tensor, features: torch.Tensor, n
     return embeds.masked_scatter(mask.unsqueeze(-1), features.to(embeds.dtype))
 
 
-def _logits_processors(do_sample: bool, temperature: float, top_k: int | None, top_p: float | None):
+def sampling_processors(do_sample: bool, temperature: float, top_k: int | None, top_p: float | None):
+    """transformers' logits warpers for these sampling settings (none for greedy)."""
     from transformers.generation.logits_process import (
         LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
     )

@@ -70,6 +70,7 @@ from transformers.models.qwen2.modeling_qwen2 import (
 )
 
 from lyra.config import SpeechGeneratorConfig
+from lyra.data.units import check_unit_range
 from lyra.utils.state_dict import check_state_dict
 
 IGNORE_INDEX = -100  # padding value of target-unit tensors (the reference's collator)
@@ -234,8 +235,7 @@ class SpeechGenerator(nn.Module):
         """
         targets = _pad_targets(target_units, hidden.device)
         target_lens = (targets != IGNORE_INDEX).sum(dim=1)
-        if bool((targets >= self.num_units).any()) or bool(((targets < 0) & (targets != IGNORE_INDEX)).any()):
-            raise ValueError(f"target units must lie in [0, {self.num_units}); the blank id {self.blank} is reserved")
+        check_unit_range(targets[targets != IGNORE_INDEX], self.num_units)
         logits, frame_mask = self.forward(hidden, mask, min_frames=target_lens)
         log_probs = F.log_softmax(logits.float(), dim=-1)
         flat = targets[targets != IGNORE_INDEX]

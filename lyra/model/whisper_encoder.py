@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import math
 
-import librosa
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.audio_utils import mel_filter_bank
 
 from lyra.data.audio import SAMPLE_RATE
 
@@ -26,9 +26,12 @@ N_FFT = 400  # 25 ms window at 16 kHz
 
 
 def mel_filterbank(n_mels: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """`[n_mels, N_FFT // 2 + 1]` Slaney mel filters: the same numbers openai-whisper ships."""
-    filters = librosa.filters.mel(sr=SAMPLE_RATE, n_fft=N_FFT, n_mels=n_mels).astype(np.float32)
-    return torch.from_numpy(filters).to(device)
+    """`[n_mels, N_FFT // 2 + 1]` Slaney mel filters: the same numbers openai-whisper ships (and
+    librosa's `filters.mel` computes; transformers' numpy version spares the model librosa and numba)."""
+    filters = mel_filter_bank(num_frequency_bins=N_FFT // 2 + 1, num_mel_filters=n_mels, min_frequency=0.0,
+                              max_frequency=SAMPLE_RATE / 2, sampling_rate=SAMPLE_RATE, norm="slaney",
+                              mel_scale="slaney")
+    return torch.from_numpy(np.ascontiguousarray(filters.T, dtype=np.float32)).to(device)
 
 
 def sinusoids(length: int, channels: int, max_timescale: float = 10_000.0) -> torch.Tensor:
@@ -40,10 +43,12 @@ def sinusoids(length: int, channels: int, max_timescale: float = 10_000.0) -> to
 
 
 class _LayerNorm(nn.LayerNorm):
-    """LayerNorm in float32 whatever the activations' dtype (as Whisper was trained)."""
+    """LayerNorm in float32 whatever the activations' and the weights' dtype (as Whisper was
+    trained); a model cast to bf16 as a whole (DeepSpeed's bf16 mode) has bf16 weights here."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).type(x.dtype)
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(),
+                            self.eps).type(x.dtype)
 
 
 class SelfAttention(nn.Module):

@@ -1,107 +1,86 @@
-"""An OpenAI-compatible HTTP API for Lyra, with dynamic batching.
+"""An OpenAI-compatible HTTP API for Lyra, on FastAPI + uvicorn, with batched generation.
 
     python -m lyra.serve.api --model outputs/nano/model [--host 127.0.0.1] [--port 8000]
-                             [--api-key KEY] [--max-batch-size 8] [--max-wait-ms 10]
+                             [--api-key KEY] [--max-batch-size 8] [--media-root DIR]
+                             [--allowed-host NAME]
 
-Endpoints (docs/api.md has the full request format and client examples):
+Endpoints (docs/api.md has the full request format, the limits and client examples):
 
 * `POST /v1/chat/completions`: system / developer / user / assistant messages whose
-  content is a string or a list of parts: `text`, `image_url` (a `data:` URL or a local
-  file path; remote http(s) URLs are refused), `input_audio` (speech: `{"data": base64,
-  "format": "wav"|"mp3"|"flac"}`), and two Lyra extensions in the same style,
-  `input_sound` (non-speech audio) and `input_video` (`{"data": base64, "format":
-  "mp4"|"webm"|"mov"|"mkv"|"avi"}`, its frames). `stream: true` answers with
-  server-sent events ending in `data: [DONE]`; `modalities: ["text", "audio"]` adds a
-  base64 wav in `message.audio` when the model can speak. Greedy by default
-  (`temperature` 0); `max_tokens` / `max_completion_tokens`, `temperature`, `top_p`.
-* `GET /v1/models`, `GET /v1/models/{id}`, `GET /health` (no key needed).
+  content is a string or a list of parts: `text`, `image_url` (a `data:` URL; a local
+  path or `file://` URL only under `--media-root`), `input_audio` (speech), and two Lyra
+  extensions, `input_sound` (non-speech audio) and `input_video` (its frames).
+  `stream: true` answers with server-sent events ending in `data: [DONE]`;
+  `modalities: ["text", "audio"]` adds a base64 wav in `message.audio` when the model
+  can speak. Greedy by default (`temperature` 0).
+* `GET /v1/models`, `GET /v1/models/{id}`, `GET /health` (no key needed), `GET /openapi.json`.
 
-Every error is an OpenAI error object `{"error": {"message", "type", "param", "code"}}`
-with a 4xx status for anything the client can fix: malformed JSON, unknown fields (the
-schema is strict), bad base64, unsupported or undecodable media, media over the
-configured caps, a body over `--max-body-mb`, a missing or wrong API key (401).
+Every error is an OpenAI error object `{"error": {"message", "type", "param", "code"}}`,
+with a 4xx status for anything the client can fix, including malformed HTTP (uvicorn's
+h11 parser does the framing; its 400 is answered in the same shape).
 
-Threads: `ThreadingHTTPServer` gives each connection a thread, which parses the request
-and decodes and preprocesses its media; only requests that passed all of that reach the
-`DynamicBatcher`, whose single worker thread owns the model.
+Order of work per request, cheapest first: Host allow-list, API key, content type and
+body size (`Gate`, before the body is read), the body within `--body-timeout-s`, the
+pydantic schema, the text length and the configured caps (`chat_request`), then in a
+worker thread within `--prepare-timeout-s`: media read and decoded (sizes from headers
+first) and the prompt tokenised. Only then is the request queued for the batcher, whose
+single worker thread owns the model. A client that goes away cancels its job.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
-import binascii
+import copy
 import hmac
 import io
-import ipaddress
 import json
 import logging
-import math
 import os
-import queue
-import re
 import socket
 import sys
 import threading
 import time
 import uuid
-import warnings
+from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
-from urllib.parse import unquote, urlsplit
+from typing import Any, AsyncIterator, Callable
 
+import h11
 import numpy as np
 import soundfile as sf
-from PIL import Image
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from lyra.data.audio import AudioError
-from lyra.data.vision import VisionError, VisionLimits, sample_frame_indices
+from lyra.data.vision import VisionError
 from lyra.inference import Media, attach_vocoder, load_model
 from lyra.model import mlora
 from lyra.processing import PLACEHOLDER_PATTERN, LyraProcessor, ProcessedSample
-from lyra.serve.batcher import BatchKey, BatcherClosed, Completion, DynamicBatcher, Job
+from lyra.serve.batcher import BatchKey, BatcherClosed, Completion, ContinuousBatcher, Job
+from lyra.serve.limits import (ServerConfig, check_body_size, check_header_size, check_host, check_text_length,
+                               is_loopback)
+from lyra.serve.media import (MediaRef, data_ref, decode_audio, decode_image, decode_video, image_ref,
+                              read_local_file)
+from lyra.serve.schema import APIError, ChatCompletionRequest, ContentPart, TextPart, error_from_validation, invalid
+
+__all__ = ["APIError", "LyraAPI", "LyraServer", "ServerConfig", "build_app", "build_parser", "config_from_args",
+           "create_server", "main"]
 
 log = logging.getLogger("lyra.serve")
 
-IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")  # what PIL may decode here
-IMAGE_MIME_TYPES = {"image/png", "image/jpeg", "image/jpg", "image/webp", "image/gif", "image/bmp"}
-AUDIO_FORMATS = {"wav": {"WAV", "WAVEX", "RF64"}, "mp3": {"MP3", "MPEG"}, "flac": {"FLAC"}}  # -> soundfile's names
-VIDEO_FORMATS = {"mp4": "mp4", "mov": "mov", "webm": "webm", "mkv": "matroska", "avi": "avi"}  # -> PyAV demuxer
-AUDIO_OUTPUT_FORMATS = ("wav",)
 MAX_MEDIA_ITEMS = 32  # media parts per request
-MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1000, 384000  # Hz accepted for audio input
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-
-REQUEST_FIELDS = {"model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens",
-                  "temperature", "top_p", "n", "modalities", "audio", "user"}
-MESSAGE_FIELDS = {"role", "content", "name"}
-PART_FIELDS = {"text": {"type", "text"}, "image_url": {"type", "image_url"}, "input_audio": {"type", "input_audio"},
-               "input_sound": {"type", "input_sound"}, "input_video": {"type", "input_video"}}
-PART_OBJECT_FIELDS = {"image_url": {"url", "detail"}, "input_audio": {"data", "format"},
-                      "input_sound": {"data", "format"}, "input_video": {"data", "format"}}
 PART_KIND = {"image_url": "image", "input_audio": "speech", "input_sound": "sound", "input_video": "video"}
-
-
-# ---------------------------------------------------------------------- errors
-class APIError(Exception):
-    """An error answered with `status` and an OpenAI error object."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str | None = None, close: bool = False):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-        self.type = type or ("invalid_request_error" if status < 500 else "server_error")
-        self.close = close  # the request body was not read: the connection cannot be reused
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def invalid(message: str, param: str | None = None, code: str = "invalid_value") -> APIError:
-    return APIError(400, message, param, code)
+CHAT_PATH = "/v1/chat/completions"
 
 
 class CannotSpeak(Exception):
@@ -113,458 +92,91 @@ def cannot_speak_message(model_id: str) -> str:
             f"ask for modalities [\"text\"]")
 
 
-# ---------------------------------------------------------------------- configuration
-@dataclass
-class ServerConfig:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_key: str | None = None
-    served_model_name: str | None = None  # default: the preset name or checkpoint directory name
-    max_batch_size: int = 8
-    max_wait_ms: float = 10.0
-    max_body_mb: float = 64.0
-    max_audio_seconds: float = 600.0  # per speech / sound input (the model config may cap lower)
-    max_image_pixels: int = 4096 * 4096  # width x height of an input image or video frame, before resizing
-    max_video_seconds: float = 120.0
-    default_max_tokens: int = 256
-    max_tokens_limit: int = 4096
-    max_concurrent: int = 64  # requests being prepared, queued or generated; more get 429
-    media_roots: list[str] = field(default_factory=list)  # local paths must lie inside one of these
-    allow_local_files: bool | None = None  # None: allowed when bound to a loopback address
-    request_timeout_s: float = 600.0
-    vision_limits: VisionLimits = field(default_factory=VisionLimits)
-
-    @property
-    def max_body_bytes(self) -> int:
-        return int(self.max_body_mb * 1024 * 1024)
-
-    def local_files_allowed(self) -> bool:
-        if self.allow_local_files is not None:
-            return self.allow_local_files
-        return bool(self.media_roots) or is_loopback(self.host)
+class ClientGone(Exception):
+    """The client closed its connection; nobody is left to answer."""
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-# ---------------------------------------------------------------------- request schema
-@dataclass
-class MediaRef:
-    """One media part of a request, validated but not yet decoded."""
-
-    kind: str  # image | video | speech | sound
-    param: str  # where it is in the request, for errors
-    data: bytes | None = None
-    path: Path | None = None
-    format: str | None = None
-
-
+# ---------------------------------------------------------------------- request checks
 @dataclass
 class ChatRequest:
+    """A request that passed the schema and the server's caps; its media not yet decoded."""
+
     model: str
     messages: list[dict[str, str]]  # processor-ready: one placeholder per media part
-    media: list[MediaRef]
+    parts: list[tuple[str, ContentPart]]  # (param, part) of each media part, in prompt order
     max_tokens: int
     stream: bool = False
     include_usage: bool = False
     temperature: float = 0.0
     top_p: float | None = None
-    want_audio: bool = False
-    audio_format: str = "wav"
+    want_audio: bool = False  # a wav of the answer (the only audio format the schema allows)
 
 
-def _type_name(value: Any) -> str:
-    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "integer",
-            float: "number", type(None): "null"}.get(type(value), type(value).__name__)
-
-
-def _get(obj: dict, key: str, kind: str, param: str, required: bool = False, nullable: bool = True) -> Any:
-    """`obj[key]` checked against a JSON type; None when absent (or null and allowed)."""
-    if key not in obj:
-        if required:
-            raise invalid(f"missing required parameter '{param}'", param, "missing_required_parameter")
-        return None
-    value = obj[key]
-    if value is None:
-        if nullable and not required:
-            return None
-        raise invalid(f"'{param}' must not be null", param, "invalid_type")
-    ok = {
-        "object": isinstance(value, dict),
-        "array": isinstance(value, list),
-        "string": isinstance(value, str),
-        "boolean": isinstance(value, bool),
-        "integer": isinstance(value, int) and not isinstance(value, bool),
-        "number": isinstance(value, (int, float)) and not isinstance(value, bool),
-    }[kind]
-    if not ok:
-        raise invalid(f"'{param}' must be {'an' if kind[0] in 'aeiou' else 'a'} {kind}, got {_type_name(value)}",
-                      param, "invalid_type")
-    if kind == "number" and not math.isfinite(value):
-        raise invalid(f"'{param}' must be a finite number", param)
-    return value
-
-
-def _no_unknown(obj: dict, allowed: set[str], where: str) -> None:
-    unknown = sorted(set(obj) - allowed)
-    if unknown:
-        name = unknown[0]
-        param = f"{where}.{name}" if where else name
-        raise invalid(f"unknown parameter '{param}'; allowed here: {', '.join(sorted(allowed))}", param,
-                      "unknown_parameter")
-
-
-def decode_base64(text: str, param: str) -> bytes:
-    cleaned = re.sub(r"[\r\n\t ]", "", text)
-    try:
-        data = base64.b64decode(cleaned, validate=True)
-    except (binascii.Error, ValueError) as error:
-        raise invalid(f"'{param}' is not valid base64: {error}", param, "invalid_base64") from None
-    if not data:
-        raise invalid(f"'{param}' is empty", param, "invalid_base64")
-    return data
-
-
-DATA_URL = re.compile(r"data:([^;,]*)((?:;[^;,]*)*),(.*)\Z", re.S)
-
-
-def parse_json(body: bytes) -> dict[str, Any]:
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise invalid(f"the request body is not UTF-8: {error}", None, "invalid_json") from None
-
-    def reject_constant(name: str):
-        raise ValueError(f"{name} is not valid JSON")
-
-    try:
-        data = json.loads(text, parse_constant=reject_constant)
-    except RecursionError:
-        raise invalid("the request body is nested too deeply", None, "invalid_json") from None
-    except ValueError as error:
-        raise invalid(f"the request body is not valid JSON: {error}", None, "invalid_json") from None
-    if not isinstance(data, dict):
-        raise invalid(f"the request body must be a JSON object, got {_type_name(data)}", None, "invalid_json")
-    return data
-
-
-def parse_chat_request(data: dict[str, Any], config: ServerConfig) -> ChatRequest:
-    """Validate a chat completion request (strictly: unknown fields are errors)."""
-    _no_unknown(data, REQUEST_FIELDS, "")
-    model = _get(data, "model", "string", "model", required=True)
-    messages, media = _parse_messages(_get(data, "messages", "array", "messages", required=True), config)
-
-    max_tokens = _get(data, "max_tokens", "integer", "max_tokens")
-    max_completion = _get(data, "max_completion_tokens", "integer", "max_completion_tokens")
-    if max_tokens is not None and max_completion is not None:
+def chat_request(body: ChatCompletionRequest, config: ServerConfig) -> ChatRequest:
+    """The checks the schema cannot make: field combinations, roles, caps and text length (before
+    anything is decoded or tokenised)."""
+    if body.max_tokens is not None and body.max_completion_tokens is not None:
         raise invalid("give either 'max_tokens' or 'max_completion_tokens', not both", "max_tokens")
-    limit_param = "max_completion_tokens" if max_completion is not None else "max_tokens"
-    limit = max_completion if max_completion is not None else max_tokens
+    limit_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     if limit is None:
         limit = config.default_max_tokens
-    elif not 1 <= limit <= config.max_tokens_limit:
+    elif limit > config.max_tokens_limit:
         raise invalid(f"'{limit_param}' must be between 1 and {config.max_tokens_limit}, got {limit}", limit_param)
-
-    temperature = _get(data, "temperature", "number", "temperature")
-    temperature = 0.0 if temperature is None else float(temperature)
-    if not 0.0 <= temperature <= 2.0:
-        raise invalid(f"'temperature' must be between 0 and 2, got {temperature}", "temperature")
-    top_p = _get(data, "top_p", "number", "top_p")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise invalid(f"'top_p' must be in (0, 1], got {top_p}", "top_p")
-    n = _get(data, "n", "integer", "n")
-    if n is not None and n != 1:
-        raise invalid("only n=1 is supported", "n")
-    _get(data, "user", "string", "user")
-
-    stream = bool(_get(data, "stream", "boolean", "stream"))
-    include_usage = False
-    options = _get(data, "stream_options", "object", "stream_options")
-    if options is not None:
-        if not stream:
-            raise invalid("'stream_options' is only allowed with stream: true", "stream_options")
-        _no_unknown(options, {"include_usage"}, "stream_options")
-        include_usage = bool(_get(options, "include_usage", "boolean", "stream_options.include_usage"))
-
-    modalities = _get(data, "modalities", "array", "modalities")
+    if body.stream_options is not None and not body.stream:
+        raise invalid("'stream_options' is only allowed with stream: true", "stream_options")
     want_audio = False
-    if modalities is not None:
-        for i, item in enumerate(modalities):
-            if item not in ("text", "audio"):
-                raise invalid(f"'modalities[{i}]' must be \"text\" or \"audio\", got {item!r}", f"modalities[{i}]")
-        if "text" not in modalities or len(set(modalities)) != len(modalities):
+    if body.modalities is not None:
+        if "text" not in body.modalities or len(set(body.modalities)) != len(body.modalities):
             raise invalid('\'modalities\' must be ["text"] or ["text", "audio"]', "modalities")
-        want_audio = "audio" in modalities
-    audio_format = "wav"
-    audio = _get(data, "audio", "object", "audio")
-    if audio is not None:
-        if not want_audio:
-            raise invalid("'audio' is only used with modalities [\"text\", \"audio\"]", "audio")
-        _no_unknown(audio, {"voice", "format"}, "audio")
-        _get(audio, "voice", "string", "audio.voice")  # one voice for now; accepted and ignored
-        audio_format = _get(audio, "format", "string", "audio.format") or "wav"
-        if audio_format not in AUDIO_OUTPUT_FORMATS:
-            raise invalid(f"'audio.format' must be one of {', '.join(AUDIO_OUTPUT_FORMATS)}, got {audio_format!r}",
-                          "audio.format", "unsupported_format")
-    return ChatRequest(model=model, messages=messages, media=media, max_tokens=limit, stream=stream,
-                       include_usage=include_usage, temperature=temperature, top_p=top_p, want_audio=want_audio,
-                       audio_format=audio_format)
+        want_audio = "audio" in body.modalities
+    if body.audio is not None and not want_audio:
+        raise invalid("'audio' is only used with modalities [\"text\", \"audio\"]", "audio")
 
-
-def _parse_messages(raw: list, config: ServerConfig) -> tuple[list[dict[str, str]], list[MediaRef]]:
-    if not raw:
-        raise invalid("'messages' must hold at least one message", "messages")
     messages: list[dict[str, str]] = []
-    media: list[MediaRef] = []
-    for i, message in enumerate(raw):
-        where = f"messages[{i}]"
-        if not isinstance(message, dict):
-            raise invalid(f"'{where}' must be an object, got {_type_name(message)}", where, "invalid_type")
-        _no_unknown(message, MESSAGE_FIELDS, where)
-        role = _get(message, "role", "string", f"{where}.role", required=True)
-        if role not in ROLES:
-            raise invalid(f"'{where}.role' must be one of {', '.join(ROLES)}, got {role!r}", f"{where}.role")
-        _get(message, "name", "string", f"{where}.name")
-        content = message.get("content")
-        if isinstance(content, str):
-            _check_text(content, f"{where}.content")
-            text = content
-        elif isinstance(content, list):
-            text = _parse_parts(content, ROLES[role], f"{where}.content", media, config)
+    parts: list[tuple[str, ContentPart]] = []
+    texts: list[tuple[str, str]] = []  # (param, text)
+    for i, message in enumerate(body.messages):
+        where, role = f"messages[{i}]", ROLES[message.role]
+        if isinstance(message.content, str):
+            texts.append((f"{where}.content", message.content))
+            pieces = [message.content]
         else:
-            raise invalid(f"'{where}.content' must be a string or an array of content parts, got "
-                          f"{_type_name(content)}", f"{where}.content", "invalid_type")
-        messages.append({"role": ROLES[role], "content": text})
+            pieces = []
+            for j, part in enumerate(message.content):
+                param = f"{where}.content[{j}]"
+                if isinstance(part, TextPart):
+                    texts.append((f"{param}.text", part.text))
+                    pieces.append(part.text)
+                    continue
+                if role != "user":
+                    raise invalid(f"'{param}': {role} messages may only hold text parts; put media in user messages",
+                                  param)
+                parts.append((f"{param}.{part.type}", part))
+                pieces.append(f"<{PART_KIND[part.type]}>")
+        messages.append({"role": role, "content": "\n".join(pieces)})
     if messages[-1]["role"] != "user":
-        raise invalid("the last message must be a user message", f"messages[{len(raw) - 1}].role")
-    if len(media) > MAX_MEDIA_ITEMS:
-        raise invalid(f"at most {MAX_MEDIA_ITEMS} media parts per request, got {len(media)}", "messages",
+        raise invalid("the last message must be a user message", f"messages[{len(messages) - 1}].role")
+    if len(parts) > MAX_MEDIA_ITEMS:
+        raise invalid(f"at most {MAX_MEDIA_ITEMS} media parts per request, got {len(parts)}", "messages",
                       "too_many_media")
-    return messages, media
+    check_text_length([text for _, text in texts], config.max_text_chars)
+    for param, text in texts:
+        found = PLACEHOLDER_PATTERN.search(text)
+        if found:
+            raise invalid(f"'{param}' contains {found.group(0)!r}, which is reserved for media; send media as "
+                          f"content parts instead", param)
+    return ChatRequest(model=body.model, messages=messages, parts=parts, max_tokens=limit, stream=bool(body.stream),
+                       include_usage=bool(body.stream_options and body.stream_options.include_usage),
+                       temperature=body.temperature or 0.0, top_p=body.top_p, want_audio=want_audio)
 
 
-def _check_text(text: str, param: str) -> None:
-    found = PLACEHOLDER_PATTERN.search(text)
-    if found:
-        raise invalid(f"'{param}' contains {found.group(0)!r}, which is reserved for media; send media as "
-                      f"content parts instead", param)
-
-
-def _parse_parts(parts: list, role: str, where: str, media: list[MediaRef], config: ServerConfig) -> str:
-    if not parts:
-        raise invalid(f"'{where}' must hold at least one content part", where)
-    pieces: list[str] = []
-    for j, part in enumerate(parts):
-        param = f"{where}[{j}]"
-        if not isinstance(part, dict):
-            raise invalid(f"'{param}' must be an object, got {_type_name(part)}", param, "invalid_type")
-        kind = _get(part, "type", "string", f"{param}.type", required=True)
-        if kind not in PART_FIELDS:
-            raise invalid(f"'{param}.type' must be one of {', '.join(PART_FIELDS)}, got {kind!r}", f"{param}.type")
-        _no_unknown(part, PART_FIELDS[kind], param)
-        if kind == "text":
-            text = _get(part, "text", "string", f"{param}.text", required=True)
-            _check_text(text, f"{param}.text")
-            pieces.append(text)
-            continue
-        if role != "user":
-            raise invalid(f"'{param}': {role} messages may only hold text parts; put media in user messages", param)
-        body = _get(part, kind, "object", f"{param}.{kind}", required=True)
-        _no_unknown(body, PART_OBJECT_FIELDS[kind], f"{param}.{kind}")
-        if kind == "image_url":
-            ref = _image_ref(body, f"{param}.image_url", config)
-        else:
-            ref = _data_ref(body, PART_KIND[kind], f"{param}.{kind}")
-        media.append(ref)
-        pieces.append(f"<{ref.kind}>")
-    return "\n".join(pieces)
-
-
-def _image_ref(body: dict, where: str, config: ServerConfig) -> MediaRef:
-    url = _get(body, "url", "string", f"{where}.url", required=True)
-    detail = _get(body, "detail", "string", f"{where}.detail")  # accepted for compatibility; the pixel budget rules
-    if detail is not None and detail not in ("auto", "low", "high"):
-        raise invalid(f"'{where}.detail' must be auto, low or high, got {detail!r}", f"{where}.detail")
-    param = f"{where}.url"
-    if url.startswith("data:"):
-        match = DATA_URL.match(url)
-        if match is None:
-            raise invalid(f"'{param}' is not a valid data URL (data:image/png;base64,...)", param, "invalid_url")
-        mime, params, payload = match.group(1).strip().lower(), match.group(2).lower(), match.group(3)
-        if "base64" not in [p.strip() for p in params.split(";")]:
-            raise invalid(f"'{param}': only base64 data URLs are supported", param, "invalid_url")
-        if mime not in IMAGE_MIME_TYPES:
-            raise invalid(f"'{param}': unsupported image type {mime or '(none)'!r}; use "
-                          f"{', '.join(sorted(IMAGE_MIME_TYPES))}", param, "unsupported_format")
-        return MediaRef("image", param, data=decode_base64(payload, param))
-    try:
-        scheme = urlsplit(url).scheme.lower() if "://" in url else ""
-    except ValueError:
-        raise invalid(f"'{param}' is not a valid URL", param, "invalid_url") from None
-    if scheme in ("http", "https"):
-        raise invalid(f"'{param}': remote fetching is disabled; send the image inline as a data: URL", param,
-                      "remote_fetching_disabled")
-    if scheme not in ("", "file"):
-        raise invalid(f"'{param}': unsupported URL scheme {scheme!r}; use a data: URL or a local file path",
-                      param, "invalid_url")
-    return MediaRef("image", param, path=_local_path(url, scheme, param, config))
-
-
-def _local_path(url: str, scheme: str, param: str, config: ServerConfig) -> Path:
-    if not config.local_files_allowed():
-        raise invalid(f"'{param}': local file paths are disabled on this server; send a data: URL", param,
-                      "local_files_disabled")
-    if scheme == "file":
-        parts = urlsplit(url)  # parsed once already
-        if parts.netloc not in ("", "localhost"):
-            raise invalid(f"'{param}': file URLs must name a local file (file:///path)", param, "invalid_url")
-        text = unquote(parts.path)
-    else:
-        text = url
-    if not text or "\x00" in text:
-        raise invalid(f"'{param}' is not a usable file path", param, "invalid_url")
-    try:
-        path = Path(text).resolve()
-    except (OSError, RuntimeError, ValueError):
-        raise invalid(f"'{param}' is not a usable file path", param, "invalid_url") from None
-    if config.media_roots and not any(path.is_relative_to(Path(root).resolve()) for root in config.media_roots):
-        raise APIError(403, f"'{param}': {path} is outside the allowed media directories", param,
-                       "path_not_allowed", type="permission_error")
-    return path
-
-
-def _data_ref(body: dict, kind: str, where: str) -> MediaRef:
-    data = _get(body, "data", "string", f"{where}.data", required=True)
-    fmt = _get(body, "format", "string", f"{where}.format", required=True)
-    allowed = VIDEO_FORMATS if kind == "video" else AUDIO_FORMATS
-    if fmt not in allowed:
-        raise invalid(f"'{where}.format' must be one of {', '.join(allowed)}, got {fmt!r}", f"{where}.format",
-                      "unsupported_format")
-    return MediaRef(kind, f"{where}.data", data=decode_base64(data, f"{where}.data"), format=fmt)
-
-
-# ---------------------------------------------------------------------- media decoding
-def decode_image(data: bytes, max_pixels: int, param: str):
-    """Image bytes -> RGB PIL image, refusing unsupported formats and oversized images."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=list(IMAGE_FORMATS))
-            width, height = image.size
-            if width * height > max_pixels:
-                raise APIError(400, f"'{param}': the image is {width}x{height} = {width * height:,} pixels, over "
-                                    f"this server's limit of {max_pixels:,}", param, "image_too_large")
-            image.load()
-            return image.convert("RGB")
-    except APIError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise APIError(400, f"'{param}': the image is too large to decode safely", param, "image_too_large") from None
-    except Exception as error:  # PIL raises many types for bad data
-        raise invalid(f"'{param}': cannot decode the image ({type(error).__name__}: {error}); use "
-                      f"{', '.join(IMAGE_FORMATS)}", param, "invalid_image") from None
-
-
-def read_local_file(path: Path, max_bytes: int, param: str) -> bytes:
-    try:
-        if not path.is_file():
-            raise APIError(400, f"'{param}': file not found: {path}", param, "file_not_found")
-        size = path.stat().st_size
-        if size > max_bytes:
-            raise APIError(413, f"'{param}': {path} is {size:,} bytes, over the limit of {max_bytes:,}", param,
-                           "file_too_large")
-        return path.read_bytes()
-    except OSError as error:
-        raise invalid(f"'{param}': cannot read {path}: {error.strerror or error}", param, "file_unreadable") from None
-
-
-def decode_audio(data: bytes, fmt: str, max_seconds: float, param: str) -> tuple[np.ndarray, int]:
-    """Audio bytes -> (samples [T] or [T, C] float32, sample rate), duration checked before decoding."""
-    try:
-        info = sf.info(io.BytesIO(data))
-    except Exception as error:
-        raise invalid(f"'{param}': cannot decode the {fmt} audio ({error})", param, "invalid_audio") from None
-    if info.format not in AUDIO_FORMATS[fmt]:
-        raise invalid(f"'{param}': the format says {fmt} but the data is {info.format}", param, "format_mismatch")
-    if info.frames <= 0:
-        raise invalid(f"'{param}': the audio holds no samples", param, "invalid_audio")
-    if not MIN_SAMPLE_RATE <= info.samplerate <= MAX_SAMPLE_RATE:
-        raise invalid(f"'{param}': the sample rate {info.samplerate} Hz is outside {MIN_SAMPLE_RATE}-"
-                      f"{MAX_SAMPLE_RATE} Hz", param, "invalid_audio")
-    seconds = info.frames / info.samplerate
-    if seconds > max_seconds:
-        raise invalid(f"'{param}': the audio is {seconds:.1f} s long, over the limit of {max_seconds:g} s", param,
-                      "audio_too_long")
-    try:
-        samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=False)
-    except Exception as error:
-        raise invalid(f"'{param}': cannot decode the {fmt} audio ({error})", param, "invalid_audio") from None
-    if samples.size == 0:
-        raise invalid(f"'{param}': the audio holds no samples", param, "invalid_audio")
-    if samples.shape[0] / rate > max_seconds:  # the header may understate the length
-        raise invalid(f"'{param}': the audio is {samples.shape[0] / rate:.1f} s long, over the limit of "
-                      f"{max_seconds:g} s", param, "audio_too_long")
-    return samples, int(rate)
-
-
-def decode_video(data: bytes, fmt: str, config: ServerConfig, temporal_patch: int, param: str) -> list:
-    """Video bytes -> the frames the model sees (PIL), sampled at the configured fps.
-
-    Frames are counted from the demuxed packets first (no decoding), so the length cap
-    applies before any work, and only the sampled frames are kept while decoding.
-    """
-    import av
-
-    limits = config.vision_limits
-    try:
-        with av.open(io.BytesIO(data), mode="r") as container:
-            demuxers = container.format.name.split(",")
-            if VIDEO_FORMATS[fmt] not in demuxers:
-                raise invalid(f"'{param}': the format says {fmt} but the data is {container.format.name}", param,
-                              "format_mismatch")
-            if not container.streams.video:
-                raise invalid(f"'{param}': the file has no video stream", param, "invalid_video")
-            stream = container.streams.video[0]
-            width, height = stream.codec_context.width, stream.codec_context.height
-            if width * height > config.max_image_pixels:
-                raise invalid(f"'{param}': frames are {width}x{height}, over the limit of "
-                              f"{config.max_image_pixels:,} pixels", param, "video_too_large")
-            fps = float(stream.average_rate or stream.guessed_rate or 25)
-            frames = sum(1 for packet in container.demux(stream) if packet.size)
-            seconds = max(frames / fps, (container.duration or 0) / 1e6)
-        if frames == 0:
-            raise invalid(f"'{param}': the video holds no frames", param, "invalid_video")
-        if seconds > config.max_video_seconds:
-            raise invalid(f"'{param}': the video is {seconds:.1f} s long, over the limit of "
-                          f"{config.max_video_seconds:g} s", param, "video_too_long")
-        indices = sample_frame_indices(frames, fps, limits, temporal_patch)
-        wanted = set(indices)
-        kept: dict[int, Any] = {}
-        with av.open(io.BytesIO(data), mode="r") as container:
-            for i, frame in enumerate(container.decode(container.streams.video[0])):
-                if i in wanted:
-                    kept[i] = frame.to_image()
-                if i >= indices[-1]:
-                    break
-    except APIError:
-        raise
-    except Exception as error:  # PyAV raises many types for bad data
-        raise invalid(f"'{param}': cannot decode the {fmt} video ({type(error).__name__}: {error})", param,
-                      "invalid_video") from None
-    if not kept:
-        raise invalid(f"'{param}': no frame of the video could be decoded", param, "invalid_video")
-    last = kept[min(kept)]
-    sampled = []
-    for i in indices:  # a stream with fewer frames than packets repeats its last frame
-        last = kept.get(i, last)
-        sampled.append(last)
-    return sampled
+def media_ref(param: str, part: ContentPart, config: ServerConfig) -> MediaRef:
+    """A media part -> its bytes (base64 decoded) or its local path (only under a media root)."""
+    if part.type == "image_url":
+        return image_ref(part.image_url.url, f"{param}.url", bool(config.media_roots))
+    body = getattr(part, part.type)
+    return data_ref(body.data, body.format, PART_KIND[part.type], f"{param}.data")
 
 
 # ---------------------------------------------------------------------- audio output
@@ -597,19 +209,23 @@ def wav_base64(waveform: np.ndarray, sample_rate: int) -> str:
 
 # ---------------------------------------------------------------------- the application
 class LyraAPI:
-    """Request handling independent of HTTP: validation, preparation, batching, responses."""
+    """Request handling independent of HTTP: checks, preparation, batching, responses."""
 
     def __init__(self, model, tokenizer, info: dict[str, Any], config: ServerConfig):
         self.model, self.tokenizer, self.info, self.config = model, tokenizer, info, config
         self.model_id = config.served_model_name or _default_model_id(info.get("model", "lyra"))
         self.created = int(time.time())
-        self.processor = LyraProcessor(tokenizer, model.config, config.vision_limits)
-        self.batcher = DynamicBatcher(model, config.max_batch_size, config.max_wait_ms).start()
-        self.slots = threading.BoundedSemaphore(config.max_concurrent)
-        self.tokenizer_lock = threading.Lock()  # fast tokenizers must not be borrowed from two threads at once
+        self._local = threading.local()  # each preparing thread's own processor (see `processor`)
+        self.batcher = ContinuousBatcher(model, config.max_batch_size).start()
+        self.in_flight = 0  # requests holding a slot: being prepared, queued or generated
+        self._slots_lock = threading.Lock()
+        self.tokenizer_lock = threading.Lock()  # guards self.tokenizer, which decodes answers
+        # media decoding and tokenising run here, off the event loop
+        self.workers = ThreadPoolExecutor(max(2, min(8, config.max_concurrent)), thread_name_prefix="lyra-prepare")
 
     def close(self) -> None:
         self.batcher.stop()
+        self.workers.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ simple endpoints
     def check_auth(self, authorization: str | None) -> None:
@@ -634,14 +250,13 @@ class LyraAPI:
         return (200 if alive else 503), {
             "status": "ok" if alive else "unavailable", "model": self.model_id,
             "untrained": bool(self.info.get("untrained", False)), "device": self.info.get("device"),
-            "can_speak": can_speak(self.model), "queued": self.batcher.queued,
-            "max_batch_size": self.batcher.max_batch_size, "max_wait_ms": self.config.max_wait_ms,
-            "batches": self.batcher.stats.as_dict(),
+            "can_speak": can_speak(self.model), "queued": self.batcher.queued, "in_flight": self.in_flight,
+            "max_batch_size": self.batcher.max_batch_size, "batches": self.batcher.stats.as_dict(),
         }
 
     # ------------------------------------------------------------------ chat completions
-    def parse(self, body: bytes) -> ChatRequest:
-        request = parse_chat_request(parse_json(body), self.config)
+    def check(self, body: ChatCompletionRequest) -> ChatRequest:
+        request = chat_request(body, self.config)
         if request.model != self.model_id:
             raise APIError(404, f"the model '{request.model}' does not exist; this server serves '{self.model_id}'",
                            "model", "model_not_found")
@@ -653,28 +268,40 @@ class LyraAPI:
         config, media = self.config, Media()
         audio_caps = {"speech": min(config.max_audio_seconds, self.model.config.speech.max_seconds),
                       "sound": min(config.max_audio_seconds, self.model.config.sound.max_seconds)}
-        for ref in request.media:
-            data = ref.data if ref.data is not None else read_local_file(ref.path, config.max_body_bytes, ref.param)
+        for param, part in request.parts:
+            ref = media_ref(param, part, config)
+            data = ref.data if ref.data is not None else read_local_file(
+                ref.path, config.media_roots, config.max_body_bytes, config.prepare_timeout_s, ref.param)
             if ref.kind == "image":
                 media.images.append(decode_image(data, config.max_image_pixels, ref.param))
             elif ref.kind == "video":
-                media.videos.append(decode_video(data, ref.format, config,
+                media.videos.append(decode_video(data, ref.format, config.vision_limits, config.max_image_pixels,
+                                                 config.max_video_seconds,
                                                  self.model.config.vision.temporal_patch_size, ref.param))
             else:
                 getattr(media, ref.kind).append(decode_audio(data, ref.format, audio_caps[ref.kind], ref.param))
         return media
 
+    def processor(self) -> LyraProcessor:
+        """This thread's processor, on its own copy of the tokenizer: a fast tokenizer must not be
+        used by two threads at once, and with a copy each, tokenising one request never waits
+        for another request's tokenising (the text cap bounds each one)."""
+        processor = getattr(self._local, "processor", None)
+        if processor is None:
+            processor = LyraProcessor(copy.deepcopy(self.tokenizer), self.model.config, self.config.vision_limits)
+            self._local.processor = processor
+        return processor
+
     def build_sample(self, messages: list[dict[str, str]], media: Media) -> ProcessedSample:
         try:
-            with self.tokenizer_lock:
-                return self.processor(messages, images=media.images, videos=media.videos, speech=media.speech,
-                                      sound=media.sound)
+            return self.processor()(messages, images=media.images, videos=media.videos, speech=media.speech,
+                                    sound=media.sound)
         except (AudioError, VisionError, ValueError) as error:
             raise invalid(f"the request cannot be turned into model inputs: {error}", "messages",
                           "invalid_media") from None
 
     def prepare(self, request: ChatRequest, on_token: Callable[[int], None] | None = None) -> Job:
-        """Decode, check and tokenise one request into a batcher job (all its 4xx happen here)."""
+        """Decode, check and tokenise one request into a batcher job (runs in a worker thread)."""
         sample = self.build_sample(request.messages, self.decode_media(request))
         prompt = int(sample.input_ids.shape[0])
         context = self.model.config.text.max_position_embeddings
@@ -688,6 +315,35 @@ class LyraAPI:
 
     def _speak(self, job: Job, completion: Completion) -> None:
         completion.extra["audio"] = synthesize_speech(self.model, job, completion)
+
+    async def start(self, request: ChatRequest, on_token: Callable[[int], None] | None) -> Job:
+        """Take a concurrency slot, prepare the job off the event loop and queue it. The slot is
+        given back when the job resolves, or at once when preparing fails or runs out of time."""
+        with self._slots_lock:
+            full = self.in_flight >= self.config.max_concurrent
+            self.in_flight += not full
+        if full:
+            raise APIError(429, "the server is busy; retry later", None, "rate_limit_exceeded",
+                           type="rate_limit_error")
+        loop = asyncio.get_running_loop()
+        try:
+            job = await asyncio.wait_for(loop.run_in_executor(self.workers, self.prepare, request, on_token),
+                                         self.config.prepare_timeout_s)
+            self.submit(job)
+        except TimeoutError:
+            self._release_slot()
+            raise APIError(408, f"reading and decoding the request's inputs took longer than "
+                                f"{self.config.prepare_timeout_s:g} s (--prepare-timeout-s)", None,
+                           "request_timeout") from None
+        except BaseException:
+            self._release_slot()
+            raise
+        job.future.add_done_callback(lambda _: self._release_slot())
+        return job
+
+    def _release_slot(self) -> None:
+        with self._slots_lock:
+            self.in_flight -= 1
 
     def submit(self, job: Job) -> None:
         try:
@@ -727,6 +383,90 @@ class LyraAPI:
                 "system_fingerprint": None,
                 "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
 
+    # ------------------------------------------------------------------ waiting for answers
+    async def answer(self, job: Job, receive: Callable) -> Completion:
+        """The job's completion; cancels the job when the client disconnects or time runs out."""
+        result = asyncio.wrap_future(job.future)
+        gone = asyncio.ensure_future(_disconnected(receive))
+        try:
+            done, _ = await asyncio.wait({result, gone}, timeout=self.config.request_timeout_s,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if result in done:
+            try:
+                return result.result()
+            except BaseException as error:
+                raise error_from_exception(error) from None
+        job.cancel()
+        if gone in done:
+            raise ClientGone()
+        raise error_from_exception(FutureTimeout())
+
+    async def events(self, request: ChatRequest, job: Job, tokens: asyncio.Queue, rid: str,
+                     created: int) -> AsyncIterator[bytes]:
+        """The server-sent events of a streamed answer. When the client goes away the framework
+        stops this generator, and `finally` cancels the job."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.request_timeout_s
+        try:
+            yield _sse(self.chunk(rid, created, {"role": "assistant", "content": "", "refusal": None}))
+            received: list[int] = []
+            sent = ""
+            while True:
+                try:
+                    item = await asyncio.wait_for(tokens.get(), max(0.0, deadline - loop.time()))
+                except TimeoutError:
+                    break
+                if item is _DONE:
+                    break
+                received.append(item)
+                text = await asyncio.to_thread(self.decode, list(received))
+                if len(text) > len(sent) and text.startswith(sent) and not text.endswith("\ufffd"):
+                    yield _sse(self.chunk(rid, created, {"content": text[len(sent):]}))
+                    sent = text
+            if not job.future.done():
+                job.cancel()
+                raise error_from_exception(FutureTimeout())
+            completion = job.future.result()
+            text = await asyncio.to_thread(self.decode, completion.token_ids)
+            if len(text) > len(sent) and text.startswith(sent):
+                yield _sse(self.chunk(rid, created, {"content": text[len(sent):]}))
+            audio = self.audio_object(completion, text, created)
+            if audio is not None:
+                yield _sse(self.chunk(rid, created, {"audio": audio}))
+            yield _sse(self.chunk(rid, created, {}, completion.finish_reason))
+            if request.include_usage:
+                usage = self.chunk(rid, created, {})
+                usage["choices"], usage["usage"] = [], self.usage(job, completion)
+                yield _sse(usage)
+        except Exception as error:  # headers are out: the error goes in the stream
+            yield _sse(error_from_exception(error).body())
+        finally:
+            if not job.future.done():
+                job.cancel()
+        yield b"data: [DONE]\n\n"
+
+
+_DONE = object()
+
+
+def _sse(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload).encode("utf-8") + b"\n\n"
+
+
+async def _disconnected(receive: Callable) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def _call_in_loop(loop: asyncio.AbstractEventLoop, function: Callable, *args: Any) -> None:
+    """Run `function(*args)` in the event loop from the batcher's thread (a no-op once the loop is gone)."""
+    try:
+        loop.call_soon_threadsafe(function, *args)
+    except RuntimeError:  # the loop closed: the server is shutting down
+        pass
+
 
 def _default_model_id(spec: str) -> str:
     path = Path(spec)
@@ -753,281 +493,217 @@ def error_from_exception(error: BaseException) -> APIError:
 
 
 # ---------------------------------------------------------------------- HTTP
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "lyra-serve/0.1"
-    sys_version = ""
-    timeout = 60  # seconds a connection may sit idle or trickle a request
-    disable_nagle_algorithm = True  # small writes (headers, SSE events) go out at once
+def error_response(error: APIError, close: bool = False) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else {}
+    if close:  # the body was not read: the connection cannot carry another request
+        headers["Connection"] = "close"
+    return JSONResponse(error.body(), error.status, headers=headers)
 
-    server: "LyraHTTPServer"
 
-    @property
-    def api(self) -> LyraAPI:
-        return self.server.api
+class Gate:
+    """ASGI middleware for what must happen before the app sees a request: the header size, the Host allow-list,
+    the API key on /v1, the content type, and the body, read whole within its size and time
+    limits (then replayed to the app). Nothing here parses or decodes the body."""
 
-    # -- plumbing
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s %s", self.address_string(), format % args)
+    def __init__(self, app, api: LyraAPI):
+        self.app, self.api = app, api
+        self.hosts = api.config.host_names()
 
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """Protocol-level errors from http.server (bad request line, headers too long, ...) as JSON."""
-        self.close_connection = True
-        try:
-            self._send_json(code, APIError(code, message or explain or "bad request", None, "bad_request").body(),
-                            close=True)
-        except OSError:
-            pass
-
-    def __getattr__(self, name: str):
-        if name.startswith("do_"):  # any other method: 405 rather than http.server's 501
-            return self._method_not_allowed
-        raise AttributeError(name)
-
-    def _method_not_allowed(self) -> None:
-        self._error(APIError(405, f"method {self.command} is not allowed on {self._route()}", None,
-                             "method_not_allowed", close=True))
-
-    def _send_json(self, status: int, payload: dict[str, Any], close: bool = False,
-                   headers: dict[str, str] | None = None) -> None:
-        body = json.dumps(payload).encode("utf-8")
-        close = close or not self._body_read  # unread body bytes would be taken for the next request
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        if close:
-            self.close_connection = True
-            self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    def _error(self, error: APIError) -> None:
-        headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
-        self._send_json(error.status, error.body(), close=error.close, headers=headers)
-
-    _body_read = True
-
-    # -- routes
-    def do_HEAD(self) -> None:
-        self._method_not_allowed()
-
-    def _route(self) -> str:
-        try:
-            return urlsplit(self.path).path.rstrip("/") or "/"
-        except ValueError:
-            return self.path
-
-    def do_GET(self) -> None:
-        self._body_read = self.headers.get("Content-Length", "0").strip() in ("", "0")
-        path = self._route()
-        try:
-            if path == "/health":
-                status, payload = self.api.health()
-                self._send_json(status, payload)
-                return
-            if path.startswith("/v1/"):
-                self.api.check_auth(self.headers.get("Authorization"))
-            if path == "/v1/models":
-                self._send_json(200, self.api.models())
-            elif path.startswith("/v1/models/"):
-                name = unquote(path[len("/v1/models/"):])
-                if name != self.api.model_id:
-                    raise APIError(404, f"the model '{name}' does not exist", "model", "model_not_found")
-                self._send_json(200, self.api.model_card())
-            elif path == "/v1/chat/completions":
-                raise APIError(405, "use POST for /v1/chat/completions", None, "method_not_allowed")
-            else:
-                raise APIError(404, f"no such endpoint: GET {path}", None, "not_found")
-        except APIError as error:
-            self._error(error)
-        except Exception as error:  # a bug: answer 500, keep serving
-            log.exception("GET %s failed", path)
-            self._error(APIError(500, f"internal error ({type(error).__name__})", None, "internal_error"))
-
-    def do_POST(self) -> None:
-        self._body_read = False
-        path = self._route()
-        acquired = False
-        try:
-            if path != "/v1/chat/completions":
-                if path in ("/v1/models", "/health") or path.startswith("/v1/models/"):
-                    raise APIError(405, f"use GET for {path}", None, "method_not_allowed")
-                raise APIError(404, f"no such endpoint: POST {path}", None, "not_found")
-            self.api.check_auth(self.headers.get("Authorization"))
-            if self.headers.get_content_type() != "application/json":
-                raise APIError(415, f"Content-Type must be application/json, got {self.headers.get_content_type()}",
-                               None, "unsupported_media_type")
-            body = self._read_body()
-            request = self.api.parse(body)
-            if not self.api.slots.acquire(blocking=False):
-                raise APIError(429, "the server is busy; retry later", None, "rate_limit_exceeded",
-                               type="rate_limit_error")
-            acquired = True
-            self._chat(request)
-        except APIError as error:
-            self._error(error)
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
-        except Exception as error:  # a bug: answer 500, keep serving
-            log.exception("POST %s failed", path)
-            self._error(APIError(500, f"internal error ({type(error).__name__})", None, "internal_error"))
-        finally:
-            if acquired:
-                self.api.slots.release()
-
-    def _read_body(self) -> bytes:
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            raise APIError(411, "chunked request bodies are not supported; send Content-Length", None,
-                           "length_required")
-        length = self.headers.get("Content-Length")
-        if length is None:
-            raise APIError(411, "a Content-Length header is required", None, "length_required")
-        if not length.strip().isdigit():
-            raise APIError(400, f"invalid Content-Length {length!r}", None, "invalid_request")
-        size = int(length)
-        limit = self.api.config.max_body_bytes
-        if size > limit:
-            raise APIError(413, f"the request body is {size:,} bytes, over this server's limit of {limit:,} "
-                                f"(--max-body-mb)", None, "request_too_large")
-        body = self.rfile.read(size)
-        if len(body) != size:
-            raise APIError(400, "the request body ended early", None, "invalid_request", close=True)
-        self._body_read = True
-        return body
-
-    def _chat(self, request: ChatRequest) -> None:
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
-        created = int(time.time())
-        api = self.api
-        tokens: queue.Queue = queue.Queue()
-        job = api.prepare(request, on_token=tokens.put if request.stream else None)
-        api.submit(job)
-        timeout = api.config.request_timeout_s
-        if not request.stream:
-            try:
-                completion = job.future.result(timeout)
-            except BaseException as error:
-                job.future.cancel()
-                raise error_from_exception(error) from None
-            self._send_json(200, api.response(rid, created, job, completion), headers={"X-Request-Id": rid})
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
             return
-        done = object()
-        job.future.add_done_callback(lambda _: tokens.put(done))
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.send_header("X-Request-Id", rid)
-        self.end_headers()
+        headers = Headers(scope=scope)
         try:
-            self._stream(request, job, tokens, done, rid, created, timeout)
-        except (BrokenPipeError, ConnectionResetError, socket.timeout):
-            job.future.cancel()  # the client went away; stop streaming, the batch goes on
-            self.close_connection = True
-        except Exception:  # headers are out: no second response, just end the connection
-            log.exception("streaming %s failed", rid)
-            job.future.cancel()
-            self.close_connection = True
+            check_header_size(scope["headers"])
+            check_host(headers.get("host"), self.hosts)
+            if scope["path"].startswith("/v1/"):
+                self.api.check_auth(headers.get("authorization"))
+            if scope["method"] == "POST" and scope["path"].rstrip("/") == CHAT_PATH:
+                content_type = headers.get("content-type", "").split(";")[0].strip().lower()
+                if content_type != "application/json":
+                    raise APIError(415, f"Content-Type must be application/json, got {content_type or 'none'}",
+                                   None, "unsupported_media_type")
+                body = await self._read_body(headers, receive)
+                receive = _replay(body, receive)
+        except APIError as error:
+            await error_response(error, close=True)(scope, receive, send)
+            return
+        except ClientGone:
+            return
+        await self.app(scope, receive, send)
 
-    def _stream(self, request: ChatRequest, job: Job, tokens: queue.Queue, done: object, rid: str, created: int,
-                timeout: float) -> None:
-        api = self.api
-        self._event(api.chunk(rid, created, {"role": "assistant", "content": "", "refusal": None}))
-        received: list[int] = []
-        sent = ""
-        deadline = time.monotonic() + timeout
+    async def _read_body(self, headers: Headers, receive: Callable) -> bytes:
+        config = self.api.config
+        limit = config.max_body_bytes
+        length = headers.get("content-length")
+        if length is not None:  # h11 has checked that it is ASCII digits
+            check_body_size(int(length), limit)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + config.body_timeout_s
+        chunks, total = [], 0
         while True:
             try:
-                item = tokens.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                item = None
-            if item is done or item is None:
-                break
-            received.append(item)
-            text = api.decode(received)
-            if len(text) > len(sent) and text.startswith(sent) and not text.endswith("\ufffd"):
-                self._event(api.chunk(rid, created, {"content": text[len(sent):]}))
-                sent = text
-        try:
-            completion = job.future.result(timeout=0)
-        except BaseException as error:
-            job.future.cancel()
-            self._event(error_from_exception(error).body())
-            self._event_raw(b"data: [DONE]\n\n")
-            self._end_chunks()
-            return
-        text = api.decode(completion.token_ids)
-        if len(text) > len(sent) and text.startswith(sent):
-            self._event(api.chunk(rid, created, {"content": text[len(sent):]}))
-        audio = api.audio_object(completion, text, created)
-        if audio is not None:
-            self._event(api.chunk(rid, created, {"audio": audio}))
-        self._event(api.chunk(rid, created, {}, completion.finish_reason))
-        if request.include_usage:
-            usage = api.chunk(rid, created, {})
-            usage["choices"], usage["usage"] = [], api.usage(job, completion)
-            self._event(usage)
-        self._event_raw(b"data: [DONE]\n\n")
-        self._end_chunks()
-
-    def _event(self, payload: dict[str, Any]) -> None:
-        self._event_raw(b"data: " + json.dumps(payload).encode("utf-8") + b"\n\n")
-
-    def _event_raw(self, data: bytes) -> None:
-        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-        self.wfile.flush()
-
-    def _end_chunks(self) -> None:
-        self.wfile.write(b"0\r\n\r\n")
-        self.wfile.flush()
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                raise APIError(408, f"the request body did not arrive within {config.body_timeout_s:g} s "
+                                    f"(--body-timeout-s)", None, "request_timeout") from None
+            if message["type"] == "http.disconnect":
+                raise ClientGone()
+            chunk = message.get("body", b"")
+            total += len(chunk)
+            check_body_size(total, limit)  # chunked bodies have no Content-Length to check up front
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
 
 
-class LyraHTTPServer(ThreadingHTTPServer):
-    """The HTTP server; `api` holds the model, batcher and configuration."""
+def _replay(body: bytes, receive: Callable) -> Callable:
+    """An ASGI receive that gives the app the body already read, then the connection's own events."""
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
 
-    daemon_threads = True
-    block_on_close = False
-    allow_reuse_address = True
+    async def replayed() -> dict[str, Any]:
+        return pending.pop() if pending else await receive()
+
+    return replayed
+
+
+class JSONErrorH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol, answering malformed HTTP (bad framing, junk request lines, headers
+    over the size limit) with an OpenAI error object instead of plain text."""
+
+    def send_400_response(self, msg: str) -> None:
+        body = json.dumps(APIError(400, f"malformed HTTP request: {msg}", None, "bad_request").body()).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                   (b"connection", b"close")]
+        for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body),
+                      h11.EndOfMessage()):
+            self.transport.write(self.conn.send(event))
+        self.transport.close()
+
+
+def build_app(api: LyraAPI) -> FastAPI:
+    """The FastAPI app: routes, the OpenAI error shape for every error, and the `Gate`."""
+    app = FastAPI(title="Lyra API", description="OpenAI-compatible chat completions for Lyra models.",
+                  version="1", docs_url=None, redoc_url=None)
+
+    @app.exception_handler(APIError)
+    async def on_api_error(request: Request, error: APIError) -> JSONResponse:
+        return error_response(error)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        first = dict(error.errors()[0])
+        loc = tuple(first.get("loc", ()))
+        first["loc"] = loc[1:] if loc[:1] == ("body",) else loc
+        return error_response(error_from_validation(first))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        route = f"{request.method} {request.url.path}"
+        if error.status_code == 404:
+            return error_response(APIError(404, f"no such endpoint: {route}", None, "not_found"))
+        if error.status_code == 405:
+            return error_response(APIError(405, f"method not allowed: {route}", None, "method_not_allowed"))
+        if error.status_code == 400:  # FastAPI could not parse the body (not UTF-8, nested too deeply)
+            return error_response(invalid(f"the request body is not valid JSON: {error.detail}", None,
+                                          "invalid_json"))
+        return error_response(APIError(error.status_code, str(error.detail), None, f"http_{error.status_code}"))
+
+    @app.exception_handler(Exception)
+    async def on_bug(request: Request, error: Exception) -> JSONResponse:
+        log.error("%s %s failed", request.method, request.url.path, exc_info=error)
+        return error_response(APIError(500, f"internal error ({type(error).__name__})", None, "internal_error"))
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        status, payload = api.health()
+        return JSONResponse(payload, status)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return api.models()
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str) -> dict[str, Any]:
+        if name != api.model_id:
+            raise APIError(404, f"the model '{name}' does not exist", "model", "model_not_found")
+        return api.model_card()
+
+    @app.post(CHAT_PATH, response_model=None)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
+        chat = api.check(body)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        loop = asyncio.get_running_loop()
+        tokens: asyncio.Queue = asyncio.Queue()
+        on_token = (lambda token: _call_in_loop(loop, tokens.put_nowait, token)) if chat.stream else None
+        job = await api.start(chat, on_token)
+        headers = {"X-Request-Id": rid}
+        if not chat.stream:
+            try:
+                completion = await api.answer(job, request.receive)
+            except ClientGone:
+                return JSONResponse(invalid("the client closed the connection").body(), 400)
+            return JSONResponse(api.response(rid, created, job, completion), headers=headers)
+        job.future.add_done_callback(lambda _: _call_in_loop(loop, tokens.put_nowait, _DONE))
+        return StreamingResponse(api.events(chat, job, tokens, rid, created), media_type="text/event-stream",
+                                 headers={**headers, "Cache-Control": "no-cache"})
+
+    return Gate(app, api)
+
+
+class LyraServer:
+    """uvicorn serving `build_app(api)` on a socket bound at construction (so `port=0` has a port)."""
 
     def __init__(self, api: LyraAPI, host: str, port: int):
-        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.api = api
-        super().__init__((host, port), _Handler)
+        self.socket = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.socket.bind((host, port))
+        self.socket.listen(2048)  # connections made before uvicorn runs wait in the backlog
+        config = uvicorn.Config(build_app(api), http=JSONErrorH11Protocol, loop="asyncio", ws="none",
+                                lifespan="off", log_config=None, log_level="warning", access_log=False,
+                                timeout_keep_alive=5, timeout_graceful_shutdown=2, server_header=False)
+        self.uvicorn = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
 
     @property
     def port(self) -> int:
-        return self.server_address[1]
+        return self.socket.getsockname()[1]
 
     @property
     def url(self) -> str:
-        host = self.server_address[0]
+        host = self.socket.getsockname()[0]
         return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
 
-    def start(self) -> "LyraHTTPServer":
-        """Serve from a background thread (tests, benchmarks)."""
-        self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.1},
-                                        name="lyra-http", daemon=True)
+    def serve_forever(self) -> None:
+        self.uvicorn.run(sockets=[self.socket])
+
+    def start(self, timeout: float = 30.0) -> "LyraServer":
+        """Serve from a background thread (tests, benchmarks); returns once it accepts connections."""
+        self._thread = threading.Thread(target=self.serve_forever, name="lyra-http", daemon=True)
         self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.uvicorn.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the HTTP server did not start")
+            time.sleep(0.01)
         return self
 
     def close(self) -> None:
+        self.uvicorn.should_exit = True
         if self._thread is not None:
-            self.shutdown()
             self._thread.join(10)
-        self.server_close()
+        self.socket.close()
         self.api.close()
 
 
-def create_server(model, tokenizer, info: dict[str, Any], config: ServerConfig | None = None) -> LyraHTTPServer:
+def create_server(model, tokenizer, info: dict[str, Any], config: ServerConfig | None = None) -> LyraServer:
     """An HTTP server for a loaded model, bound but not yet serving (`.start()` or `.serve_forever()`)."""
     config = config or ServerConfig()
     api = LyraAPI(model, tokenizer, info, config)
     try:
-        return LyraHTTPServer(api, config.host, config.port)
+        return LyraServer(api, config.host, config.port)
     except BaseException:
         api.close()
         raise
@@ -1050,9 +726,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override the vocoder the model records (a code HiFi-GAN folder, a Piper .onnx "
                              "voice or piper:<voice>); a model with a speech generator answers in speech when asked")
     parser.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size)
-    parser.add_argument("--max-wait-ms", type=float, default=defaults.max_wait_ms,
-                        help="how long the first request of a batch waits for others")
     parser.add_argument("--max-body-mb", type=float, default=defaults.max_body_mb)
+    parser.add_argument("--max-text-chars", type=int, default=defaults.max_text_chars,
+                        help="characters of text per request, checked before tokenising")
     parser.add_argument("--max-audio-seconds", type=float, default=defaults.max_audio_seconds)
     parser.add_argument("--max-image-pixels", type=int, default=defaults.max_image_pixels)
     parser.add_argument("--max-video-seconds", type=float, default=defaults.max_video_seconds)
@@ -1061,26 +737,44 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-concurrent", type=int, default=defaults.max_concurrent,
                         help="requests in flight before the server answers 429")
     parser.add_argument("--media-root", action="append", default=[], metavar="DIR",
-                        help="local image paths must lie under DIR (repeatable)")
-    parser.add_argument("--no-local-files", action="store_true", help="refuse local file paths in image_url")
+                        help="serve local image paths and file:// URLs, only for regular files under DIR "
+                             "(repeatable; default: local files are closed)")
+    parser.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                        help="accept this Host header name besides the loopback names and the bound address "
+                             "(repeatable; '*' accepts any)")
+    parser.add_argument("--body-timeout-s", type=float, default=defaults.body_timeout_s,
+                        help="time to receive a request body")
+    parser.add_argument("--prepare-timeout-s", type=float, default=defaults.prepare_timeout_s,
+                        help="time to read, decode and tokenise a request's inputs")
+    parser.add_argument("--request-timeout-s", type=float, default=defaults.request_timeout_s,
+                        help="time to generate an answer")
     parser.add_argument("--log-level", default="INFO")
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
-    for name in ("max_batch_size", "max_concurrent", "default_max_tokens", "max_tokens_limit", "max_image_pixels"):
+    for name in ("max_batch_size", "max_concurrent", "default_max_tokens", "max_tokens_limit", "max_image_pixels",
+                 "max_text_chars"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("max_wait_ms", "max_body_mb", "max_audio_seconds", "max_video_seconds"):
+    for name in ("max_body_mb", "max_audio_seconds", "max_video_seconds"):
         if not getattr(args, name) >= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
+    for name in ("body_timeout_s", "prepare_timeout_s", "request_timeout_s"):
+        if not getattr(args, name) > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0")
+    for root in args.media_root:
+        if not Path(root).is_dir():
+            raise ValueError(f"--media-root {root}: not a directory")
     return ServerConfig(
         host=args.host, port=args.port, api_key=args.api_key or None, served_model_name=args.served_model_name,
-        max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, max_body_mb=args.max_body_mb,
-        max_audio_seconds=args.max_audio_seconds, max_image_pixels=args.max_image_pixels,
-        max_video_seconds=args.max_video_seconds, default_max_tokens=args.default_max_tokens,
-        max_tokens_limit=args.max_tokens_limit, max_concurrent=args.max_concurrent, media_roots=args.media_root,
-        allow_local_files=False if args.no_local_files else None,
+        max_batch_size=args.max_batch_size, max_body_mb=args.max_body_mb,
+        max_text_chars=args.max_text_chars, max_audio_seconds=args.max_audio_seconds,
+        max_image_pixels=args.max_image_pixels, max_video_seconds=args.max_video_seconds,
+        default_max_tokens=args.default_max_tokens, max_tokens_limit=args.max_tokens_limit,
+        max_concurrent=args.max_concurrent, media_roots=args.media_root, allowed_hosts=args.allowed_host,
+        body_timeout_s=args.body_timeout_s, prepare_timeout_s=args.prepare_timeout_s,
+        request_timeout_s=args.request_timeout_s,
     )
 
 
@@ -1105,14 +799,14 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
     if info["untrained"]:
         print(f"note: '{info['model']}' is a preset with untrained weights; its answers are noise.", file=sys.stderr)
-    print(f"Lyra API serving '{server.api.model_id}' at {server.url}/v1 (batch <= {config.max_batch_size}, "
-          f"wait {config.max_wait_ms:g} ms)", flush=True)
+    print(f"Lyra API serving '{server.api.model_id}' at {server.url}/v1 (continuous batching, "
+          f"batch <= {config.max_batch_size})", flush=True)
     try:
-        server.serve_forever(poll_interval=0.5)
+        server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
-        server.server_close()
+        server.socket.close()
         server.api.close()
     return 0
 

@@ -1,23 +1,25 @@
-"""Dynamic batching of generation requests for the API server.
+"""Continuous batching of generation requests for the API server.
 
-Requests arrive one by one (each HTTP handler thread prepares its own `ProcessedSample`)
-and wait in a queue. One worker thread owns the model: it takes the oldest request,
-waits up to `max_wait_ms` for others that can share a `generate` call with it (same
-`BatchKey`: LoRA adapter and sampling settings), takes up to `max_batch_size` of them in
-arrival order, left-pads them into one batch and runs one `generate`.
+Requests arrive one by one (each HTTP handler prepares its own `ProcessedSample`) and
+wait in a queue. One worker thread owns the model and its decode loop over the KV cache:
+at every decode step queued jobs join the running batch (each is prefilled alone, then
+its cache rows are left-padded into the batch's `DynamicCache`) and finished or
+cancelled rows leave it (their cache rows are dropped), so a new request never waits for
+a running batch to end and a finished one frees its slot at once. The new jobs' first
+tokens come from the same LM head call as the running rows' next ones (with a large
+vocabulary that head is most of a small model's step).
 
-* Each row finishes on its own: the batch streamer hands every row its tokens as they
-  are produced (for SSE) and resolves a row's future as soon as that row has produced
-  its end-of-sequence token or its own `max_new_tokens`, even while longer rows go on
-  (the batch runs for the largest `max_new_tokens` in it).
-* A batch that fails is retried one request at a time, so a request whose media only
-  turns out to be unusable inside the model fails alone; tokens a retried request had
-  already streamed are not streamed twice.
+* Every row gets its tokens as they are produced (for SSE) and its future is resolved
+  as soon as it has produced its end-of-sequence token or its own `max_new_tokens`.
+* A request whose media only turns out to be unusable inside the model fails in its
+  own prefill, without touching the running rows.
 * Nothing a request does can stop the worker: every error ends up on that request's
-  future.
+  future (an error in a decode step, shared by the running rows, fails those rows).
 
-The adapter is chosen per request by `lyra.model.mlora.adapter_for_audio`; one adapter
-applies to a whole forward pass, which is why it is part of the key.
+Rows of one batch share a `BatchKey`: the LoRA adapter (chosen per request by
+`lyra.model.mlora.adapter_for_audio`; one adapter applies to a whole forward pass) and
+the sampling settings. When the oldest queued job needs another key, the running batch
+stops taking jobs, drains, and the next batch starts with that key.
 """
 
 from __future__ import annotations
@@ -31,8 +33,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
 
 from lyra.model import mlora
+from lyra.model.lyra import sampling_processors
 from lyra.processing import ProcessedSample, collate
 
 log = logging.getLogger(__name__)
@@ -59,19 +64,14 @@ class BatchKey:
             return cls(adapter, True, float(temperature), top_p, top_k)
         return cls(adapter)  # greedy: the sampling settings do not matter
 
-    def generate_kwargs(self) -> dict[str, Any]:
-        if not self.do_sample:
-            return {"do_sample": False}
-        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
-
 
 @dataclass
 class Completion:
     """The outcome of one request."""
 
     token_ids: list[int]  # new tokens, without the end-of-sequence token
-    finish_reason: str  # "stop" (end of sequence) or "length" (max_new_tokens reached)
-    batch_size: int = 1  # how many requests shared its generate call
+    finish_reason: str  # "stop" (end of sequence), "length" (max_new_tokens reached) or "cancelled"
+    batch_size: int = 1  # the most rows of a decode step it was in (0: never ran)
     extra: dict[str, Any] = field(default_factory=dict)  # what `Job.postprocess` adds (e.g. audio)
 
 
@@ -83,6 +83,10 @@ class Job:
     sequence); keep it cheap (e.g. put into a queue). `postprocess`, when set, runs in
     the worker thread after generation with the request's adapter still active, and may
     fill `Completion.extra`; an exception there fails only this request.
+
+    `cancel()` (from any thread) asks `ContinuousBatcher` to drop the job: a queued job
+    is removed at once, a running one leaves the batch within one decode step; either way
+    its future gets `Completion(finish_reason="cancelled")` with the tokens so far.
     """
 
     sample: ProcessedSample
@@ -92,59 +96,157 @@ class Job:
     postprocess: Callable[["Job", Completion], None] | None = None
     future: Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.monotonic)
-    tokens: list[int] = field(default_factory=list)  # produced so far in the current attempt
-    emitted: int = 0  # tokens already given to on_token (over all attempts)
+    tokens: list[int] = field(default_factory=list)  # produced so far
+    emitted: int = 0  # tokens already given to on_token
+    _cancelled: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
+    _on_cancel: Callable[["Job"], None] | None = field(default=None, init=False, repr=False)
 
     def result(self, timeout: float | None = None) -> Completion:
         return self.future.result(timeout)
 
+    def cancel(self) -> None:
+        """Stop this job (thread-safe, idempotent; see the class docstring)."""
+        self._cancelled.set()
+        hook = self._on_cancel
+        if hook is not None:
+            hook(self)
+
+    @property
+    def cancelled(self) -> bool:
+        """True once `cancel()` was called, or once its future was cancelled by its client."""
+        return self._cancelled.is_set() or self.future.cancelled()
+
 
 @dataclass
-class BatchStats:
-    """Counters kept by the worker thread; `sizes` is replaced, never mutated, so other
-    threads can read it while the worker counts."""
+class EngineStats:
+    """Counters kept by `ContinuousBatcher`; `sizes` (rows in a decode step -> how many
+    such steps) is replaced, never mutated, so other threads can read it while the
+    worker counts."""
 
-    batches: int = 0
-    requests: int = 0
-    retried_batches: int = 0
+    requests: int = 0  # jobs taken from the queue
     failed_requests: int = 0
+    cancelled_requests: int = 0
+    steps: int = 0  # decode steps: forward passes over the running batch
+    row_steps: int = 0  # rows summed over decode steps
     sizes: Counter = field(default_factory=Counter)
 
+    def count_step(self, rows: int) -> None:
+        sizes = Counter(self.sizes)
+        sizes[rows] += 1
+        self.sizes = sizes
+        self.steps += 1
+        self.row_steps += rows
+
     def as_dict(self) -> dict[str, Any]:
-        return {"batches": self.batches, "requests": self.requests, "retried_batches": self.retried_batches,
-                "failed_requests": self.failed_requests, "max_batch_size_seen": max(self.sizes, default=0),
+        return {"requests": self.requests, "failed_requests": self.failed_requests,
+                "cancelled_requests": self.cancelled_requests, "steps": self.steps, "row_steps": self.row_steps,
+                "mean_batch_size": round(self.row_steps / self.steps, 2) if self.steps else None,
+                "max_batch_size_seen": max(self.sizes, default=0),
                 "batch_sizes": {str(k): v for k, v in sorted(self.sizes.items())}}
 
 
-class DynamicBatcher:
-    """Groups compatible jobs into one left-padded `generate` call (see the module docstring)."""
+@dataclass(eq=False)
+class _Row:
+    """A job in the running batch."""
 
-    def __init__(self, model, max_batch_size: int = 8, max_wait_ms: float = 10.0):
+    job: Job
+    token: int  # the last token chosen, fed to the next decode step
+    position: int  # its M-RoPE position (the same on all three axes: answers are text)
+    batch_size: int = 1  # the most rows of a step it was in
+
+
+@dataclass(eq=False)
+class _Prefill:
+    """A job whose prompt has run: its KV cache of `length` columns, the position of its
+    first new token and the `[1, hidden]` state that predicts that token."""
+
+    job: Job
+    cache: DynamicCache
+    length: int
+    position: int
+    hidden: torch.Tensor
+
+
+@dataclass(eq=False)
+class _Batch:
+    """The running decode batch: rows that share `key`, their left-padded KV cache
+    (`[B, heads, T, head_dim]` per layer) and `mask` `[B, T]`, 1 where a row's cache
+    column holds one of its tokens."""
+
+    key: BatchKey
+    rows: list[_Row] = field(default_factory=list)
+    cache: DynamicCache | None = None
+    mask: torch.Tensor | None = None
+
+    def add(self, row: _Row, cache: DynamicCache, length: int) -> None:
+        """Append a prefilled row whose cache holds `length` columns, left-padding
+        whichever side is shorter."""
+        mask = torch.ones(1, length, dtype=torch.long, device=cache.layers[0].keys.device)
+        if self.cache is None:
+            self.rows, self.cache, self.mask = [row], cache, mask
+            return
+        width = max(self.mask.shape[1], length)
+        for old, new in zip(self.cache.layers, cache.layers):
+            old.keys = torch.cat([_pad_left(old.keys, width, 2), _pad_left(new.keys, width, 2)])
+            old.values = torch.cat([_pad_left(old.values, width, 2), _pad_left(new.values, width, 2)])
+        self.mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(mask, width, 1)])
+        self.rows.append(row)
+
+    def keep(self, rows: list[_Row]) -> None:
+        """Drop every row not in `rows`, and the cache columns no remaining row uses."""
+        if not rows:
+            self.rows, self.cache, self.mask = [], None, None
+            return
+        index = torch.tensor([self.rows.index(r) for r in rows], device=self.mask.device)
+        self.rows = rows
+        self.cache.batch_select_indices(index)
+        self.mask = self.mask[index]
+        first = int(self.mask.any(0).nonzero()[0])  # columns left of it are padding in every row
+        if first:
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+            self.mask = self.mask[:, first:]
+
+
+class ContinuousBatcher:
+    """Continuous batching over the model's KV cache (see the module docstring).
+
+    Greedy answers are those of `model.generate` on each request alone: a job is
+    prefilled alone, and a decode step differs from a lone one only by masked padding.
+    `max_batch_size` 1 runs one job at a time. Models with LMME (whose decode prunes the
+    cache per prompt) are not supported.
+    """
+
+    def __init__(self, model, max_batch_size: int = 8):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
-        if max_wait_ms < 0:
-            raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
+        if model.lmme_settings(None) is not None:
+            raise ValueError("continuous batching does not support LMME models: set lmme.enabled to false in the "
+                             "model's config.json")
+        text = model.backbone.config.text_config
+        if getattr(text, "use_sliding_window", False):
+            raise ValueError("continuous batching needs full-attention KV caches: set use_sliding_window to false")
         self.model = model
         self.max_batch_size = max_batch_size
-        self.max_wait = max_wait_ms / 1000.0
-        self.stats = BatchStats()
+        self.stats = EngineStats()
+        self._stop = set(model.config.stop_token_ids)
         self._queue: list[Job] = []
         self._cond = threading.Condition()
         self._running = False
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ control
-    def start(self) -> "DynamicBatcher":
+    def start(self) -> "ContinuousBatcher":
         with self._cond:
             if self._running:
                 return self
             self._running = True
-        self._thread = threading.Thread(target=self._loop, name="lyra-batcher", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name="lyra-engine", daemon=True)
         self._thread.start()
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop taking jobs, let the running batch finish, fail the queued ones."""
+        """Stop taking jobs, let the running rows finish, fail the queued ones."""
         with self._cond:
             self._running = False
             pending, self._queue = self._queue, []
@@ -168,148 +270,175 @@ class DynamicBatcher:
             if not self._running:
                 raise BatcherClosed("the batcher is not running")
             job.enqueued = time.monotonic()
+            job._on_cancel = self._cancel_queued
             self._queue.append(job)
             self._cond.notify_all()
+        if job.cancelled:  # cancelled before the hook was set
+            self._cancel_queued(job)
         return job.future
 
+    def _cancel_queued(self, job: Job) -> None:
+        """`Job.cancel` hook: a queued job leaves now; a running one at the next step."""
+        with self._cond:
+            if job not in self._queue:
+                return
+            self._queue.remove(job)
+            self.stats.cancelled_requests += 1
+        _resolve(job, Completion(token_ids=[], finish_reason="cancelled", batch_size=0))
+
     # ------------------------------------------------------------------ worker
-    def _next_group(self) -> list[Job] | None:
-        """Block until a group is due: the oldest job's key has `max_batch_size` jobs
-        queued, or the oldest job has waited `max_wait`. None once stopped."""
+    def _take(self, batch: _Batch) -> tuple[BatchKey, list[Job]] | None:
+        """The key of the batch to run and the queued jobs that join it now; blocks while
+        nothing runs or waits. None once stopped with no running rows."""
         with self._cond:
             while True:
-                self._queue = [j for j in self._queue if not j.future.done()]  # cancelled by their client
+                self._queue = [j for j in self._queue if not j.cancelled]  # futures cancelled by their clients
                 if not self._running:
-                    return None
-                if not self._queue:
+                    return (batch.key, []) if batch.rows else None
+                if not batch.rows and not self._queue:
                     self._cond.wait()
                     continue
-                oldest = self._queue[0]
-                group = [j for j in self._queue if j.key == oldest.key][: self.max_batch_size]
-                remaining = oldest.enqueued + self.max_wait - time.monotonic()
-                if len(group) >= self.max_batch_size or remaining <= 0:
-                    taken = set(map(id, group))
-                    self._queue = [j for j in self._queue if id(j) not in taken]
-                    return group
-                self._cond.wait(remaining)
+                key = batch.key if batch.rows else self._queue[0].key
+                room = self.max_batch_size - len(batch.rows)
+                if room <= 0 or self._queue and self._queue[0].key != key:
+                    return key, []  # full, or the oldest job waits for this batch to drain
+                joining = [j for j in self._queue if j.key == key][:room]
+                self._queue = [j for j in self._queue if j not in joining]
+                self.stats.requests += len(joining)
+                return key, joining
 
     def _loop(self) -> None:
+        batch = _Batch(BatchKey())
         while True:
-            group = self._next_group()
-            if group is None:
+            taken = self._take(batch)
+            if taken is None:
                 return
+            key, joining = taken
+            if not batch.rows and key != batch.key:
+                batch = _Batch(key)
             try:
-                self.run_group(group)
+                if mlora.adapter_names(self.model) and self.model.active_adapter != key.adapter:
+                    mlora.use_adapter(self.model, key.adapter)
+                self._step(batch, joining)
             except BaseException as error:  # never let the worker die; the jobs carry the error
-                log.exception("batch of %d failed outside generation", len(group))
-                for job in group:
+                log.exception("decode step over %d rows failed", len(batch.rows))
+                failed = [r.job for r in batch.rows] + [j for j in joining if not j.future.done()]
+                with self._cond:
+                    self.stats.failed_requests += len(failed)
+                for job in failed:
                     _fail(job, error)
+                batch = _Batch(key)
 
-    def run_group(self, jobs: list[Job]) -> None:
-        """Generate for `jobs` together; on failure, retry each one alone."""
-        self.stats.batches += 1
-        self.stats.requests += len(jobs)
-        sizes = Counter(self.stats.sizes)
-        sizes[len(jobs)] += 1
-        self.stats.sizes = sizes
-        try:
-            self._generate(jobs)
+    @torch.no_grad()
+    def _step(self, batch: _Batch, joining: list[Job]) -> None:
+        """One step of the engine: cancelled rows leave; the joining jobs are prefilled
+        (each alone); one decode step runs over the running rows; one LM head call gives
+        the next token of both; finished rows leave and unfinished new ones join."""
+        live = [r for r in batch.rows if not r.job.cancelled]
+        if len(live) < len(batch.rows):
+            for row in batch.rows:
+                if row not in live:
+                    self._finish(row.job, "cancelled", row.batch_size)
+            batch.keep(live)
+        prefilled = [p for p in map(self._prefill, joining) if p is not None]
+        hidden = [p.hidden for p in prefilled]
+        if live:
+            hidden.insert(0, self._decode(batch))
+        if not hidden:
             return
-        except Exception as error:
-            if len(jobs) == 1:
-                self.stats.failed_requests += 1
-                log.info("request failed: %s", error)
-                _fail(jobs[0], error)
-                return
-            log.warning("batch of %d failed (%s: %s); retrying its requests one by one",
-                        len(jobs), type(error).__name__, error)
-        self.stats.retried_batches += 1
-        for job in jobs:
-            if job.future.done():  # finished before the failure
-                continue
-            try:
-                self._generate([job])
-            except Exception as error:
-                self.stats.failed_requests += 1
-                log.info("request failed when run alone: %s", error)
-                _fail(job, error)
+        chosen = self._choose(batch.key, self.model.backbone.lm_head(torch.cat(hidden)))
+        done: list[tuple[_Row, str]] = []
+        for row, token in zip(live, chosen):
+            row.token, row.position, row.batch_size = token, row.position + 1, max(row.batch_size, len(live))
+            reason = self._accept(row.job, token)
+            if reason is not None:
+                done.append((row, reason))
+        if done:
+            batch.keep([r for r in live if all(r is not d for d, _ in done)])
+            for row, reason in done:
+                self._finish(row.job, reason, row.batch_size)
+        for new, token in zip(prefilled, chosen[len(live):]):
+            reason = self._accept(new.job, token)
+            if reason is not None:
+                self._finish(new.job, reason, 1)
+            else:
+                batch.add(_Row(new.job, token, new.position), new.cache, new.length)
 
-    def _generate(self, jobs: list[Job]) -> None:
+    def _prefill(self, job: Job) -> _Prefill | None:
+        """Run `job`'s prompt alone; None (the job failed or was cancelled) when there is
+        nothing to add."""
+        if job.cancelled:
+            self._finish(job, "cancelled", 0)
+            return None
         model = self.model
-        key = jobs[0].key
-        if mlora.adapter_names(model) and model.active_adapter != key.adapter:
-            mlora.use_adapter(model, key.adapter)
-        for job in jobs:
-            job.tokens = []
-        tokens = model.config.tokens
-        batch = _to_device(collate([j.sample for j in jobs], tokens.pad, padding_side="left"), model.device)
-        streamer = _RowStreamer(jobs, set(model.config.stop_token_ids), self._finish)
-        model.generate(**batch, streamer=streamer, max_new_tokens=max(j.max_new_tokens for j in jobs),
-                       **key.generate_kwargs())
-        for row, job in enumerate(jobs):
-            if not streamer.finished[row]:  # generation stopped before this row hit its limit
-                streamer.finished[row] = True
-                streamer.deferred.append((job, "length"))
-        for job, reason in streamer.deferred:
-            self._finish(job, reason, len(jobs), run_postprocess=True)
+        try:
+            inputs = _to_device(collate([job.sample], model.config.tokens.pad, padding_side="left"), model.device)
+            inputs.pop("labels", None)
+            embeds, positions, _ = model.prepare_inputs(**inputs)
+            cache = DynamicCache(config=model.backbone.config.text_config)
+            hidden = model.backbone.model.language_model(
+                inputs_embeds=embeds, attention_mask=inputs["attention_mask"], position_ids=positions, cache=cache,
+                use_cache=True).last_hidden_state
+        except Exception as error:  # e.g. media the model rejects: this job fails alone
+            log.info("request failed: %s", error)
+            with self._cond:
+                self.stats.failed_requests += 1
+            _fail(job, error)
+            return None
+        job.tokens = []
+        return _Prefill(job, cache, embeds.shape[1], int(positions.max()) + 1, hidden[:, -1])
 
-    def _finish(self, job: Job, reason: str, batch_size: int, run_postprocess: bool = False) -> bool:
-        """Resolve `job`; returns False when it has to wait for the end of the batch
-        (its postprocess runs after generation)."""
-        if job.postprocess is not None and not run_postprocess:
-            return False
+    def _decode(self, batch: _Batch) -> torch.Tensor:
+        """Feed every row its last token; the `[B, hidden]` states that predict the next."""
+        model, size = self.model, len(batch.rows)
+        self.stats.count_step(size)
+        device = batch.mask.device
+        tokens = torch.tensor([[r.token] for r in batch.rows], device=device)
+        positions = torch.tensor([r.position for r in batch.rows], device=device).view(1, size, 1).expand(3, -1, -1)
+        batch.mask = torch.cat([batch.mask, batch.mask.new_ones(size, 1)], dim=1)
+        hidden = model.backbone.model.language_model(
+            inputs_embeds=model.backbone.get_input_embeddings()(tokens), attention_mask=batch.mask,
+            position_ids=positions, cache=batch.cache, use_cache=True).last_hidden_state
+        return hidden[:, -1]
+
+    def _choose(self, key: BatchKey, logits: torch.Tensor) -> list[int]:
+        """The next token of each row from `[B, vocab]` logits."""
+        scores = logits.float()
+        if not key.do_sample:
+            return scores.argmax(-1).tolist()
+        warpers = sampling_processors(True, key.temperature, key.top_k, key.top_p)
+        scores = warpers(None, scores)  # the warpers look at the scores only
+        return torch.multinomial(scores.softmax(-1), 1).squeeze(1).tolist()
+
+    def _accept(self, job: Job, token: int) -> str | None:
+        """Record `token` for `job` and stream it; the finish reason once the job is done."""
+        if token in self._stop:
+            return "stop"
+        job.tokens.append(token)
+        job.emitted = len(job.tokens)
+        if job.on_token is not None:
+            try:
+                job.on_token(token)
+            except Exception:  # a consumer's problem must not break the batch
+                log.exception("on_token callback failed")
+        return "length" if len(job.tokens) >= job.max_new_tokens else None
+
+    def _finish(self, job: Job, reason: str, batch_size: int) -> None:
+        """Resolve `job`, after its postprocess unless it was cancelled; a failing
+        postprocess fails only this job."""
         completion = Completion(token_ids=list(job.tokens), finish_reason=reason, batch_size=batch_size)
-        if job.postprocess is not None:
+        if reason == "cancelled":
+            with self._cond:
+                self.stats.cancelled_requests += 1
+        elif job.postprocess is not None:
             try:
                 job.postprocess(job, completion)
             except Exception as error:
-                self.stats.failed_requests += 1
+                with self._cond:
+                    self.stats.failed_requests += 1
                 _fail(job, error)
-                return True
+                return
         _resolve(job, completion)
-        return True
-
-
-class _RowStreamer:
-    """transformers' streamer protocol over a batch: the first `put` is the prompt,
-    then each call brings one new token per row."""
-
-    def __init__(self, jobs: list[Job], stop: set[int], finish: Callable[..., bool]):
-        self.jobs, self.stop, self.finish = jobs, stop, finish
-        self.prompt_seen = False
-        self.finished = [False] * len(jobs)
-        self.deferred: list[tuple[Job, str]] = []
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:
-            self.prompt_seen = True
-            return
-        for row, token in enumerate(value.reshape(-1).tolist()):
-            if self.finished[row]:
-                continue
-            job = self.jobs[row]
-            if token in self.stop:
-                self._done(row, "stop")
-                continue
-            job.tokens.append(token)
-            if len(job.tokens) > job.emitted:
-                job.emitted = len(job.tokens)
-                if job.on_token is not None and not job.future.done():
-                    try:
-                        job.on_token(token)
-                    except Exception:  # a consumer's problem must not break the batch
-                        log.exception("on_token callback failed")
-            if len(job.tokens) >= job.max_new_tokens:
-                self._done(row, "length")
-
-    def _done(self, row: int, reason: str) -> None:
-        self.finished[row] = True
-        job = self.jobs[row]
-        if not self.finish(job, reason, len(self.jobs)):
-            self.deferred.append((job, reason))
-
-    def end(self) -> None:
-        pass
 
 
 def _resolve(job: Job, completion: Completion) -> None:
@@ -336,3 +465,12 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
         else:
             moved[name] = value
     return moved
+
+
+def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """Zero-pad `tensor` on the left of `dim` (2 of a `[B, heads, T, head_dim]` cache
+    layer, 1 of a `[B, T]` mask) to `width`."""
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    return F.pad(tensor, (0, 0) * (tensor.dim() - 1 - dim) + (missing, 0))

@@ -33,6 +33,7 @@ from lyra.tokenizer import load_tokenizer
 from lyra.train.answer_states import AnswerStateCache
 from lyra.train.checkpoint import BaseRecord, weights_sha256
 from lyra.train.config import STAGES, TrainConfig, dump_train_config, load_train_config
+from lyra.train.model_setup import configure_trainable, enable_gradient_checkpointing, train_in_fp32
 from lyra.train.trainer import (
     LyraTrainer,
     last_complete_checkpoint,
@@ -78,43 +79,6 @@ def build_model(config: TrainConfig) -> LyraForConditionalGeneration:
     if config.lmme:
         model.config.lmme = LMMEConfig.parse(config.lmme)
     return model
-
-
-def configure_trainable(model: LyraForConditionalGeneration, config: TrainConfig) -> None:
-    """Freeze everything, then unfreeze what the stage trains (paper Table 7)."""
-    model.requires_grad_(False)
-    wanted = config.trainable
-    if wanted.adapter:
-        if "speech" in mlora.adapter_names(model):
-            mlora.use_adapter(model, "speech")  # a new adapter's projector starts from the speech one
-        spec = mlora.AdapterSpec(wanted.adapter_r, wanted.adapter_alpha, wanted.adapter_dropout)
-        mlora.add_adapter(model, wanted.adapter, spec)  # LoRA from the base LLM, now the only active one
-        for name, parameter in model.named_parameters():
-            if f".lora_A.{wanted.adapter}." in name or f".lora_B.{wanted.adapter}." in name:
-                parameter.requires_grad_(True)
-    if wanted.speech_projector:
-        model.speech_projector.requires_grad_(True)
-    if wanted.sound_projector:
-        if model.sound_projector is None:
-            raise ValueError("the recipe trains sound_projector but the model has none (sound.enabled is false)")
-        model.sound_projector.requires_grad_(True)
-    if wanted.llm:
-        model.backbone.model.language_model.requires_grad_(True)
-        model.backbone.lm_head.requires_grad_(True)
-    if wanted.vit:
-        model.backbone.model.visual.requires_grad_(True)
-    if wanted.speech_generator:
-        model.add_speech_generator()  # new and random unless the checkpoint has one
-        model.speech_generator.requires_grad_(True)
-    if not any(p.requires_grad for p in model.parameters()):
-        raise ValueError("the config trains nothing: set something under `trainable`")
-
-
-def train_in_fp32(model: LyraForConditionalGeneration) -> None:
-    """Every weight in fp32, what the optimiser's master weights and autocast expect (bf16 training
-    computes in bf16 under autocast, or DeepSpeed casts the model itself). A previous stage's
-    `final/` holds bf16 weights after bf16 training."""
-    model.float()
 
 
 def answer_state_inputs(batch: dict) -> dict:
@@ -215,8 +179,7 @@ def build_trainer(config: TrainConfig, report_to: str = "none") -> LyraTrainer:
     base = BaseRecord(source=base_source(config), seed=config.seed, sha256=weights_sha256(model))
     configure_trainable(model, config)
     train_in_fp32(model)
-    if config.gradient_checkpointing:
-        model.backbone.activation_checkpointing_enable({"use_reentrant": False})
+    enable_gradient_checkpointing(model, config)
     source = checkpoint_source(config)
     tokenizer_source = checkpoint_tokenizer_source(source, model.config) if source else model.config.tokenizer
     tokenizer = load_tokenizer(tokenizer_source)

@@ -1,0 +1,99 @@
+"""Pieces shared by the benchmark scripts in `scripts/`: the mid-size CPU model, peak-memory
+readings, the FLOP model of an LMME forward (DESIGN.md §6), and a random-weight Lyra built
+on its device."""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+
+from lyra.config import LMMEConfig, LyraConfig, load_config
+from lyra.memory import reset_peak_rss, status_mib
+from lyra.model.lmme import block_ranges, keep_count
+from lyra.model.lyra import LyraForConditionalGeneration
+
+MID_SIZE = {  # a mid-size CPU config: Qwen2-shaped, 8 layers of width 512
+    "text.vocab_size": 4096, "text.hidden_size": 512, "text.intermediate_size": 1536, "text.num_hidden_layers": 8,
+    "text.num_attention_heads": 8, "text.num_key_value_heads": 2, "text.mrope_section": [8, 12, 12],
+    "text.max_position_embeddings": 262144,
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def bench_config(preset: str | None, overrides: dict | None = None) -> LyraConfig:
+    """A preset's config, or the mid-size one (`preset` None), with dotted `overrides`."""
+    if preset:
+        return load_config(preset, overrides=overrides)
+    return load_config("tiny", overrides={**MID_SIZE, **(overrides or {})})
+
+
+def random_model(config: LyraConfig, device: torch.device, dtype: torch.dtype) -> LyraForConditionalGeneration:
+    """A whole Lyra of `config` with random weights (no encoder checkpoint loaded), initialised
+    on `device`: a Lyra-Base never passes through host memory."""
+    with torch.device(device):
+        return LyraForConditionalGeneration(config).to(dtype)
+
+
+class Meter:
+    """Peak memory of one measured call: CUDA's allocator peak, else the process VmHWM."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.kind = "cuda max_memory_allocated" if device.type == "cuda" else "process RSS high-water mark (VmHWM)"
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            reset_peak_rss()
+
+    def peak_gib(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**30
+        return status_mib("VmHWM") / 1024
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def prefill_flops(num_layers: int, params_per_layer: int, width: int, text: int, context: int,
+                  settings: LMMEConfig | None) -> float:
+    """FLOPs of one prefill by the model of DESIGN.md §6: 2·params per token per layer, plus
+    causal attention 2·n²·width per layer; LMME's block b sees the context kept after b steps."""
+    def cost(tokens: int) -> float:
+        return 2 * tokens * params_per_layer + 2 * tokens * tokens * width
+
+    if settings is None:
+        return num_layers * cost(text + context)
+    total, kept = 0.0, context
+    for block in block_ranges(num_layers, settings.blocks):
+        total += len(block) * cost(text + kept)
+        kept = keep_count(kept, settings)
+    return total
+
+
+def flop_bound(num_layers: int, params_per_layer: int, width: int, text: int, context: int,
+               settings: LMMEConfig | None) -> float:
+    """The best prefill speedup the FLOP model allows: baseline FLOPs / pruned FLOPs. A training
+    step's backward and recomputation cost a fixed multiple of each layer's forward, so the same
+    ratio bounds the step's LLM layers."""
+    args = (num_layers, params_per_layer, width, text, context)
+    return prefill_flops(*args, None) / prefill_flops(*args, settings)
+
+
+def print_table(rows: list[dict]) -> None:
+    """`rows` as a Markdown table, columns in the first row's key order."""
+    columns = list(rows[0])
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for row in rows:
+        print("| " + " | ".join(str(row[c]) for c in columns) + " |")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"

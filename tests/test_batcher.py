@@ -1,0 +1,227 @@
+"""ContinuousBatcher: greedy answers equal `model.generate` alone while jobs join and leave
+the running batch at different steps; cancellation; failures stay with their job."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from lyra.config import load_config
+from lyra.model.lyra import LyraForConditionalGeneration
+from lyra.processing import LyraProcessor, ProcessedSample, collate
+from lyra.serve.batcher import BatcherClosed, BatchKey, Completion, ContinuousBatcher, Job
+
+
+def tone(seconds: float, freq: float) -> np.ndarray:
+    t = np.arange(int(seconds * 16000)) / 16000
+    return (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def picture(seed: int, size: int):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    return Image.fromarray((torch.rand(size, size, 3, generator=g) * 255).byte().numpy())
+
+
+@pytest.fixture(scope="module")
+def model():
+    """The tiny model with a short rotary wavelength and sharpened attention, so that a
+    wrong position or mask changes its answers (a random init attends almost uniformly)."""
+    config = load_config("tiny")
+    config.text.rope_theta = 10.0
+    torch.manual_seed(0)
+    model = LyraForConditionalGeneration.from_config(config).eval()
+    with torch.no_grad():
+        for layer in model.backbone.model.language_model.layers:
+            layer.self_attn.q_proj.weight.mul_(6.0)
+            layer.self_attn.k_proj.weight.mul_(6.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def samples(model, tiny_tokenizer) -> list[ProcessedSample]:
+    """Text, image + text, speech, image + speech and a long text prompt (lengths differ)."""
+    from lyra.data.vision import VisionLimits
+
+    processor = LyraProcessor(tiny_tokenizer, model.config, VisionLimits(image_min_pixels=56 * 56,
+                                                                        image_max_pixels=112 * 112))
+    def user(content: str) -> list[dict[str, str]]:
+        return [{"role": "user", "content": content}]
+
+    return [
+        processor(user("hello there")),
+        processor(user("<image>\nwhat is in the picture?"), images=[picture(1, 84)]),
+        processor(user("<speech>"), speech=[tone(1.0, 300.0)]),
+        processor(user("<image> and <speech>: answer it"), images=[picture(2, 56)], speech=[tone(2.0, 500.0)]),
+        processor(user("a much longer question, with many more words in it than any of the other prompts")),
+    ]
+
+
+def alone(model, sample: ProcessedSample, max_new_tokens: int) -> tuple[list[int], str]:
+    """What `model.generate` gives for `sample` on its own: (tokens before the stop token, reason)."""
+    batch = collate([sample], model.config.tokens.pad, padding_side="left")
+    new = model.generate(**batch, max_new_tokens=max_new_tokens)[0].tolist()
+    stop = set(model.config.stop_token_ids)
+    for i, token in enumerate(new):
+        if token in stop:
+            return new[:i], "stop"
+    return new, "length"
+
+
+def outcome(completion: Completion) -> tuple[list[int], str]:
+    return completion.token_ids, completion.finish_reason
+
+
+@pytest.fixture()
+def engine(model, request):
+    batcher = ContinuousBatcher(model, max_batch_size=getattr(request, "param", 8)).start()
+    yield batcher
+    batcher.stop()
+
+
+def chained(engine: ContinuousBatcher, jobs: list[Job], after: list[int]) -> None:
+    """Submit `jobs[0]` now and `jobs[i + 1]` once `jobs[i]` has produced `after[i]` tokens,
+    from the worker thread, so each one joins a batch that is already decoding."""
+    for i, job in enumerate(jobs[:-1]):
+        def submit_next(_token: int, job=job, i=i) -> None:
+            if len(job.tokens) == after[i]:
+                engine.submit(jobs[i + 1])
+        job.on_token = submit_next
+    engine.submit(jobs[0])
+
+
+@pytest.mark.parametrize("engine", [8, 1], indirect=True, ids=["continuous", "one-at-a-time"])
+def test_greedy_answers_equal_generate_alone(model, samples, engine):
+    limits = [9, 6, 12, 4, 7]
+    expected = [alone(model, s, n) for s, n in zip(samples, limits)]
+    jobs = [Job(sample=s, max_new_tokens=n) for s, n in zip(samples, limits)]
+    chained(engine, jobs, after=[2, 1, 3, 1])
+    results = [outcome(j.result(60)) for j in jobs]
+    assert results == expected
+    sizes = engine.stats.sizes
+    if engine.max_batch_size == 1:
+        assert set(sizes) == {1}
+    else:
+        assert max(sizes) >= 3  # the jobs really shared decode steps
+        assert engine.stats.row_steps < sum(len(tokens) for tokens, _ in expected)  # fewer steps than rows
+
+
+@pytest.mark.parametrize("engine", [2], indirect=True)
+def test_a_finished_row_frees_its_slot_at_once(model, samples, engine):
+    """With two slots, a short job leaves and the next queued one joins while a long one decodes."""
+    long_tokens, reason = alone(model, samples[0], 24)
+    assert reason == "length"  # the test needs a job that runs its full length
+    long = Job(sample=samples[0], max_new_tokens=24)
+    short = Job(sample=samples[1], max_new_tokens=2)
+    waiting = Job(sample=samples[2], max_new_tokens=3)
+    seen_with_long_running: list[bool] = []
+    waiting.on_token = lambda _t: seen_with_long_running.append(not long.future.done())
+    for job in (long, short, waiting):
+        engine.submit(job)
+    assert long.result(60).token_ids == long_tokens
+    assert waiting.result(60).finish_reason in ("stop", "length")
+    assert seen_with_long_running and all(seen_with_long_running)
+    assert max(engine.stats.sizes) == 2
+
+
+def test_cancel_drops_a_running_row_within_one_step(model, samples, engine):
+    other_expected = alone(model, samples[2], 10)
+    cancelled = Job(sample=samples[0], max_new_tokens=40)
+    other = Job(sample=samples[2], max_new_tokens=10)
+    cancelled.on_token = lambda _t: cancelled.cancel() if len(cancelled.tokens) == 3 else None
+    engine.submit(other)
+    engine.submit(cancelled)
+    result = cancelled.result(60)
+    assert result.finish_reason == "cancelled"
+    assert result.token_ids == alone(model, samples[0], 3)[0]  # no token after the step it was cancelled in
+    cancelled.cancel()  # idempotent
+    assert outcome(other.result(60)) == other_expected
+    assert engine.stats.cancelled_requests == 1
+
+
+@pytest.mark.parametrize("engine", [1], indirect=True)
+def test_cancel_removes_a_queued_job_without_running_it(model, samples, engine):
+    running = Job(sample=samples[0], max_new_tokens=6)
+    queued = Job(sample=samples[1], max_new_tokens=6)
+    client_cancelled = Job(sample=samples[2], max_new_tokens=6)
+    resolved_at_once: list[bool] = []
+
+    def cancel_the_queued(_token: int) -> None:
+        if len(running.tokens) == 1:
+            queued.cancel()
+            resolved_at_once.append(queued.future.done())
+            client_cancelled.future.cancel()  # a client giving up on its future also counts
+
+    running.on_token = cancel_the_queued
+    for job in (running, queued, client_cancelled):
+        engine.submit(job)
+    assert running.result(60).finish_reason in ("stop", "length")
+    assert resolved_at_once == [True]
+    assert queued.result(0) == Completion(token_ids=[], finish_reason="cancelled", batch_size=0)
+    assert client_cancelled.future.cancelled()
+    assert engine.stats.requests == 1  # neither cancelled job was prefilled
+
+
+def test_failures_stay_with_their_job(model, samples, engine):
+    """A job whose inputs break inside the model, a postprocess that raises and an on_token
+    that raises: only the first two fail; the worker and the other jobs go on."""
+    broken = ProcessedSample(input_ids=samples[2].input_ids, mm_token_type_ids=samples[2].mm_token_type_ids)
+    expected = alone(model, samples[0], 8)
+
+    def bad_postprocess(job: Job, completion: Completion) -> None:
+        raise RuntimeError("vocoder exploded")
+
+    def bad_on_token(_token: int) -> None:
+        raise RuntimeError("client gone")
+
+    good = Job(sample=samples[0], max_new_tokens=8, on_token=bad_on_token)
+    jobs = [good, Job(sample=broken, max_new_tokens=8), Job(sample=samples[1], max_new_tokens=4,
+                                                              postprocess=bad_postprocess)]
+    for job in jobs:
+        engine.submit(job)
+    assert outcome(good.result(60)) == expected
+    with pytest.raises(ValueError, match="speech"):
+        jobs[1].result(60)
+    with pytest.raises(RuntimeError, match="vocoder exploded"):
+        jobs[2].result(60)
+    assert engine.alive and engine.stats.failed_requests == 2
+    assert engine.submit(Job(sample=samples[3], max_new_tokens=2)).result(60).finish_reason in ("stop", "length")
+
+
+def test_sampled_and_greedy_jobs_never_share_a_step(samples, engine):
+    sampled = BatchKey.for_request(None, temperature=0.8, top_p=0.9)
+    jobs = [Job(sample=samples[i % 2], key=sampled if i % 2 else BatchKey(), max_new_tokens=5) for i in range(4)]
+    for job in jobs:
+        engine.submit(job)
+    results = [j.result(60) for j in jobs]
+    assert all(len(r.token_ids) <= 5 for r in results)
+    assert max(engine.stats.sizes) == 2  # two of each key, never four in one step
+
+
+def test_stop_fails_queued_jobs_and_refuses_new_ones(model, samples):
+    batcher = ContinuousBatcher(model, max_batch_size=1).start()
+    started, gate = threading.Event(), threading.Event()
+    first = Job(sample=samples[0], max_new_tokens=4, on_token=lambda _t: (started.set(), gate.wait(10)))
+    second = Job(sample=samples[1], max_new_tokens=4)
+    batcher.submit(first)
+    batcher.submit(second)
+    assert started.wait(30)
+    stopper = threading.Thread(target=batcher.stop)
+    stopper.start()
+    with pytest.raises(BatcherClosed):
+        second.result(10)
+    gate.set()
+    stopper.join(30)
+    assert first.result(10).finish_reason in ("stop", "length")  # the running job finished
+    assert not batcher.alive
+    with pytest.raises(BatcherClosed):
+        batcher.submit(Job(sample=samples[2]))
+
+
+def test_bad_settings_are_refused(model):
+    with pytest.raises(ValueError, match="max_batch_size"):
+        ContinuousBatcher(model, max_batch_size=0)
