@@ -157,17 +157,29 @@ class Assistant:
         self.tokenizer = tokenizer
         self.processor = LyraProcessor(tokenizer, model.config, limits)
 
-    def _prepare(self, messages: list[dict[str, str]], media: Media | None):
-        """Tokenise, load the media, choose and switch on the adapter; a one-sample batch."""
+    def _sample(self, messages: list[dict[str, str]], media: Media | None):
+        """Tokenise and load the media of one conversation; (sample, its adapter, speech seconds)."""
         media = media or Media()
         sample = self.processor(messages, images=media.images, videos=media.videos, speech=media.speech,
                                 sound=media.sound)
         adapter = mlora.adapter_for_audio(self.model, [w.shape[0] for w in sample.speech])
         speech_seconds = [round(w.shape[0] / SAMPLE_RATE, 2) for w in sample.speech]  # reported only
+        return sample, adapter, speech_seconds
+
+    def _batch(self, samples: list, adapter: str | None) -> dict[str, Any]:
+        """Switch on `adapter` and left-pad `samples` into one generation batch on the model's device."""
         if mlora.adapter_names(self.model):
             mlora.use_adapter(self.model, adapter)
-        batch = _to_device(collate([sample], self.model.config.tokens.pad, padding_side="left"), self.model.device)
-        return sample, batch, adapter, speech_seconds
+        return _to_device(collate(samples, self.model.config.tokens.pad, padding_side="left"), self.model.device)
+
+    def _prepare(self, messages: list[dict[str, str]], media: Media | None):
+        """Tokenise, load the media, choose and switch on the adapter; a one-sample batch."""
+        sample, adapter, speech_seconds = self._sample(messages, media)
+        return sample, self._batch([sample], adapter), adapter, speech_seconds
+
+    def _answer_tokens(self, new: torch.Tensor) -> list[int]:
+        """One row of `generate`'s new tokens `[new]` without padding (a finished row is padded)."""
+        return [t for t in new.tolist() if t != self.model.config.tokens.pad]
 
     def speak(self, messages: list[dict[str, str]], media: Media | None, options: GenerationOptions,
               wav_path: str | Path, on_text: Callable[[str], None] | None = None, chunk_tokens: int = 1) -> Reply:
@@ -231,7 +243,7 @@ class Assistant:
         streamer = _TextStreamer(self.tokenizer, on_text, started)
         self.model.last_retention = None
         new = self.model.generate(**batch, streamer=streamer, progress=progress, **options.generate_kwargs())[0]
-        tokens = [t for t in new.tolist() if t != self.model.config.tokens.pad]
+        tokens = self._answer_tokens(new)
         text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
         if on_text is not None and len(text) > len(streamer.text.strip()):
             on_text(text[len(streamer.text.strip()):])
@@ -245,6 +257,38 @@ class Assistant:
             kept_fraction=retention.kept_fraction() if retention is not None else None,
             speech_seconds=speech_seconds,
         )
+
+    def reply_batch(self, conversations: list[tuple[list[dict[str, str]], Media | None]],
+                    options: GenerationOptions | None = None) -> list[Reply]:
+        """Answer several (messages, media) conversations at once, in the order given.
+
+        The prompts are left-padded by `collate` into one `generate` call per adapter (the
+        path the API server's batcher takes), so a greedy answer is the one `reply` gives.
+        `timings["total_s"]` is the wall time of the whole call, shared by its replies;
+        `kept_fraction` (LMME) is over the batch.
+        """
+        options = options or GenerationOptions()
+        started = time.perf_counter()
+        prepared = [self._sample(messages, media) for messages, media in conversations]
+        replies: list[Reply | None] = [None] * len(prepared)
+        for adapter in dict.fromkeys(adapter for _, adapter, _ in prepared):  # each adapter once, in order
+            rows = [i for i, (_, a, _) in enumerate(prepared) if a == adapter]
+            batch = self._batch([prepared[i][0] for i in rows], adapter)
+            self.model.last_retention = None
+            new = self.model.generate(**batch, **options.generate_kwargs())
+            retention = getattr(self.model, "last_retention", None)
+            for row, i in enumerate(rows):
+                sample, _, speech_seconds = prepared[i]
+                tokens = self._answer_tokens(new[row])
+                replies[i] = Reply(
+                    text=self.tokenizer.decode(tokens, skip_special_tokens=True).strip(), token_ids=tokens,
+                    prompt_tokens=int(sample.input_ids.shape[0]), adapter=adapter, timings={},
+                    kept_fraction=retention.kept_fraction() if retention is not None else None,
+                    speech_seconds=speech_seconds)
+        total = round(time.perf_counter() - started, 4)
+        for reply in replies:
+            reply.timings = {"total_s": total, "batch_size": len(replies)}
+        return replies
 
 
 def attach_vocoder(model: LyraForConditionalGeneration, override: str | None = None, required: bool = True):

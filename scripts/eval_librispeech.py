@@ -13,7 +13,9 @@ the folder holding `LibriSpeech/`. The model is asked as the reference asks
 (`lyra/eval/model_lyra_text_speech.py`): the recording, a blank line, then
 "Record the spoken words as text." WER = sum of word edits / sum of reference words after
 `whisper.normalizers.EnglishTextNormalizer` on both sides. Transcripts are appended per
-utterance to a predictions JSONL next to --out; running again skips finished utterances.
+utterance to one shard per process next to --out and merged into `<out stem>.predictions.jsonl`;
+running again, with any number of processes (`torchrun --nproc_per_node N`), skips finished
+utterances. `--batch-size N` transcribes N utterances of similar length per generate call.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ from pathlib import Path
 from lyra.eval.metrics import corpus_wer, percent
 from lyra.utils.io import atomic_write_json
 from lyra.eval.runner import (
-    PredictionLog, add_model_arguments, default_predictions_path, first, load_assistant,
-    model_meta, run_items,
+    EvalTask, Layout, Request, add_model_arguments, audio_seconds, default_predictions_path, evaluate, first,
+    load_assistant, lyra_answers, model_meta,
 )
 
 ASR_PROMPT = "<speech>\n\nRecord the spoken words as text."
@@ -112,46 +114,61 @@ class WhisperTranscriber:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        splits = {split: first(load_split(args.data_root, split), args.limit) for split in args.splits}
+        layout = Layout.from_env()
+        utterances = [u for split in args.splits for u in first(load_split(args.data_root, split), args.limit)]
         if args.whisper:
             transcribe = WhisperTranscriber(args.whisper)
+            layout.start(next(transcribe.model.parameters()).device)
             meta = {"benchmark": "librispeech", "system": f"whisper:{args.whisper}"}
             info = {"model": f"whisper:{args.whisper}", "untrained": False}
+
+            def request(u: Utterance) -> Path:
+                return u.audio
+
+            def answer(audios: list[Path]) -> list[str]:
+                return [transcribe(a) for a in audios]
         else:
             from lyra.inference import Media
 
-            assistant, options, info = load_assistant(args)
+            assistant, options, info = load_assistant(args, layout)
             meta = {"benchmark": "librispeech", "system": "lyra", **model_meta(args, info)}
+            replies = lyra_answers(assistant, options)
 
-            def transcribe(audio: Path) -> str:
-                messages = [{"role": "user", "content": ASR_PROMPT}]
-                return assistant.reply(messages, Media(speech=[audio]), options).text
+            def request(u: Utterance) -> Request:
+                return Request([{"role": "user", "content": ASR_PROMPT}], Media(speech=[u.audio]))
+
+            def answer(requests: list[Request]) -> list[str]:
+                return [reply.text for reply in replies(requests)]
     except (ValueError, FileNotFoundError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
+    task = EvalTask("LibriSpeech", utterances, lambda u: u.key, lambda u: [request(u)],
+                    lambda u, texts: {"split": u.split, "reference": u.text, "hypothesis": texts[0]},
+                    lambda u: ("speech", audio_seconds(u.audio)))
     predictions = Path(args.predictions) if args.predictions else default_predictions_path(args.out)
-    results = {"benchmark": "librispeech", "model": info["model"], "untrained": info["untrained"], "unit": "percent",
-               "normalizer": "whisper.normalizers.EnglishTextNormalizer", "splits": {}, "settings": meta,
-               "predictions": str(predictions), "run": {}}
     try:
-        log = PredictionLog(predictions, meta)
+        outcome = evaluate(task, answer, predictions, meta, layout, args.batch_size)
     except ValueError as error:  # a predictions file of another run
         print(f"error: {error}", file=sys.stderr)
         return 2
-    with log:
-        for split, utterances in splits.items():
-            summary = run_items(utterances, log, lambda u: {"split": u.split, "reference": u.text,
-                                                            "hypothesis": transcribe(u.audio)},
-                                lambda u: u.key, desc=f"LibriSpeech {split}")
-            records = [log.records[u.key] for u in utterances]
-            # A failed utterance counts as an empty transcript (every reference word deleted).
-            stats = corpus_wer([u.text for u in utterances], [r.get("hypothesis") or "" for r in records])
-            results["splits"][split] = {"wer": percent(stats.wer), "errors": stats.errors,
-                                        "reference_words": stats.reference_words, "utterances": stats.utterances,
-                                        "failed": sum("error" in r for r in records)}
-            results["run"][split] = {"computed": summary.computed, "skipped": summary.skipped,
-                                     "failed": summary.failed}
+    finally:
+        layout.stop()
+    if not layout.main:
+        return 0
+    summary = outcome.summary
+    results = {"benchmark": "librispeech", "model": info["model"], "untrained": info["untrained"], "unit": "percent",
+               "normalizer": "whisper.normalizers.EnglishTextNormalizer", "splits": {}, "settings": meta,
+               "predictions": str(predictions),
+               "run": {"computed": summary.computed, "skipped": summary.skipped, "failed": summary.failed},
+               "throughput": outcome.throughput(), "processes": layout.world_size, "batch_size": args.batch_size}
+    for split in args.splits:
+        pairs = [(u, r) for u, r in zip(utterances, outcome.records) if u.split == split]
+        # A failed utterance counts as an empty transcript (every reference word deleted).
+        stats = corpus_wer([u.text for u, _ in pairs], [r.get("hypothesis") or "" for _, r in pairs])
+        results["splits"][split] = {"wer": percent(stats.wer), "errors": stats.errors,
+                                    "reference_words": stats.reference_words, "utterances": stats.utterances,
+                                    "failed": sum("error" in r for _, r in pairs)}
     atomic_write_json(args.out, results)
     for split, row in results["splits"].items():
         print(f"LibriSpeech {split}: WER {row['wer']}% ({row['errors']} errors / {row['reference_words']} words, "

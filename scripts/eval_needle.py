@@ -6,9 +6,13 @@
         --out runs/needle.json          # also runs/needle.heatmap.png (Fig. 6)
 
 The needle (question + the sentence answering it) is spoken with espeak-ng, or read from
---needle-audio; the model hears the haystack and is asked the question in text. Trials are
-appended to a predictions JSONL next to --out; running again skips finished trials, so the
-grid can grow (more lengths, depths or samples) without redoing the old cells.
+--needle-audio; the model hears the haystack and is asked the question in text. Each grid
+cell (length, depth) is one item: its `--samples` trials go to the model together (in
+batches of `--batch-size` trials, cells of one length side by side). Under
+`torchrun --nproc_per_node N` the cells are dealt to the processes; each appends its cells
+to a shard next to --out, and the first process merges them and draws the heatmap. Running
+again skips finished cells, so the grid can grow (more lengths or depths) without redoing
+the old ones (other --samples or --stride settings start over: the predictions say why).
 """
 
 from __future__ import annotations
@@ -20,13 +24,13 @@ from pathlib import Path
 from lyra.data.audio import SAMPLE_RATE, load_audio
 from lyra.eval.metrics import mean
 from lyra.eval.needle import (
-    DEFAULT_NEEDLE, Needle, build_haystack, draw_heatmap, grid_scores, load_background, retrieval_score,
-    synthesize_espeak, trial_id,
+    DEFAULT_NEEDLE, Needle, build_haystack, cell_id, draw_heatmap, grid_scores, load_background, retrieval_score,
+    synthesize_espeak,
 )
 from lyra.utils.io import atomic_write_json
 from lyra.eval.runner import (
-    PredictionLog, add_model_arguments, default_predictions_path, load_assistant, model_meta,
-    run_items,
+    EvalTask, Layout, Request, add_model_arguments, default_predictions_path, evaluate, load_assistant,
+    lyra_answers, model_meta,
 )
 from lyra.inference import Media
 
@@ -66,58 +70,78 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if any(not 0 <= d <= 1 for d in args.depths):
             raise ValueError(f"--depths must be fractions in [0, 1], got {args.depths}")
+        if args.samples < 1:
+            raise ValueError(f"--samples must be at least 1, got {args.samples}")
+        layout = Layout.from_env()
         needle = make_needle(args)
         needle_audio = load_audio(args.needle_audio) if args.needle_audio else synthesize_espeak(needle.spoken, args.voice)
         background = load_background(args.haystack)
-        assistant, options, info = load_assistant(args)
+        assistant, options, info = load_assistant(args, layout)
     except (ValueError, FileNotFoundError, OSError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     background_seconds = len(background) / SAMPLE_RATE
-    stride = args.stride if args.stride is not None else background_seconds / max(args.samples, 1)
-    trials = [(length, depth, sample) for length in args.lengths for depth in args.depths
-              for sample in range(args.samples)]
+    stride = args.stride if args.stride is not None else background_seconds / args.samples
+    cells = [(length, depth) for length in args.lengths for depth in args.depths]
+    starts: dict[tuple[float, float], list[float]] = {}  # the needle's second in each trial of a cell
 
-    def answer(trial: tuple[float, float, int]) -> dict:
-        length, depth, sample = trial
-        audio, needle_start = build_haystack(background, needle_audio, length, depth, offset_seconds=sample * stride)
-        reply = assistant.reply([{"role": "user", "content": f"<speech>\n{needle.question}"}],
-                                Media(speech=[audio]), options)
-        return {"length": length, "depth": depth, "sample": sample, "needle_start_s": round(needle_start, 2),
-                "response": reply.text, "score": retrieval_score(reply.text, needle.answer),
-                "prompt_tokens": reply.prompt_tokens, "seconds": reply.timings["total_s"]}
+    def prepare(cell: tuple[float, float]) -> list[Request]:
+        length, depth = cell
+        requests, starts[cell] = [], []
+        for sample in range(args.samples):
+            audio, needle_start = build_haystack(background, needle_audio, length, depth,
+                                                 offset_seconds=sample * stride)
+            starts[cell].append(round(needle_start, 2))
+            requests.append(Request([{"role": "user", "content": f"<speech>\n{needle.question}"}],
+                                    Media(speech=[audio])))
+        return requests
 
+    def finish(cell: tuple[float, float], replies: list) -> dict:
+        scores = [retrieval_score(reply.text, needle.answer) for reply in replies]
+        return {"length": cell[0], "depth": cell[1], "score": mean(scores),
+                "trials": [{"sample": k, "needle_start_s": start, "response": reply.text, "score": score,
+                            "prompt_tokens": reply.prompt_tokens, "seconds": reply.timings["total_s"]}
+                           for k, (start, reply, score) in enumerate(zip(starts.pop(cell), replies, scores))]}
+
+    task = EvalTask("needle", cells, lambda cell: cell_id(*cell), prepare, finish,
+                    lambda cell: ("speech", cell[0]))
     out = Path(args.out)
     predictions = Path(args.predictions) if args.predictions else default_predictions_path(out)
     meta = {"benchmark": "needle", "question": needle.question, "answer": needle.answer, "spoken": needle.spoken,
             "needle_audio": args.needle_audio, "haystack": [str(p) for p in args.haystack], "stride": stride,
-            **model_meta(args, info)}
+            "samples": args.samples, **model_meta(args, info)}
     try:
-        log = PredictionLog(predictions, meta)
+        # A batch is counted in trials: a cell brings `samples` of them.
+        outcome = evaluate(task, lyra_answers(assistant, options), predictions, meta, layout,
+                           max(1, args.batch_size // args.samples))
     except ValueError as error:  # a predictions file of another run
         print(f"error: {error}", file=sys.stderr)
         return 2
-    with log:
-        summary = run_items(trials, log, answer, lambda t: trial_id(*t), desc="needle")
-        records = [log.records[trial_id(*t)] for t in trials]
-    grid = grid_scores(records, args.lengths, args.depths)
+    finally:
+        layout.stop()
+    if not layout.main:
+        return 0
+    records = outcome.records
+    trials = [{**trial, "length": r["length"], "depth": r["depth"]} for r in records for trial in r.get("trials", [])]
+    grid = grid_scores(trials, args.lengths, args.depths)
     heatmap = Path(args.heatmap) if args.heatmap else out.with_name(out.stem + ".heatmap.png")
     title = args.title or f"Needle in a speech haystack: {info['model']}"
     heatmap.parent.mkdir(parents=True, exist_ok=True)
     draw_heatmap(grid, args.lengths, args.depths, title).save(heatmap)
-    scored = [r for r in records if "score" in r]
+    summary = outcome.summary
     results = {
         "benchmark": "needle", "model": info["model"], "untrained": info["untrained"], "unit": "fraction",
-        "overall": mean([r["score"] for r in scored]), "lengths": args.lengths, "depths": args.depths,
+        "overall": mean([t["score"] for t in trials]), "lengths": args.lengths, "depths": args.depths,
         "grid": grid, "grid_layout": "rows follow depths, columns follow lengths",
-        "by_length": {f"{length:g}": mean([r["score"] for r in scored if r["length"] == length])
+        "by_length": {f"{length:g}": mean([t["score"] for t in trials if t["length"] == length])
                       for length in args.lengths},
-        "trials": len(trials), "errors": sum("error" in r for r in records),
+        "trials": len(cells) * args.samples, "errors": sum("error" in r for r in records),
         "heatmap": str(heatmap), "settings": meta, "predictions": str(predictions),
         "run": {"computed": summary.computed, "skipped": summary.skipped, "failed": summary.failed},
+        "throughput": outcome.throughput(), "processes": layout.world_size, "batch_size": args.batch_size,
     }
     atomic_write_json(out, results)
-    print(f"needle: {results['overall']} mean retrieval over {len(scored)} trials -> {out}, {heatmap}")
+    print(f"needle: {results['overall']} mean retrieval over {len(trials)} trials -> {out}, {heatmap}")
     return 0
 
 

@@ -9,8 +9,13 @@
     python scripts/eval_speech_vqa.py --task mmvet --data-root data/Lyra_Eval/MM_vet_speech --out runs/mmvet_s.json \\
         --judge-endpoint https://api.openai.com/v1 --judge-model gpt-4-0613   # key from $OPENAI_API_KEY
 
-Predictions (and judge grades) are appended per item to JSONL files next to --out; running
-again skips what is done. Layouts, prompts and metrics: `lyra/eval/speech_vqa.py`.
+    torchrun --nproc_per_node 4 scripts/eval_speech_vqa.py --task docvqa --batch-size 8 \
+        --data-root data/Lyra_Eval/Docvqa_val --out runs/docvqa_s.json
+
+Predictions are appended per item to shard files next to --out (one per process) and merged
+into `<out stem>.predictions.jsonl`; judge grades to `<out stem>.judge.jsonl` (first process
+only). Running again, with any number of processes, skips what is done. Layouts, prompts
+and metrics: `lyra/eval/speech_vqa.py`; sharding and batching: `lyra/eval/runner.py`.
 """
 
 from __future__ import annotations
@@ -22,8 +27,8 @@ from pathlib import Path
 
 from lyra.utils.io import atomic_write_json
 from lyra.eval.runner import (
-    PredictionLog, add_model_arguments, default_predictions_path, first, load_assistant,
-    model_meta, run_items,
+    EvalTask, Layout, PredictionLog, Request, add_model_arguments, audio_seconds, default_predictions_path,
+    evaluate, first, load_assistant, lyra_answers, model_meta, run_items,
 )
 from lyra.eval.speech_vqa import TASKS, SpeechVQAItem, judge_one, load_items, mmvet_scores, score_predictions
 from lyra.inference import Media
@@ -51,25 +56,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def evaluate(args: argparse.Namespace, items: list[SpeechVQAItem], answer, info: dict, out: Path) -> dict:
-    """Answer what is not answered yet, score, export (and judge) MM-Vet; the results dict."""
-    predictions = Path(args.predictions) if args.predictions else default_predictions_path(out)
-    meta = {"benchmark": f"{args.task}_speech", "instruction": args.instruction, **model_meta(args, info)}
-    with PredictionLog(predictions, meta) as log:
-        summary = run_items(items, log, answer, lambda item: item.id, desc=f"{args.task}^S")
-        records = [{**log.records[item.id], "answers": item.answers} for item in items]
+def speech_task(args: argparse.Namespace, items: list[SpeechVQAItem]) -> EvalTask:
+    """Each item: its image and spoken question in one user turn; batches sorted by speech length."""
+
+    def prepare(item: SpeechVQAItem) -> list[Request]:
+        return [Request([{"role": "user", "content": item.prompt}], Media(images=[item.image], speech=[item.speech]))]
+
+    def finish(item: SpeechVQAItem, replies: list) -> dict:
+        reply = replies[0]
+        return {"response": reply.text, "image": item.image.name, "speech": item.speech.name,
+                "prompt_tokens": reply.prompt_tokens, "new_tokens": len(reply.token_ids),
+                "seconds": reply.timings["total_s"]}
+
+    return EvalTask(f"{args.task}^S", items, lambda item: item.id, prepare, finish,
+                    lambda item: ("image+speech", audio_seconds(item.speech)))
+
+
+def score(args: argparse.Namespace, items: list[SpeechVQAItem], records: list[dict], meta: dict, info: dict,
+          out: Path, predictions: Path) -> dict:
+    """Score the merged predictions, export (and judge) MM-Vet; the results dict."""
+    records = [{**record, "answers": item.answers} for item, record in zip(items, records)]
     results = {"benchmark": f"{args.task}_speech", "model": info["model"], "untrained": info["untrained"],
                "unit": "percent", **score_predictions(args.task, records), "settings": meta,
-               "predictions": str(predictions),
-               "run": {"computed": summary.computed, "skipped": summary.skipped, "failed": summary.failed}}
-
+               "predictions": str(predictions)}
     if args.task == "mmvet":
         submission = out.with_name(out.stem + ".mmvet_submission.json")
-        atomic_write_json(submission, {item.id: record.get("response") or "" for item, record in zip(items, records)})
+        responses = {item.id: record.get("response") or "" for item, record in zip(items, records)}
+        atomic_write_json(submission, responses)
         results["submission_file"] = str(submission)
         if args.judge_endpoint:
             api_key = os.environ.get(args.judge_api_key_env)
-            responses = {item.id: record.get("response") or "" for item, record in zip(items, records)}
             grades_path = out.with_name(out.stem + ".judge.jsonl")
             judge_meta = {"benchmark": "mmvet_judge", "judge_model": args.judge_model, "predictions": str(predictions)}
             with PredictionLog(grades_path, judge_meta) as grades:
@@ -93,29 +109,34 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--judge-endpoint and --judge-model go together")
         if args.judge_endpoint and args.task != "mmvet":
             raise ValueError("the LLM judge is for --task mmvet")
+        layout = Layout.from_env()
         items = first(load_items(args.task, args.data_root, args.question_file, args.image_folder,
                                  args.speech_folder, args.annotation_file, args.instruction), args.limit)
-        assistant, options, info = load_assistant(args)
+        assistant, options, info = load_assistant(args, layout)
     except (ValueError, FileNotFoundError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
-    def answer(item: SpeechVQAItem) -> dict:
-        reply = assistant.reply([{"role": "user", "content": item.prompt}],
-                                Media(images=[item.image], speech=[item.speech]), options)
-        return {"response": reply.text, "image": item.image.name, "speech": item.speech.name,
-                "prompt_tokens": reply.prompt_tokens, "new_tokens": len(reply.token_ids),
-                "seconds": reply.timings["total_s"]}
-
     out = Path(args.out)
+    predictions = Path(args.predictions) if args.predictions else default_predictions_path(out)
+    meta = {"benchmark": f"{args.task}_speech", "instruction": args.instruction, **model_meta(args, info)}
     try:
-        results = evaluate(args, items, answer, info, out)
+        outcome = evaluate(speech_task(args, items), lyra_answers(assistant, options), predictions, meta, layout,
+                           args.batch_size)
+        if not layout.main:
+            return 0
+        results = score(args, items, outcome.records, meta, info, out, predictions)
     except ValueError as error:  # e.g. a predictions file of another run
         print(f"error: {error}", file=sys.stderr)
         return 2
+    finally:
+        layout.stop()
+    summary = outcome.summary
+    results.update(run={"computed": summary.computed, "skipped": summary.skipped, "failed": summary.failed},
+                   throughput=outcome.throughput(), processes=layout.world_size, batch_size=args.batch_size)
     atomic_write_json(out, results)
-    score = results.get("score")
-    print(f"{args.task}^S: {results['metric']} {score if score is not None else '(not judged)'} over "
+    score_value = results.get("score")
+    print(f"{args.task}^S: {results['metric']} {score_value if score_value is not None else '(not judged)'} over "
           f"{results['n']} questions -> {out}")
     return 0
 

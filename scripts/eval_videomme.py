@@ -8,9 +8,15 @@
     python scripts/eval_videomme.py --model outputs/base/model --data-root data/Video-MME --mode audio \\
         --lmme 4,0.7 --fallback-predictions runs/videomme_vision.predictions.jsonl --out runs/videomme_audio.json
 
-Predictions go to `<out stem>.predictions.jsonl` (or --predictions), one line per question as
-it finishes; running the same command again skips the questions already there. `--limit N`
-evaluates the first N questions. Layout and prompts: see `lyra/eval/videomme.py`.
+    # 8 GPUs, 8 questions per generate call; the same predictions as one process
+    torchrun --nproc_per_node 8 scripts/eval_videomme.py --model outputs/base/model --data-root data/Video-MME \
+        --mode vision --batch-size 8 --out runs/videomme_vision.json
+
+Each process appends its answers, one line per question as it finishes, to
+`<out stem>.predictions.shards/`; running again (with any number of processes) skips the
+questions already there, and the first process merges them into `<out stem>.predictions.jsonl`
+(or --predictions) and scores. `--limit N` evaluates the first N questions. Layout and
+prompts: see `lyra/eval/videomme.py`; sharding and batching: `lyra/eval/runner.py`.
 """
 
 from __future__ import annotations
@@ -25,13 +31,15 @@ from lyra.data.vision import load_video_frames
 from lyra.inference import Media
 from lyra.utils.io import atomic_write_json
 from lyra.eval.runner import (
-    META_KEY, PredictionLog, add_model_arguments, default_predictions_path, first, load_assistant,
-    model_meta, run_items,
+    META_KEY, EvalTask, Layout, Request, add_model_arguments, default_predictions_path, evaluate, first,
+    load_assistant, lyra_answers, model_meta,
 )
 from lyra.eval.videomme import (
     MODES, VideoMMEItem, build_prompt, find_video, has_audio_track, load_questions,
     score_predictions,
 )
+
+DURATION_ORDER = {"short": 0, "medium": 1, "long": 2}  # batches group questions of one duration class
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,52 +71,64 @@ def read_predictions(path: str | Path) -> dict[str, dict]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        layout = Layout.from_env()
         items = first(load_questions(args.data_root, args.question_file), args.limit)
         fallback = read_predictions(args.fallback_predictions) if args.fallback_predictions else None
         if fallback is not None and args.mode != "audio":
             raise ValueError("--fallback-predictions only applies to --mode audio")
-        assistant, options, info = load_assistant(args)
+        assistant, options, info = load_assistant(args, layout)
     except (ValueError, FileNotFoundError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     limits = assistant.processor.vision.limits
     temporal_patch = assistant.processor.vision.temporal_patch_size
 
-    def answer(item: VideoMMEItem) -> dict:
+    def record(item: VideoMMEItem, **fields) -> dict:
+        return {"video": item.video, "duration": item.duration, "answer": item.answer, **fields, **item.extra}
+
+    def prepare(item: VideoMMEItem) -> list[Request] | dict:
         path = find_video(args.data_root, item.video, args.video_dir)
         videos, speech, mode = [], [], args.mode
         audio_track = has_audio_track(path) if mode in ("audio", "omni") else None
         if mode == "audio" and not audio_track:  # nothing to listen to: the question stays unanswered
-            return {"video": item.video, "duration": item.duration, "answer": item.answer, "response": None,
-                    "audio_track": False, **item.extra}
+            return record(item, response=None, audio_track=False)
         if mode == "omni" and not audio_track:
             mode = "vision"  # a silent video: the frames alone
         if mode in ("vision", "omni"):
             videos = [load_video_frames(path, limits, temporal_patch)]
         if mode in ("audio", "omni"):
             speech = [(load_video_audio(path), SAMPLE_RATE)]
-        reply = assistant.reply([{"role": "user", "content": build_prompt(item, mode)}],
-                                Media(videos=videos, speech=speech), options)
-        return {"video": item.video, "duration": item.duration, "answer": item.answer, "options": item.options,
-                "response": reply.text, "audio_track": audio_track,
-                "prompt_tokens": reply.prompt_tokens, "new_tokens": len(reply.token_ids),
-                "seconds": reply.timings["total_s"], **item.extra}
+        return [Request([{"role": "user", "content": build_prompt(item, mode)}], Media(videos=videos, speech=speech))]
 
+    def finish(item: VideoMMEItem, replies: list) -> dict:
+        reply = replies[0]
+        return record(item, options=item.options, response=reply.text, audio_track=None
+                      if args.mode == "vision" else bool(reply.speech_seconds),
+                      prompt_tokens=reply.prompt_tokens, new_tokens=len(reply.token_ids),
+                      seconds=reply.timings["total_s"])
+
+    task = EvalTask(f"VideoMME {args.mode}", items, lambda item: item.id, prepare, finish,
+                    lambda item: (args.mode, DURATION_ORDER.get(item.duration, 3)))
     predictions = Path(args.predictions) if args.predictions else default_predictions_path(args.out)
     meta = {"benchmark": "videomme", "mode": args.mode, **model_meta(args, info)}
     try:
-        with PredictionLog(predictions, meta) as log:
-            summary = run_items(items, log, answer, lambda item: item.id, desc=f"VideoMME {args.mode}")
-            # Ground truth from the question file (failed items have no copy of it).
-            records = [{**log.records[item.id], "duration": item.duration, "answer": item.answer,
-                        "options": item.options} for item in items]
+        outcome = evaluate(task, lyra_answers(assistant, options), predictions, meta, layout, args.batch_size)
+        if not layout.main:
+            return 0
+        # Ground truth from the question file (failed items have no copy of it).
+        records = [{**r, "duration": item.duration, "answer": item.answer, "options": item.options}
+                   for item, r in zip(items, outcome.records)]
         metrics = score_predictions(records, args.mode, fallback)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    finally:
+        layout.stop()
+    summary = outcome.summary
     results = {"benchmark": "videomme", "mode": args.mode, "model": info["model"], "untrained": info["untrained"],
                "unit": "percent", **metrics, "settings": meta, "predictions": str(predictions),
-               "run": {"computed": summary.computed, "skipped": summary.skipped, "failed": summary.failed}}
+               "run": {"computed": summary.computed, "skipped": summary.skipped, "failed": summary.failed},
+               "throughput": outcome.throughput(), "processes": layout.world_size, "batch_size": args.batch_size}
     atomic_write_json(args.out, results)
     accuracy = results["accuracy"]
     print(f"VideoMME {args.mode}: {accuracy['overall']}% overall (short {accuracy['short']}, medium "

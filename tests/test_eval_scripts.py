@@ -49,15 +49,15 @@ def espeak(text: str, path: Path) -> Path:
 
 @pytest.fixture()
 def replies(monkeypatch):
-    """Counts the model calls (Assistant.reply) the scripts make."""
+    """The last user turn of every conversation the scripts give the model (Assistant.reply_batch)."""
     calls = []
-    original = Assistant.reply
+    original = Assistant.reply_batch
 
-    def counting(self, messages, media=None, options=None, **kwargs):
-        calls.append(messages[-1]["content"])
-        return original(self, messages, media, options, **kwargs)
+    def counting(self, conversations, options=None):
+        calls.extend(messages[-1]["content"] for messages, _ in conversations)
+        return original(self, conversations, options)
 
-    monkeypatch.setattr(Assistant, "reply", counting)
+    monkeypatch.setattr(Assistant, "reply_batch", counting)
     return calls
 
 
@@ -292,12 +292,13 @@ def test_eval_speech_vqa_scores_known_answers(speech_vqa_roots, tmp_path, monkey
                 "50.wav": " denver   BRONCOS", "51.wav": "12/15/89",  # ANLS 1.0 and 7/8
                 }
 
-    def fake_reply(self, messages, media=None, options=None, **kwargs):
-        text = scripted.get(Path(media.speech[0]).name, "45.9")  # ChartQA: 45.9 vs 45 (2 %), vs "Yes"
-        return Reply(text=text, token_ids=[1], prompt_tokens=1, adapter=None, timings={"total_s": 0.0},
-                     kept_fraction=None, speech_seconds=[1.0])
+    def fake_replies(self, conversations, options=None):
+        # ChartQA: 45.9 vs 45 (2 %), vs "Yes"
+        return [Reply(text=scripted.get(Path(media.speech[0]).name, "45.9"), token_ids=[1], prompt_tokens=1,
+                      adapter=None, timings={"total_s": 0.0}, kept_fraction=None, speech_seconds=[1.0])
+                for _, media in conversations]
 
-    monkeypatch.setattr(Assistant, "reply", fake_reply)
+    monkeypatch.setattr(Assistant, "reply_batch", fake_replies)
     run = load_script("eval_speech_vqa").main
     expected = {"textvqa": 100.0, "docvqa": 100 * (1 + 7 / 8) / 2, "chartqa": 50.0}
     for task, score in expected.items():
@@ -435,8 +436,8 @@ def test_eval_needle_grid_resume_and_heatmap(tmp_path, replies):
     results = json.loads(out.read_text())
     assert results["lengths"] == [6.0, 12.0] and len(results["grid"]) == 3 and all(len(r) == 2 for r in results["grid"])
     assert all(0.0 <= v <= 1.0 for row in results["grid"] for v in row)
-    starts = {(r["length"], r["depth"]): r["needle_start_s"] for r in prediction_lines(tmp_path /
-                                                                                       "needle.predictions.jsonl")}
+    starts = {(r["length"], r["depth"]): r["trials"][0]["needle_start_s"]
+              for r in prediction_lines(tmp_path / "needle.predictions.jsonl")}
     assert starts[(12.0, 0.0)] == pytest.approx(0.3) and starts[(12.0, 1.0)] > starts[(12.0, 0.5)] > 1
     with Image.open(results["heatmap"]) as image:
         assert image.size[0] > 200 and image.size[1] > 150

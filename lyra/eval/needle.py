@@ -132,6 +132,11 @@ def trial_id(length: float, depth: float, sample: int) -> str:
     return f"len{length:g}_depth{depth:g}_s{sample}"
 
 
+def cell_id(length: float, depth: float) -> str:
+    """The id of a grid cell, the unit of a sharded run (its trials go together)."""
+    return f"len{length:g}_depth{depth:g}"
+
+
 def grid_scores(records: Sequence[dict], lengths: Sequence[float], depths: Sequence[float]) -> list[list[float | None]]:
     """Mean score per (depth row, length column); None where no trial finished."""
     cells: dict[tuple[float, float], list[float]] = {}
