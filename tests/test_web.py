@@ -12,9 +12,12 @@ the trained nano model.
 
 from __future__ import annotations
 
+import io
+import urllib.request
 from pathlib import Path
 
 import pytest
+import soundfile as sf
 
 from lyra.serve.web_browser import BrowserMissing, ask, chromium, serve
 
@@ -65,9 +68,13 @@ def test_web_demo_shows_the_media_and_plays_the_spoken_answer(browser, web_demo,
     assert "circle.png" not in turn.user_text and "question.wav" not in turn.user_text
     assert "What shape is in the picture?" in turn.user_text
     # the answer shows its text and its audio, and the audio plays: a browser <audio> element
-    # loads the spoken answer's source, longer than 0.3 s
+    # loads the spoken answer's source, and gives it the duration of the WAV the server serves
     assert turn.answer_audio_players == 1
-    assert turn.answer_audio_seconds is not None and turn.answer_audio_seconds > 0.3, turn
+    assert turn.answer_audio_seconds is not None and turn.answer_audio_url, turn
+    with urllib.request.urlopen(turn.answer_audio_url, timeout=10) as response:
+        served = sf.info(io.BytesIO(response.read()))
+    assert served.frames > 0
+    assert abs(turn.answer_audio_seconds - served.frames / served.samplerate) < 0.01, (turn, served)
     page.screenshot(path=str(tmp_path / "web_demo.png"), full_page=True)
     page.close()
 

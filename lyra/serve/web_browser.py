@@ -17,6 +17,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urljoin
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -96,6 +97,7 @@ class Exchange:
     user_text: str
     answer_audio_players: int  # audio players in the answer's bubbles
     answer_audio_seconds: float | None  # duration of the spoken answer as the browser loads it, None without one
+    answer_audio_url: str | None  # where the page's spoken answer file is served from
     errors: list[str]
 
 
@@ -135,14 +137,22 @@ def ask(page, url: str, image: Path | None, speech: Path | None, text: str = "",
     return Exchange(answer=" ".join(t for t in texts if t), user_images=user.locator("img").count(),
                     user_audio=user.locator(players).count(), user_text=" ".join(user.all_inner_texts()),
                     answer_audio_players=bot.locator(players).count(), answer_audio_seconds=seconds,
+                    answer_audio_url=spoken_answer_url(page),
                     errors=page.locator(".toast-body").all_inner_texts())
 
 
-def _spoken_seconds(page) -> float | None:
-    """The duration of the spoken answer's file (the #spoken player's source) as the browser's own
-    <audio> element loads it: None while there is none or it does not load."""
+def spoken_answer_url(page) -> str | None:
+    """The absolute URL of the spoken answer's file (the #spoken player's source), None without one."""
     link = page.locator("#spoken a[data-testid='download-link']")
-    if not link.count() or not link.first.get_attribute("href"):
+    href = link.first.get_attribute("href") if link.count() else None
+    return urljoin(page.url, href) if href else None
+
+
+def _spoken_seconds(page) -> float | None:
+    """The duration of the spoken answer's file as the browser's own <audio> element loads it:
+    None while there is none or it does not load."""
+    url = spoken_answer_url(page)
+    if url is None:
         return None
     return page.evaluate("""async (url) => {
         const audio = new Audio(url);
@@ -150,4 +160,4 @@ def _spoken_seconds(page) -> float | None:
             await new Promise((ok, bad) => { audio.onloadedmetadata = ok; audio.onerror = bad; });
         } catch (error) { return null; }
         return isFinite(audio.duration) ? audio.duration : null;
-    }""", link.first.get_attribute("href"))
+    }""", url)
