@@ -29,8 +29,6 @@ import io
 import json
 import os
 import platform
-import re
-import subprocess
 import sys
 import threading
 import time
@@ -39,9 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
+from lyra.serve.process import HOST, ServerProcess
 from lyra.utils.io import atomic_write_json
 
-HOST = "127.0.0.1"  # loopback only
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -81,31 +79,14 @@ def build_requests(model_id: str, count: int, max_tokens: list[int], mix: str = 
     return requests
 
 
-class Server:
+class Server(ServerProcess):
     """`python -m lyra.serve.api` in a subprocess on a free loopback port."""
 
     def __init__(self, model: str, max_batch_size: int, threads: int | None = None, start_timeout: float = 300):
-        command = [sys.executable, "-m", "lyra.serve.api", "--model", model, "--host", HOST, "--port", "0",
-                   "--max-batch-size", str(max_batch_size), "--log-level", "WARNING"]
         env = dict(os.environ)
         if threads is not None:  # torch reads it at start-up
             env["OMP_NUM_THREADS"] = str(threads)
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                                        cwd=REPO_ROOT, env=env)
-        self.port = None
-        self.model_id = None
-        deadline = time.monotonic() + start_timeout
-        while time.monotonic() < deadline:
-            line = self.process.stdout.readline()
-            if not line:
-                break
-            match = re.search(r"serving '(.+)' at http://127\.0\.0\.1:(\d+)/v1", line)
-            if match:
-                self.model_id, self.port = match.group(1), int(match.group(2))
-                break
-        if self.port is None:
-            self.stop()
-            raise RuntimeError(f"the server for --model {model} did not start (exit code {self.process.poll()})")
+        super().__init__(["--model", model, "--max-batch-size", str(max_batch_size)], env, start_timeout)
 
     def get(self, path: str) -> dict:
         conn = http.client.HTTPConnection(HOST, self.port, timeout=30)
@@ -114,25 +95,6 @@ class Server:
             return json.loads(conn.getresponse().read())
         finally:
             conn.close()
-
-    def cpu_seconds(self) -> float | None:
-        """User + system CPU time of the server process so far (less sensitive than wall
-        time to other processes sharing the machine); None without psutil."""
-        try:
-            import psutil
-        except ImportError:
-            return None
-        times = psutil.Process(self.process.pid).cpu_times()
-        return times.user + times.system
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
 
 
 def run_level(server: Server, requests: list[dict], clients: int, timeout: float) -> dict:

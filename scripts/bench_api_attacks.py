@@ -24,60 +24,22 @@ import argparse
 import json
 import os
 import platform
-import re
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
+from lyra.serve.process import HOST, ServerProcess
 from lyra.utils.io import atomic_write_json
 
-HOST = "127.0.0.1"
 SLOTS = 8  # --max-concurrent: as many FIFO requests as slots, as many dropped streams
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-class Server:
-    """`python -m lyra.serve.api` in a subprocess; its port from the line it prints."""
-
-    def __init__(self, model: str, media_root: str, start_timeout: float = 300):
-        command = [sys.executable, "-m", "lyra.serve.api", "--model", model, "--host", HOST, "--port", "0",
-                   "--max-concurrent", str(SLOTS), "--media-root", media_root, "--body-timeout-s", "2",
-                   "--prepare-timeout-s", "5", "--log-level", "ERROR"]
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                                        cwd=REPO_ROOT)
-        self.port, self.model_id = None, None
-        deadline = time.monotonic() + start_timeout
-        while time.monotonic() < deadline:
-            line = self.process.stdout.readline()
-            if not line:
-                break
-            match = re.search(r"serving '(.+)' at http://127\.0\.0\.1:(\d+)/v1", line)
-            if match:
-                self.model_id, self.port = match.group(1), int(match.group(2))
-                break
-        if self.port is None:
-            self.stop()
-            raise RuntimeError(f"the server did not start (exit code {self.process.poll()})")
-
-    def rss_mb(self) -> float | None:
-        try:
-            import psutil
-        except ImportError:
-            return None
-        return psutil.Process(self.process.pid).memory_info().rss / 2 ** 20
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+def start_server(model: str, media_root: str) -> ServerProcess:
+    return ServerProcess(["--model", model, "--max-concurrent", str(SLOTS), "--media-root", media_root,
+                          "--body-timeout-s", "2", "--prepare-timeout-s", "5"], log_level="ERROR")
 
 
 def send(port: int, payload: bytes, timeout: float = 120.0) -> tuple[int | None, float]:
@@ -165,7 +127,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as media:
         os.mkfifo(Path(media) / "fifo")
         (Path(media) / "kmsg").symlink_to("/proc/kmsg")
-        server = Server(args.model, media)
+        server = start_server(args.model, media)
         try:
             rows = attacks(server, Path(media))
             health = json.loads(_get(server.port, "/health"))
