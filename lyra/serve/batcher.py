@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import Counter
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
@@ -95,9 +94,7 @@ class Job:
     on_token: Callable[[int], None] | None = None
     postprocess: Callable[["Job", Completion], None] | None = None
     future: Future = field(default_factory=Future)
-    enqueued: float = field(default_factory=time.monotonic)
     tokens: list[int] = field(default_factory=list)  # produced so far
-    emitted: int = 0  # tokens already given to on_token
     _cancelled: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
     _on_cancel: Callable[["Job"], None] | None = field(default=None, init=False, repr=False)
 
@@ -269,7 +266,6 @@ class ContinuousBatcher:
         with self._cond:
             if not self._running:
                 raise BatcherClosed("the batcher is not running")
-            job.enqueued = time.monotonic()
             job._on_cancel = self._cancel_queued
             self._queue.append(job)
             self._cond.notify_all()
@@ -385,7 +381,6 @@ class ContinuousBatcher:
                 self.stats.failed_requests += 1
             _fail(job, error)
             return None
-        job.tokens = []
         return _Prefill(job, cache, embeds.shape[1], int(positions.max()) + 1, hidden[:, -1])
 
     def _decode(self, batch: _Batch) -> torch.Tensor:
@@ -415,7 +410,6 @@ class ContinuousBatcher:
         if token in self._stop:
             return "stop"
         job.tokens.append(token)
-        job.emitted = len(job.tokens)
         if job.on_token is not None:
             try:
                 job.on_token(token)
