@@ -70,7 +70,7 @@ from lyra.serve.limits import (ServerConfig, check_body_size, check_header_size,
                                is_loopback)
 from lyra.serve.media import (MediaRef, data_ref, decode_audio, decode_image, decode_video, image_ref,
                               read_local_file)
-from lyra.serve.schema import APIError, ChatCompletionRequest, ContentPart, TextPart, error_from_validation, invalid
+from lyra.serve.schema import APIError, ChatCompletionRequest, ContentPart, TextPart, first_error, invalid
 
 __all__ = ["APIError", "LyraAPI", "LyraServer", "ServerConfig", "build_app", "build_parser", "config_from_args",
            "create_server", "main"]
@@ -593,10 +593,7 @@ def build_app(api: LyraAPI) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request: Request, error: RequestValidationError) -> JSONResponse:
-        first = dict(error.errors()[0])
-        loc = tuple(first.get("loc", ()))
-        first["loc"] = loc[1:] if loc[:1] == ("body",) else loc
-        return error_response(error_from_validation(first))
+        return error_response(first_error(error.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
