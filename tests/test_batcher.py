@@ -4,6 +4,7 @@ the running batch at different steps; cancellation; failures stay with their job
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -164,6 +165,20 @@ def test_cancel_removes_a_queued_job_without_running_it(model, samples, engine):
     assert queued.result(0) == Completion(token_ids=[], finish_reason="cancelled", batch_size=0)
     assert client_cancelled.future.cancelled()
     assert engine.stats.requests == 1  # neither cancelled job was prefilled
+    assert engine.stats.cancelled_requests == 2 and engine.queued == 0
+
+
+def test_a_cancelled_future_drops_its_running_row(model, samples, engine):
+    job = Job(sample=samples[0], max_new_tokens=40)
+    job.on_token = lambda _t: job.future.cancel() if len(job.tokens) == 3 else None
+    engine.submit(job)
+    deadline = time.monotonic() + 60
+    while engine.stats.cancelled_requests == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert job.future.cancelled() and job.cancelled
+    assert job.tokens == alone(model, samples[0], 3)[0]  # no token after the step it was cancelled in
+    assert engine.stats.cancelled_requests == 1
 
 
 def test_failures_stay_with_their_job(model, samples, engine):

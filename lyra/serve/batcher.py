@@ -85,7 +85,9 @@ class Job:
 
     `cancel()` (from any thread) asks `ContinuousBatcher` to drop the job: a queued job
     is removed at once, a running one leaves the batch within one decode step; either way
-    its future gets `Completion(finish_reason="cancelled")` with the tokens so far.
+    its future gets `Completion(finish_reason="cancelled")` with the tokens so far. A
+    client that cancels the future instead (`job.future.cancel()`) cancels the job the same
+    way, once it was submitted.
     """
 
     sample: ProcessedSample
@@ -110,8 +112,8 @@ class Job:
 
     @property
     def cancelled(self) -> bool:
-        """True once `cancel()` was called, or once its future was cancelled by its client."""
-        return self._cancelled.is_set() or self.future.cancelled()
+        """True once `cancel()` was called (by its client, or for its cancelled future)."""
+        return self._cancelled.is_set()
 
 
 @dataclass
@@ -271,6 +273,7 @@ class ContinuousBatcher:
             self._cond.notify_all()
         if job.cancelled:  # cancelled before the hook was set
             self._cancel_queued(job)
+        job.future.add_done_callback(lambda future: job.cancel() if future.cancelled() else None)
         return job.future
 
     def _cancel_queued(self, job: Job) -> None:
@@ -288,7 +291,6 @@ class ContinuousBatcher:
         nothing runs or waits. None once stopped with no running rows."""
         with self._cond:
             while True:
-                self._queue = [j for j in self._queue if not j.cancelled]  # futures cancelled by their clients
                 if not self._running:
                     return (batch.key, []) if batch.rows else None
                 if not batch.rows and not self._queue:
