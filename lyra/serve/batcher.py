@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache
+from transformers import DynamicCache, LogitsProcessorList
 
 from lyra.model import mlora
 from lyra.model.lyra import sampling_processors
@@ -170,12 +170,18 @@ class _Prefill:
 class _Batch:
     """The running decode batch: rows that share `key`, their left-padded KV cache
     (`[B, heads, T, head_dim]` per layer) and `mask` `[B, T]`, 1 where a row's cache
-    column holds one of its tokens."""
+    column holds one of its tokens; `warpers`, the logits warpers of `key`'s sampling
+    settings, are built once for the batch."""
 
     key: BatchKey
     rows: list[_Row] = field(default_factory=list)
     cache: DynamicCache | None = None
     mask: torch.Tensor | None = None
+    warpers: LogitsProcessorList = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        key = self.key
+        self.warpers = sampling_processors(key.do_sample, key.temperature, key.top_k, key.top_p)
 
     def add(self, row: _Row, cache: DynamicCache, length: int) -> None:
         """Append a prefilled row whose cache holds `length` columns, left-padding
@@ -344,7 +350,7 @@ class ContinuousBatcher:
             hidden.insert(0, self._decode(batch))
         if not hidden:
             return
-        chosen = self._choose(batch.key, self.model.backbone.lm_head(torch.cat(hidden)))
+        chosen = self._choose(batch, self.model.backbone.lm_head(torch.cat(hidden)))
         done: list[tuple[_Row, str]] = []
         for row, token in zip(live, chosen):
             row.token, row.position, row.batch_size = token, row.position + 1, max(row.batch_size, len(live))
@@ -398,13 +404,12 @@ class ContinuousBatcher:
             position_ids=positions, cache=batch.cache, use_cache=True).last_hidden_state
         return hidden[:, -1]
 
-    def _choose(self, key: BatchKey, logits: torch.Tensor) -> list[int]:
+    def _choose(self, batch: _Batch, logits: torch.Tensor) -> list[int]:
         """The next token of each row from `[B, vocab]` logits."""
         scores = logits.float()
-        if not key.do_sample:
+        if not batch.key.do_sample:
             return scores.argmax(-1).tolist()
-        warpers = sampling_processors(True, key.temperature, key.top_k, key.top_p)
-        scores = warpers(None, scores)  # the warpers look at the scores only
+        scores = batch.warpers(None, scores)  # the warpers look at the scores only
         return torch.multinomial(scores.softmax(-1), 1).squeeze(1).tolist()
 
     def _accept(self, job: Job, token: int) -> str | None:
