@@ -17,8 +17,9 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
-AUDIO_INPUT_FORMATS = ("wav", "mp3", "flac")
-VIDEO_INPUT_FORMATS = ("mp4", "webm", "mov", "mkv", "avi")
+# the `format` names clients may give -> what the decoder in `lyra.serve.media` must find in the data
+AUDIO_INPUT_FORMATS = {"wav": {"WAV", "WAVEX", "RF64"}, "mp3": {"MP3", "MPEG"}, "flac": {"FLAC"}}  # soundfile's names
+VIDEO_INPUT_FORMATS = {"mp4": "mp4", "webm": "webm", "mov": "mov", "mkv": "matroska", "avi": "avi"}  # PyAV demuxer
 PART_TYPES = ("text", "image_url", "input_audio", "input_sound", "input_video")
 
 
@@ -52,12 +53,12 @@ class ImageURL(_Strict):
 
 class InputAudio(_Strict):
     data: str = Field(description="base64 audio")
-    format: Literal[AUDIO_INPUT_FORMATS]
+    format: Literal[tuple(AUDIO_INPUT_FORMATS)]
 
 
 class InputVideo(_Strict):
     data: str = Field(description="base64 video")
-    format: Literal[VIDEO_INPUT_FORMATS]
+    format: Literal[tuple(VIDEO_INPUT_FORMATS)]
 
 
 class TextPart(_Strict):
