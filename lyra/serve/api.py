@@ -66,8 +66,8 @@ from lyra.inference import Media, attach_vocoder, load_model
 from lyra.model import mlora
 from lyra.processing import PLACEHOLDER_PATTERN, LyraProcessor, ProcessedSample
 from lyra.serve.batcher import BatchKey, BatcherClosed, Completion, ContinuousBatcher, Job
-from lyra.serve.limits import (ServerConfig, check_body_size, check_header_size, check_host, check_text_length,
-                               is_loopback)
+from lyra.serve.limits import (MAX_HEADER_BYTES, ServerConfig, check_body_size, check_header_size, check_host,
+                               check_text_length, is_loopback)
 from lyra.serve.media import (MediaRef, data_ref, decode_audio, decode_image, decode_video, image_ref,
                               read_local_file)
 from lyra.serve.schema import APIError, ChatCompletionRequest, ContentPart, TextPart, first_error, invalid
@@ -660,7 +660,8 @@ class LyraServer:
         self.socket.listen(2048)  # connections made before uvicorn runs wait in the backlog
         config = uvicorn.Config(build_app(api), http=JSONErrorH11Protocol, loop="asyncio", ws="none",
                                 lifespan="off", log_config=None, log_level="warning", access_log=False,
-                                timeout_keep_alive=5, timeout_graceful_shutdown=2, server_header=False)
+                                timeout_keep_alive=5, timeout_graceful_shutdown=2, server_header=False,
+                                h11_max_incomplete_event_size=MAX_HEADER_BYTES)
         self.uvicorn = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
 
