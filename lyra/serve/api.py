@@ -330,7 +330,7 @@ class LyraAPI:
             job = await asyncio.wait_for(loop.run_in_executor(self.workers, self.prepare, request, on_token),
                                          self.config.prepare_timeout_s)
             self.submit(job)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
             self._release_slot()
             raise APIError(408, f"reading and decoding the request's inputs took longer than "
                                 f"{self.config.prepare_timeout_s:g} s (--prepare-timeout-s)", None,
@@ -416,7 +416,7 @@ class LyraAPI:
             while True:
                 try:
                     item = await asyncio.wait_for(tokens.get(), max(0.0, deadline - loop.time()))
-                except TimeoutError:
+                except asyncio.TimeoutError:
                     break
                 if item is _DONE:
                     break
@@ -545,7 +545,7 @@ class Gate:
         while True:
             try:
                 message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
-            except TimeoutError:
+            except asyncio.TimeoutError:
                 raise APIError(408, f"the request body did not arrive within {config.body_timeout_s:g} s "
                                     f"(--body-timeout-s)", None, "request_timeout") from None
             if message["type"] == "http.disconnect":
