@@ -3,6 +3,8 @@ attack runs: it is ready once it prints its `serving '<model id>' at http://...:
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import re
 import select
@@ -10,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 HOST = "127.0.0.1"
 _READY = re.compile(r"serving '(.+)' at http://127\.0\.0\.1:(\d+)/v1")
@@ -46,6 +49,15 @@ class ServerProcess:
             self.stop()
             why = "exited" if closed else f"was not ready within {start_timeout:g} s"
             raise RuntimeError(f"the server ({' '.join(args)}) {why} (exit code {self.process.returncode})")
+
+    def get_json(self, path: str) -> Any:
+        """`GET path` (e.g. "/health") decoded from JSON."""
+        conn = http.client.HTTPConnection(HOST, self.port, timeout=30)
+        try:
+            conn.request("GET", path)
+            return json.loads(conn.getresponse().read())
+        finally:
+            conn.close()
 
     def cpu_seconds(self) -> float | None:
         """User + system CPU time of the server so far (less sensitive than wall time to other
