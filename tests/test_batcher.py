@@ -6,7 +6,6 @@ from __future__ import annotations
 import threading
 import time
 
-import numpy as np
 import pytest
 import torch
 
@@ -15,10 +14,7 @@ from lyra.model.lyra import LyraForConditionalGeneration
 from lyra.processing import LyraProcessor, ProcessedSample, collate
 from lyra.serve.batcher import BatcherClosed, BatchKey, Completion, ContinuousBatcher, Job
 
-
-def tone(seconds: float, freq: float) -> np.ndarray:
-    t = np.arange(int(seconds * 16000)) / 16000
-    return (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+from conftest import tone
 
 
 def picture(seed: int, size: int):
@@ -56,8 +52,8 @@ def samples(model, tiny_tokenizer) -> list[ProcessedSample]:
     return [
         processor(user("hello there")),
         processor(user("<image>\nwhat is in the picture?"), images=[picture(1, 84)]),
-        processor(user("<speech>"), speech=[tone(1.0, 300.0)]),
-        processor(user("<image> and <speech>: answer it"), images=[picture(2, 56)], speech=[tone(2.0, 500.0)]),
+        processor(user("<speech>"), speech=[tone(1.0, freq=300.0)]),
+        processor(user("<image> and <speech>: answer it"), images=[picture(2, 56)], speech=[tone(2.0, freq=500.0)]),
         processor(user("a much longer question, with many more words in it than any of the other prompts")),
     ]
 
