@@ -405,31 +405,42 @@ class LyraAPI:
 
     async def events(self, request: ChatRequest, job: Job, tokens: asyncio.Queue, rid: str,
                      created: int) -> AsyncIterator[bytes]:
-        """The server-sent events of a streamed answer. When the client goes away the framework
-        stops this generator, and `finally` cancels the job."""
+        """The server-sent events of a streamed answer. Whenever tokens arrive, all those queued
+        by then are taken and the answer so far is decoded once; a delta is sent when that text
+        extends what was sent and does not end in a partial character. When the client goes
+        away the framework stops this generator, and `finally` cancels the job."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.request_timeout_s
         try:
             yield _sse(self.chunk(rid, created, {"role": "assistant", "content": "", "refusal": None}))
             received: list[int] = []
-            sent = ""
-            while True:
+            sent = decoded = ""  # decoded: the text of all of `received`
+            finished = False
+            while not finished:
                 try:
-                    item = await asyncio.wait_for(tokens.get(), max(0.0, deadline - loop.time()))
+                    items = [await asyncio.wait_for(tokens.get(), max(0.0, deadline - loop.time()))]
                 except asyncio.TimeoutError:
                     break
-                if item is _DONE:
-                    break
-                received.append(item)
-                text = await asyncio.to_thread(self.decode, list(received))
-                if len(text) > len(sent) and text.startswith(sent) and not text.endswith("\ufffd"):
-                    yield _sse(self.chunk(rid, created, {"content": text[len(sent):]}))
-                    sent = text
+                while items[-1] is not _DONE and not tokens.empty():
+                    items.append(tokens.get_nowait())
+                finished = items[-1] is _DONE
+                if finished:
+                    items.pop()
+                if not items:
+                    continue
+                received += items
+                decoded = await asyncio.to_thread(self.decode, list(received))
+                if len(decoded) > len(sent) and decoded.startswith(sent) and not decoded.endswith("\ufffd"):
+                    yield _sse(self.chunk(rid, created, {"content": decoded[len(sent):]}))
+                    sent = decoded
             if not job.future.done():
                 job.cancel()
                 raise error_from_exception(FutureTimeout())
             completion = job.future.result()
-            text = await asyncio.to_thread(self.decode, completion.token_ids)
+            if completion.token_ids == received:
+                text = decoded
+            else:
+                text = await asyncio.to_thread(self.decode, completion.token_ids)
             if len(text) > len(sent) and text.startswith(sent):
                 yield _sse(self.chunk(rid, created, {"content": text[len(sent):]}))
             audio = self.audio_object(completion, text, created)
