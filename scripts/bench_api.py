@@ -88,14 +88,6 @@ class Server(ServerProcess):
             env["OMP_NUM_THREADS"] = str(threads)
         super().__init__(["--model", model, "--max-batch-size", str(max_batch_size)], env, start_timeout)
 
-    def get(self, path: str) -> dict:
-        conn = http.client.HTTPConnection(HOST, self.port, timeout=30)
-        try:
-            conn.request("GET", path)
-            return json.loads(conn.getresponse().read())
-        finally:
-            conn.close()
-
 
 def run_level(server: Server, requests: list[dict], clients: int, timeout: float) -> dict:
     """Send `requests` from `clients` threads; latency per request and totals."""
@@ -137,7 +129,7 @@ def run_level(server: Server, requests: list[dict], clients: int, timeout: float
         finally:
             conn.close()
 
-    before = server.get("/health")["batches"]
+    before = server.get_json("/health")["batches"]
     cpu_before = server.cpu_seconds()
     started = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
@@ -145,7 +137,7 @@ def run_level(server: Server, requests: list[dict], clients: int, timeout: float
             future.result()
     wall = time.perf_counter() - started
     cpu = server.cpu_seconds() - cpu_before if cpu_before is not None else None
-    after = server.get("/health")["batches"]
+    after = server.get_json("/health")["batches"]
     steps = after["steps"] - before["steps"]
     row_steps = after["row_steps"] - before["row_steps"]
     lat = np.array(latencies) * 1000

@@ -70,7 +70,7 @@ def chat(model_id: str, content, **extra) -> dict:
     return {"model": model_id, "messages": [{"role": "user", "content": content}], "max_tokens": 4, **extra}
 
 
-def attacks(server: Server, media: Path) -> list[dict]:
+def attacks(server: ServerProcess, media: Path) -> list[dict]:
     port, model_id = server.port, server.model_id
     rows: list[dict] = []
 
@@ -130,7 +130,7 @@ def main() -> int:
         server = start_server(args.model, media)
         try:
             rows = attacks(server, Path(media))
-            health = json.loads(_get(server.port, "/health"))
+            health = server.get_json("/health")
             rss = server.rss_mb()
         finally:
             server.stop()
@@ -147,15 +147,6 @@ def main() -> int:
     atomic_write_json(args.out, report)
     print(f"wrote {args.out}")
     return 0
-
-
-def _get(port: int, path: str) -> bytes:
-    with socket.create_connection((HOST, port), timeout=30) as sock:
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n".encode())
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    return data.partition(b"\r\n\r\n")[2]
 
 
 if __name__ == "__main__":

@@ -324,6 +324,20 @@ def test_streaming_matches_non_streaming(client, openai_client):
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == content
 
 
+def test_streaming_decodes_each_answer_prefix_once(server, client, monkeypatch):
+    """A stream decodes the answer so far once per batch of tokens it takes from the queue, never
+    the same tokens twice, and its final text reuses the last decode."""
+    api, lengths = server.api, []
+    decode = api.decode
+    monkeypatch.setattr(api, "decode", lambda token_ids: lengths.append(len(token_ids)) or decode(token_ids))
+    status, _, events = client.stream(chat([user(text("count to twenty"))], max_tokens=16,
+                                           stream_options={"include_usage": True}))
+    assert status == 200 and events[-1] == "[DONE]"
+    tokens = json.loads(events[-2])["usage"]["completion_tokens"]
+    assert lengths == sorted(set(lengths)) and len(lengths) <= tokens
+    assert lengths[-1:] == ([tokens] if tokens else [])
+
+
 def test_audio_output(loaded, client, openai_client, monkeypatch):
     body = chat([user(text("say hi"))], modalities=["text", "audio"], audio={"voice": "alloy", "format": "wav"})
     status, response = client.chat(body)

@@ -21,13 +21,11 @@ import zlib
 
 import pytest
 
-from lyra.inference import load_model
-from lyra.serve.api import ServerConfig, create_server
+from test_api import (  # noqa: F401 (loaded is a fixture)
+    CHAT_PATH, ERROR_KEYS, KEY, assert_error, audio_b64, chat, image, loaded, make_server, png_data_url, raw_http,
+    speech, text, user, video_b64,
+)
 
-from test_api import (ERROR_KEYS, KEY, assert_error, audio_b64, chat, image, png_data_url, raw_http, speech, text,
-                      user, video_b64)
-
-CHAT_PATH = "/v1/chat/completions"
 REQUESTS = 520
 
 
@@ -238,11 +236,6 @@ def drop_stream(port: int, rng: random.Random) -> bool:
 
 # ---------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def loaded():
-    return load_model("tiny", "cpu", "fp32")
-
-
-@pytest.fixture(scope="module")
 def media_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("media")
     os.mkfifo(root / "fifo")
@@ -255,11 +248,9 @@ def media_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(loaded, media_root):
-    model, tokenizer, info = loaded
-    config = ServerConfig(host="127.0.0.1", port=0, api_key=KEY, max_body_mb=1, max_text_chars=20_000,
-                          max_audio_seconds=2, max_image_pixels=128 * 128, max_video_seconds=2, max_concurrent=8,
-                          media_roots=[str(media_root)], body_timeout_s=0.3, prepare_timeout_s=2)
-    srv = create_server(model, tokenizer, info, config).start()
+    srv = make_server(loaded, api_key=KEY, max_body_mb=1, max_text_chars=20_000, max_audio_seconds=2,
+                      max_image_pixels=128 * 128, max_video_seconds=2, max_concurrent=8,
+                      media_roots=[str(media_root)], body_timeout_s=0.3, prepare_timeout_s=2)
     yield srv
     srv.close()
 
@@ -312,15 +303,13 @@ def test_fuzz_malformed_requests(server, media_root):
 def test_fifo_cannot_hold_a_slot(loaded, media_root):
     """Requests naming a FIFO under the media root (nobody ever writes to it) are refused at
     once, and with one slot the next request still gets in."""
-    model, tokenizer, info = loaded
-    config = ServerConfig(port=0, max_concurrent=1, media_roots=[str(media_root)], prepare_timeout_s=1.0)
-    srv = create_server(model, tokenizer, info, config).start()
+    srv = make_server(loaded, max_concurrent=1, media_roots=[str(media_root)], prepare_timeout_s=1.0)
     try:
         for url in (str(media_root / "fifo"), (media_root / "fifo").as_uri()):
             started = time.monotonic()
             status, body = raw_http(srv.port, http_request(encoded(chat([user(image(url))])), key=None), timeout=5)
             assert_error(status, json.loads(body), 400, "file_not_found")
-            assert time.monotonic() - started < config.prepare_timeout_s
+            assert time.monotonic() - started < srv.api.config.prepare_timeout_s
         status, body = raw_http(srv.port, http_request(encoded(chat([user(text("hi"))], max_tokens=2)), key=None))
         assert status == 200, body
     finally:
@@ -330,8 +319,7 @@ def test_fifo_cannot_hold_a_slot(loaded, media_root):
 def test_a_stuck_preparation_gives_its_slot_back(loaded, monkeypatch):
     """Whatever blocks while a request's inputs are read (here: a decode that never returns),
     the request ends with a 408 at --prepare-timeout-s and its slot is free again."""
-    model, tokenizer, info = loaded
-    srv = create_server(model, tokenizer, info, ServerConfig(port=0, max_concurrent=1, prepare_timeout_s=0.5)).start()
+    srv = make_server(loaded, max_concurrent=1, prepare_timeout_s=0.5)
     release = threading.Event()
     decode = srv.api.decode_media
 

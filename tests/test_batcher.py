@@ -4,8 +4,8 @@ the running batch at different steps; cancellation; failures stay with their job
 from __future__ import annotations
 
 import threading
+import time
 
-import numpy as np
 import pytest
 import torch
 
@@ -14,10 +14,7 @@ from lyra.model.lyra import LyraForConditionalGeneration
 from lyra.processing import LyraProcessor, ProcessedSample, collate
 from lyra.serve.batcher import BatcherClosed, BatchKey, Completion, ContinuousBatcher, Job
 
-
-def tone(seconds: float, freq: float) -> np.ndarray:
-    t = np.arange(int(seconds * 16000)) / 16000
-    return (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+from conftest import tone
 
 
 def picture(seed: int, size: int):
@@ -55,8 +52,8 @@ def samples(model, tiny_tokenizer) -> list[ProcessedSample]:
     return [
         processor(user("hello there")),
         processor(user("<image>\nwhat is in the picture?"), images=[picture(1, 84)]),
-        processor(user("<speech>"), speech=[tone(1.0, 300.0)]),
-        processor(user("<image> and <speech>: answer it"), images=[picture(2, 56)], speech=[tone(2.0, 500.0)]),
+        processor(user("<speech>"), speech=[tone(1.0, freq=300.0)]),
+        processor(user("<image> and <speech>: answer it"), images=[picture(2, 56)], speech=[tone(2.0, freq=500.0)]),
         processor(user("a much longer question, with many more words in it than any of the other prompts")),
     ]
 
@@ -164,6 +161,20 @@ def test_cancel_removes_a_queued_job_without_running_it(model, samples, engine):
     assert queued.result(0) == Completion(token_ids=[], finish_reason="cancelled", batch_size=0)
     assert client_cancelled.future.cancelled()
     assert engine.stats.requests == 1  # neither cancelled job was prefilled
+    assert engine.stats.cancelled_requests == 2 and engine.queued == 0
+
+
+def test_a_cancelled_future_drops_its_running_row(model, samples, engine):
+    job = Job(sample=samples[0], max_new_tokens=40)
+    job.on_token = lambda _t: job.future.cancel() if len(job.tokens) == 3 else None
+    engine.submit(job)
+    deadline = time.monotonic() + 60
+    while engine.stats.cancelled_requests == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert job.future.cancelled() and job.cancelled
+    assert job.tokens == alone(model, samples[0], 3)[0]  # no token after the step it was cancelled in
+    assert engine.stats.cancelled_requests == 1
 
 
 def test_failures_stay_with_their_job(model, samples, engine):

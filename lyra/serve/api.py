@@ -66,11 +66,11 @@ from lyra.inference import Media, attach_vocoder, load_model
 from lyra.model import mlora
 from lyra.processing import PLACEHOLDER_PATTERN, LyraProcessor, ProcessedSample
 from lyra.serve.batcher import BatchKey, BatcherClosed, Completion, ContinuousBatcher, Job
-from lyra.serve.limits import (ServerConfig, check_body_size, check_header_size, check_host, check_text_length,
-                               is_loopback)
+from lyra.serve.limits import (MAX_HEADER_BYTES, ServerConfig, check_body_size, check_header_size, check_host,
+                               check_text_length, is_loopback)
 from lyra.serve.media import (MediaRef, data_ref, decode_audio, decode_image, decode_video, image_ref,
                               read_local_file)
-from lyra.serve.schema import APIError, ChatCompletionRequest, ContentPart, TextPart, error_from_validation, invalid
+from lyra.serve.schema import APIError, ChatCompletionRequest, ContentPart, TextPart, first_error, invalid
 
 __all__ = ["APIError", "LyraAPI", "LyraServer", "ServerConfig", "build_app", "build_parser", "config_from_args",
            "create_server", "main"]
@@ -330,7 +330,7 @@ class LyraAPI:
             job = await asyncio.wait_for(loop.run_in_executor(self.workers, self.prepare, request, on_token),
                                          self.config.prepare_timeout_s)
             self.submit(job)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
             self._release_slot()
             raise APIError(408, f"reading and decoding the request's inputs took longer than "
                                 f"{self.config.prepare_timeout_s:g} s (--prepare-timeout-s)", None,
@@ -405,31 +405,42 @@ class LyraAPI:
 
     async def events(self, request: ChatRequest, job: Job, tokens: asyncio.Queue, rid: str,
                      created: int) -> AsyncIterator[bytes]:
-        """The server-sent events of a streamed answer. When the client goes away the framework
-        stops this generator, and `finally` cancels the job."""
+        """The server-sent events of a streamed answer. Whenever tokens arrive, all those queued
+        by then are taken and the answer so far is decoded once; a delta is sent when that text
+        extends what was sent and does not end in a partial character. When the client goes
+        away the framework stops this generator, and `finally` cancels the job."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.request_timeout_s
         try:
             yield _sse(self.chunk(rid, created, {"role": "assistant", "content": "", "refusal": None}))
             received: list[int] = []
-            sent = ""
-            while True:
+            sent = decoded = ""  # decoded: the text of all of `received`
+            finished = False
+            while not finished:
                 try:
-                    item = await asyncio.wait_for(tokens.get(), max(0.0, deadline - loop.time()))
-                except TimeoutError:
+                    items = [await asyncio.wait_for(tokens.get(), max(0.0, deadline - loop.time()))]
+                except asyncio.TimeoutError:
                     break
-                if item is _DONE:
-                    break
-                received.append(item)
-                text = await asyncio.to_thread(self.decode, list(received))
-                if len(text) > len(sent) and text.startswith(sent) and not text.endswith("\ufffd"):
-                    yield _sse(self.chunk(rid, created, {"content": text[len(sent):]}))
-                    sent = text
+                while items[-1] is not _DONE and not tokens.empty():
+                    items.append(tokens.get_nowait())
+                finished = items[-1] is _DONE
+                if finished:
+                    items.pop()
+                if not items:
+                    continue
+                received += items
+                decoded = await asyncio.to_thread(self.decode, list(received))
+                if len(decoded) > len(sent) and decoded.startswith(sent) and not decoded.endswith("\ufffd"):
+                    yield _sse(self.chunk(rid, created, {"content": decoded[len(sent):]}))
+                    sent = decoded
             if not job.future.done():
                 job.cancel()
                 raise error_from_exception(FutureTimeout())
             completion = job.future.result()
-            text = await asyncio.to_thread(self.decode, completion.token_ids)
+            if completion.token_ids == received:
+                text = decoded
+            else:
+                text = await asyncio.to_thread(self.decode, completion.token_ids)
             if len(text) > len(sent) and text.startswith(sent):
                 yield _sse(self.chunk(rid, created, {"content": text[len(sent):]}))
             audio = self.audio_object(completion, text, created)
@@ -545,7 +556,7 @@ class Gate:
         while True:
             try:
                 message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
-            except TimeoutError:
+            except asyncio.TimeoutError:
                 raise APIError(408, f"the request body did not arrive within {config.body_timeout_s:g} s "
                                     f"(--body-timeout-s)", None, "request_timeout") from None
             if message["type"] == "http.disconnect":
@@ -593,10 +604,7 @@ def build_app(api: LyraAPI) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request: Request, error: RequestValidationError) -> JSONResponse:
-        first = dict(error.errors()[0])
-        loc = tuple(first.get("loc", ()))
-        first["loc"] = loc[1:] if loc[:1] == ("body",) else loc
-        return error_response(error_from_validation(first))
+        return error_response(first_error(error.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -663,7 +671,8 @@ class LyraServer:
         self.socket.listen(2048)  # connections made before uvicorn runs wait in the backlog
         config = uvicorn.Config(build_app(api), http=JSONErrorH11Protocol, loop="asyncio", ws="none",
                                 lifespan="off", log_config=None, log_level="warning", access_log=False,
-                                timeout_keep_alive=5, timeout_graceful_shutdown=2, server_header=False)
+                                timeout_keep_alive=5, timeout_graceful_shutdown=2, server_header=False,
+                                h11_max_incomplete_event_size=MAX_HEADER_BYTES)
         self.uvicorn = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import Counter
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache
+from transformers import DynamicCache, LogitsProcessorList
 
 from lyra.model import mlora
 from lyra.model.lyra import sampling_processors
@@ -86,7 +85,9 @@ class Job:
 
     `cancel()` (from any thread) asks `ContinuousBatcher` to drop the job: a queued job
     is removed at once, a running one leaves the batch within one decode step; either way
-    its future gets `Completion(finish_reason="cancelled")` with the tokens so far.
+    its future gets `Completion(finish_reason="cancelled")` with the tokens so far. A
+    client that cancels the future instead (`job.future.cancel()`) cancels the job the same
+    way, once it was submitted.
     """
 
     sample: ProcessedSample
@@ -95,9 +96,7 @@ class Job:
     on_token: Callable[[int], None] | None = None
     postprocess: Callable[["Job", Completion], None] | None = None
     future: Future = field(default_factory=Future)
-    enqueued: float = field(default_factory=time.monotonic)
     tokens: list[int] = field(default_factory=list)  # produced so far
-    emitted: int = 0  # tokens already given to on_token
     _cancelled: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
     _on_cancel: Callable[["Job"], None] | None = field(default=None, init=False, repr=False)
 
@@ -113,8 +112,8 @@ class Job:
 
     @property
     def cancelled(self) -> bool:
-        """True once `cancel()` was called, or once its future was cancelled by its client."""
-        return self._cancelled.is_set() or self.future.cancelled()
+        """True once `cancel()` was called (by its client, or for its cancelled future)."""
+        return self._cancelled.is_set()
 
 
 @dataclass
@@ -171,12 +170,18 @@ class _Prefill:
 class _Batch:
     """The running decode batch: rows that share `key`, their left-padded KV cache
     (`[B, heads, T, head_dim]` per layer) and `mask` `[B, T]`, 1 where a row's cache
-    column holds one of its tokens."""
+    column holds one of its tokens; `warpers`, the logits warpers of `key`'s sampling
+    settings, are built once for the batch."""
 
     key: BatchKey
     rows: list[_Row] = field(default_factory=list)
     cache: DynamicCache | None = None
     mask: torch.Tensor | None = None
+    warpers: LogitsProcessorList = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        key = self.key
+        self.warpers = sampling_processors(key.do_sample, key.temperature, key.top_k, key.top_p)
 
     def add(self, row: _Row, cache: DynamicCache, length: int) -> None:
         """Append a prefilled row whose cache holds `length` columns, left-padding
@@ -269,12 +274,12 @@ class ContinuousBatcher:
         with self._cond:
             if not self._running:
                 raise BatcherClosed("the batcher is not running")
-            job.enqueued = time.monotonic()
             job._on_cancel = self._cancel_queued
             self._queue.append(job)
             self._cond.notify_all()
         if job.cancelled:  # cancelled before the hook was set
             self._cancel_queued(job)
+        job.future.add_done_callback(lambda future: job.cancel() if future.cancelled() else None)
         return job.future
 
     def _cancel_queued(self, job: Job) -> None:
@@ -292,7 +297,6 @@ class ContinuousBatcher:
         nothing runs or waits. None once stopped with no running rows."""
         with self._cond:
             while True:
-                self._queue = [j for j in self._queue if not j.cancelled]  # futures cancelled by their clients
                 if not self._running:
                     return (batch.key, []) if batch.rows else None
                 if not batch.rows and not self._queue:
@@ -346,7 +350,7 @@ class ContinuousBatcher:
             hidden.insert(0, self._decode(batch))
         if not hidden:
             return
-        chosen = self._choose(batch.key, self.model.backbone.lm_head(torch.cat(hidden)))
+        chosen = self._choose(batch, self.model.backbone.lm_head(torch.cat(hidden)))
         done: list[tuple[_Row, str]] = []
         for row, token in zip(live, chosen):
             row.token, row.position, row.batch_size = token, row.position + 1, max(row.batch_size, len(live))
@@ -385,7 +389,6 @@ class ContinuousBatcher:
                 self.stats.failed_requests += 1
             _fail(job, error)
             return None
-        job.tokens = []
         return _Prefill(job, cache, embeds.shape[1], int(positions.max()) + 1, hidden[:, -1])
 
     def _decode(self, batch: _Batch) -> torch.Tensor:
@@ -401,13 +404,12 @@ class ContinuousBatcher:
             position_ids=positions, cache=batch.cache, use_cache=True).last_hidden_state
         return hidden[:, -1]
 
-    def _choose(self, key: BatchKey, logits: torch.Tensor) -> list[int]:
+    def _choose(self, batch: _Batch, logits: torch.Tensor) -> list[int]:
         """The next token of each row from `[B, vocab]` logits."""
         scores = logits.float()
-        if not key.do_sample:
+        if not batch.key.do_sample:
             return scores.argmax(-1).tolist()
-        warpers = sampling_processors(True, key.temperature, key.top_k, key.top_p)
-        scores = warpers(None, scores)  # the warpers look at the scores only
+        scores = batch.warpers(None, scores)  # the warpers look at the scores only
         return torch.multinomial(scores.softmax(-1), 1).squeeze(1).tolist()
 
     def _accept(self, job: Job, token: int) -> str | None:
@@ -415,7 +417,6 @@ class ContinuousBatcher:
         if token in self._stop:
             return "stop"
         job.tokens.append(token)
-        job.emitted = len(job.tokens)
         if job.on_token is not None:
             try:
                 job.on_token(token)

@@ -16,7 +16,8 @@ from lyra.data.vision import VisionLimits
 from lyra.serve.schema import APIError
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
-MAX_HEADER_BYTES = 16 * 1024  # all request headers together; h11 enforces it only on headers that arrive in pieces
+# all request headers together; also uvicorn's h11 limit, which applies only to headers that arrive in pieces
+MAX_HEADER_BYTES = 16 * 1024
 
 
 @dataclass

@@ -33,12 +33,10 @@ import soundfile as sf
 from PIL import Image
 
 from lyra.data.vision import VisionLimits, sample_frame_indices
-from lyra.serve.schema import APIError, invalid
+from lyra.serve.schema import AUDIO_INPUT_FORMATS, VIDEO_INPUT_FORMATS, APIError, invalid
 
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")  # what PIL may decode here
 IMAGE_MIME_TYPES = {"image/png", "image/jpeg", "image/jpg", "image/webp", "image/gif", "image/bmp"}
-AUDIO_FORMATS = {"wav": {"WAV", "WAVEX", "RF64"}, "mp3": {"MP3", "MPEG"}, "flac": {"FLAC"}}  # -> soundfile's names
-VIDEO_FORMATS = {"mp4": "mp4", "mov": "mov", "webm": "webm", "mkv": "matroska", "avi": "avi"}  # -> PyAV demuxer
 MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1000, 384000  # Hz accepted for audio input
 NEVER_READ = (Path("/proc"), Path("/sys"), Path("/dev"))  # not even under a --media-root
 READ_CHUNK = 1 << 20
@@ -189,7 +187,7 @@ def decode_audio(data: bytes, fmt: str, max_seconds: float, param: str) -> tuple
         info = sf.info(io.BytesIO(data))
     except Exception as error:
         raise invalid(f"'{param}': cannot decode the {fmt} audio ({error})", param, "invalid_audio") from None
-    if info.format not in AUDIO_FORMATS[fmt]:
+    if info.format not in AUDIO_INPUT_FORMATS[fmt]:
         raise invalid(f"'{param}': the format says {fmt} but the data is {info.format}", param, "format_mismatch")
     if info.frames <= 0:
         raise invalid(f"'{param}': the audio holds no samples", param, "invalid_audio")
@@ -226,7 +224,7 @@ def decode_video(data: bytes, fmt: str, limits: VisionLimits, max_pixels: int, m
     try:
         with av.open(io.BytesIO(data), mode="r") as container:
             demuxers = container.format.name.split(",")
-            if VIDEO_FORMATS[fmt] not in demuxers:
+            if VIDEO_INPUT_FORMATS[fmt] not in demuxers:
                 raise invalid(f"'{param}': the format says {fmt} but the data is {container.format.name}", param,
                               "format_mismatch")
             if not container.streams.video:

@@ -6,18 +6,20 @@ depends on the server's configuration (token and media caps, the served model id
 checked by `lyra.serve.api` after this schema passed.
 
 Validation errors become OpenAI error objects `{"error": {"message", "type", "param",
-"code"}}` through `error_from_validation`, with `param` the JSON path of the first
+"code"}}` through `first_error`, with `param` the JSON path of the first
 offending value (`messages[0].content[1].input_audio.data`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
-AUDIO_INPUT_FORMATS = ("wav", "mp3", "flac")
-VIDEO_INPUT_FORMATS = ("mp4", "webm", "mov", "mkv", "avi")
+# the `format` names clients may give -> what the decoder in `lyra.serve.media` must find in the data
+AUDIO_INPUT_FORMATS = {"wav": {"WAV", "WAVEX", "RF64"}, "mp3": {"MP3", "MPEG"}, "flac": {"FLAC"}}  # soundfile's names
+VIDEO_INPUT_FORMATS = {"mp4": "mp4", "webm": "webm", "mov": "mov", "mkv": "matroska", "avi": "avi"}  # PyAV demuxer
 PART_TYPES = ("text", "image_url", "input_audio", "input_sound", "input_video")
 
 
@@ -51,12 +53,12 @@ class ImageURL(_Strict):
 
 class InputAudio(_Strict):
     data: str = Field(description="base64 audio")
-    format: Literal[AUDIO_INPUT_FORMATS]
+    format: Literal[tuple(AUDIO_INPUT_FORMATS)]
 
 
 class InputVideo(_Strict):
     data: str = Field(description="base64 video")
-    format: Literal[VIDEO_INPUT_FORMATS]
+    format: Literal[tuple(VIDEO_INPUT_FORMATS)]
 
 
 class TextPart(_Strict):
@@ -181,5 +183,10 @@ def error_from_validation(error: dict[str, Any]) -> APIError:
     return invalid(f"'{param}': {message.removeprefix('Value error, ')}", param)
 
 
-def first_error(error: ValidationError) -> APIError:
-    return error_from_validation(error.errors(include_url=False)[0])
+def first_error(errors: Sequence[Mapping[str, Any]]) -> APIError:
+    """The first of a validation's errors as an OpenAI error object; FastAPI's locations start with
+    'body' (where the value came from), which is dropped so that `param` is the path inside the body."""
+    first = dict(errors[0])
+    loc = tuple(first.get("loc", ()))
+    first["loc"] = loc[1:] if loc[:1] == ("body",) else loc
+    return error_from_validation(first)
