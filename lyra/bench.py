@@ -5,13 +5,16 @@ on its device."""
 from __future__ import annotations
 
 import platform
+from typing import TYPE_CHECKING
 
 import torch
 
 from lyra.config import LMMEConfig, LyraConfig, load_config
 from lyra.memory import reset_peak_rss, status_mib
 from lyra.model.lmme import block_ranges, keep_count
-from lyra.model.lyra import LyraForConditionalGeneration
+
+if TYPE_CHECKING:  # imported where a whole Lyra is built: the LLM-only benchmarks skip its speech stack
+    from lyra.model.lyra import LyraForConditionalGeneration
 
 MID_SIZE = {  # a mid-size CPU config: Qwen2-shaped, 8 layers of width 512
     "text.vocab_size": 4096, "text.hidden_size": 512, "text.intermediate_size": 1536, "text.num_hidden_layers": 8,
@@ -31,6 +34,8 @@ def bench_config(preset: str | None, overrides: dict | None = None) -> LyraConfi
 def random_model(config: LyraConfig, device: torch.device, dtype: torch.dtype) -> LyraForConditionalGeneration:
     """A whole Lyra of `config` with random weights (no encoder checkpoint loaded), initialised
     on `device`: a Lyra-Base never passes through host memory."""
+    from lyra.model.lyra import LyraForConditionalGeneration
+
     with torch.device(device):
         return LyraForConditionalGeneration(config).to(dtype)
 

@@ -148,14 +148,17 @@ def test_too_few_layers_is_a_clear_error():
 
 
 def test_imports_without_deepspeed_whisper_or_librosa():
-    """The GPU machine has none of them: the script must not need them to load."""
+    """The GPU machine has none of them: the script must not need them to load, nor load the
+    speech encoder or numba (the soft-DTW kernels) that the LLM alone does not use."""
     blocked = "import sys; sys.modules.update(dict.fromkeys(['deepspeed', 'whisper', 'librosa'], None)); "
     load = ("import importlib.util as u; s = u.spec_from_file_location('b', 'scripts/bench_lmme.py'); "
-            "m = u.module_from_spec(s); sys.modules['b'] = m; s.loader.exec_module(m); print(m.VARIANTS)")
+            "m = u.module_from_spec(s); sys.modules['b'] = m; s.loader.exec_module(m); print(m.VARIANTS); "
+            "print('loaded:', sorted(n for n in ('lyra.model.lyra', 'lyra.model.speech', 'numba') if n in sys.modules))")
     result = subprocess.run([sys.executable, "-c", blocked + load], cwd=REPO_ROOT, capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "LMME(4,0.7)" in result.stdout
+    assert "loaded: []" in result.stdout
 
 
 @pytest.mark.skipif(not PAPER.is_file(), reason=f"{PAPER} is not in this checkout's neighbourhood")
