@@ -231,6 +231,8 @@ def test_auto_kernel_on_the_cpu(monkeypatch, threads):
     assert calls == [numba, wavefront if threads == 1 else numba, wavefront, numba, wavefront]
 
 
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2,
+                    reason="numba has one thread here (NUMBA_NUM_THREADS): the parallel kernel would run serially")
 def test_numba_parallel_equals_serial(monkeypatch):
     """Past _PARALLEL_MIN_CELLS the samples run on numba threads: same per-sample code, same bits."""
     cost = torch.rand(3, 50, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
