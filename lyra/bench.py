@@ -1,11 +1,14 @@
-"""Pieces shared by the benchmark scripts in `scripts/`: the mid-size CPU model, peak-memory
-readings, the FLOP model of an LMME forward (DESIGN.md §6), and a random-weight Lyra built
-on its device."""
+"""Pieces shared by the benchmark scripts in `scripts/`: the mid-size CPU model, timing and
+peak-memory readings, the device's name, the FLOP model of an LMME forward (DESIGN.md §6),
+and a random-weight Lyra built on its device."""
 
 from __future__ import annotations
 
 import platform
-from typing import TYPE_CHECKING
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
@@ -16,6 +19,7 @@ from lyra.model.lmme import block_ranges, keep_count
 if TYPE_CHECKING:  # imported where a whole Lyra is built: the LLM-only benchmarks skip its speech stack
     from lyra.model.lyra import LyraForConditionalGeneration
 
+T = TypeVar("T")
 MID_SIZE = {  # a mid-size CPU config: Qwen2-shaped, 8 layers of width 512
     "text.vocab_size": 4096, "text.hidden_size": 512, "text.intermediate_size": 1536, "text.num_hidden_layers": 8,
     "text.num_attention_heads": 8, "text.num_key_value_heads": 2, "text.mrope_section": [8, 12, 12],
@@ -41,18 +45,23 @@ def random_model(config: LyraConfig, device: torch.device, dtype: torch.dtype) -
 
 
 class Meter:
-    """Peak memory of one measured call: CUDA's allocator peak, else the process VmHWM."""
+    """Peak memory of one measured call: CUDA's allocator peak, else the process VmHWM; and
+    synchronised wall time."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.kind = "cuda max_memory_allocated" if device.type == "cuda" else "process RSS high-water mark (VmHWM)"
+        self.baseline_gib = 0.0
 
     def reset(self) -> None:
+        """Count the peak from now; `baseline_gib` is the memory in use now (allocated, or RSS)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
+            self.baseline_gib = torch.cuda.memory_allocated(self.device) / 2**30
         else:
             reset_peak_rss()
+            self.baseline_gib = status_mib("VmRSS") / 1024
 
     def peak_gib(self) -> float:
         if self.device.type == "cuda":
@@ -62,6 +71,14 @@ class Meter:
     def sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def timed(self, fn: Callable[[], T]) -> tuple[float, T]:
+        """Seconds that `fn()` takes (its queued CUDA work included) and what it returned."""
+        self.sync()
+        start = time.perf_counter()
+        out = fn()
+        self.sync()
+        return time.perf_counter() - start, out
 
 
 def prefill_flops(num_layers: int, params_per_layer: int, width: int, text: int, context: int,
@@ -98,7 +115,18 @@ def print_table(rows: list[dict]) -> None:
         print("| " + " | ".join(str(row[c]) for c in columns) + " |")
 
 
+def cpu_name() -> str:
+    """The CPU model (builds differ across CPUs: their float kernels round differently)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return f"CPU ({cpu_name()}, {torch.get_num_threads()} threads)"
