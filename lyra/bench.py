@@ -25,7 +25,6 @@ MID_SIZE = {  # a mid-size CPU config: Qwen2-shaped, 8 layers of width 512
     "text.num_attention_heads": 8, "text.num_key_value_heads": 2, "text.mrope_section": [8, 12, 12],
     "text.max_position_embeddings": 262144,
 }
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def bench_config(preset: str | None, overrides: dict | None = None) -> LyraConfig:
