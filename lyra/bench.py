@@ -1,12 +1,12 @@
 """Pieces shared by the benchmark scripts in `scripts/`: the mid-size CPU model, timing and
-peak-memory readings, the device's name, the FLOP model of an LMME forward (DESIGN.md §6),
-and a random-weight Lyra built on its device."""
+peak-memory readings, the device's name, Markdown tables, the FLOP model of an LMME forward
+(DESIGN.md §6), and a random-weight Lyra built on its device."""
 
 from __future__ import annotations
 
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -105,13 +105,19 @@ def flop_bound(num_layers: int, params_per_layer: int, width: int, text: int, co
     return prefill_flops(*args, None) / prefill_flops(*args, settings)
 
 
-def print_table(rows: list[dict]) -> None:
-    """`rows` as a Markdown table, columns in the first row's key order."""
-    columns = list(rows[0])
-    print("| " + " | ".join(columns) + " |")
-    print("|" + "---|" * len(columns))
-    for row in rows:
-        print("| " + " | ".join(str(row[c]) for c in columns) + " |")
+def markdown_table(rows: list[dict], columns: Sequence[str] | None = None, float_format: str = "{}") -> str:
+    """`rows` as a Markdown table of `columns` (default: the first row's keys, in order); a value
+    a row lacks or holds as None reads "-", a float is written by `float_format`."""
+    columns = list(rows[0]) if columns is None else list(columns)
+
+    def cell(value) -> str:
+        if value is None:
+            return "-"
+        return float_format.format(value) if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 def cpu_name() -> str:

@@ -46,7 +46,7 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLRotaryEmbedding, Qwen2VLTextModel
 
-from lyra.bench import Meter, bench_config, device_name, flop_bound, prefill_flops
+from lyra.bench import Meter, bench_config, device_name, flop_bound, markdown_table, prefill_flops
 from lyra.config import LMMEConfig, LyraConfig
 from lyra.model.backbone import qwen2vl_config
 from lyra.model.lmme import SPEECH, TEXT, lmme_decode, lmme_prefill
@@ -458,17 +458,6 @@ COLUMNS = ("context_tokens", "variant", "status", "prefill_s", "prefill_speedup"
            "scoring_share", "decode_tok_s", "peak_gib", "kept_fraction")
 
 
-def format_table(rows: list[dict]) -> str:
-    def cell(value) -> str:
-        if value is None:
-            return "-"
-        return f"{value:.3f}" if isinstance(value, float) else str(value)
-
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(cell(row.get(c)) for c in COLUMNS) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 COLOURS = {"baseline": (0, 0, 0), "LMME(4,0.8)": (49, 130, 189), "LMME(4,0.7)": (230, 85, 13)}
 
 
@@ -629,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = run_table(args.lengths, list(VARIANTS), args.repeats, run_one, budget, cost, on_length=report)
     prompts.clear()
     release_memory()
-    print(format_table(rows))
+    print(markdown_table(rows, COLUMNS, "{:.3f}"))
 
     payload["profile"] = run_profile(lm, rows, args.profile_below, budget, out)
     write(rows)
