@@ -46,10 +46,11 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLRotaryEmbedding, Qwen2VLTextModel
 
-from lyra.bench import MID_SIZE, Meter, device_name, flop_bound, prefill_flops
-from lyra.config import LMMEConfig, LyraConfig, load_config
+from lyra.bench import Meter, bench_config, device_name, flop_bound, markdown_table, prefill_flops
+from lyra.config import LMMEConfig, LyraConfig
 from lyra.model.backbone import qwen2vl_config
 from lyra.model.lmme import SPEECH, TEXT, lmme_decode, lmme_prefill
+from lyra.train.config import DTYPES
 from lyra.utils.io import atomic_file, atomic_write_json, atomic_write_text
 
 INSTRUCTION_TOKENS = 64
@@ -457,17 +458,6 @@ COLUMNS = ("context_tokens", "variant", "status", "prefill_s", "prefill_speedup"
            "scoring_share", "decode_tok_s", "peak_gib", "kept_fraction")
 
 
-def format_table(rows: list[dict]) -> str:
-    def cell(value) -> str:
-        if value is None:
-            return "-"
-        return f"{value:.3f}" if isinstance(value, float) else str(value)
-
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(cell(row.get(c)) for c in COLUMNS) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 COLOURS = {"baseline": (0, 0, 0), "LMME(4,0.8)": (49, 130, 189), "LMME(4,0.7)": (230, 85, 13)}
 
 
@@ -538,7 +528,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="context tokens (64 instruction tokens come on top)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--decode-tokens", type=int, default=64)
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (CPU runs only)")
     parser.add_argument("--time-budget", type=float, default=None,
@@ -558,14 +548,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     budget = Budget(args.time_budget)
-    device, dtype = torch.device(args.device), torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
-    overrides = {} if args.preset else dict(MID_SIZE)
-    config = load_config(args.preset or "tiny", overrides=overrides)
+    config = bench_config(args.preset)
     reach = max(args.lengths) + INSTRUCTION_TOKENS + args.decode_tokens
     if reach > config.text.max_position_embeddings:  # base caps it at 32,768; the rotary tables go further
-        config = load_config(args.preset or "tiny", overrides={**overrides, "text.max_position_embeddings": reach})
+        config = bench_config(args.preset, {"text.max_position_embeddings": reach})
     if config.text.num_hidden_layers < 4:
         raise SystemExit(f"preset {args.preset!r} has {config.text.num_hidden_layers} layers; LMME(4, rho) needs at least 4")
     lm = build_language_model(config, device, dtype)
@@ -629,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = run_table(args.lengths, list(VARIANTS), args.repeats, run_one, budget, cost, on_length=report)
     prompts.clear()
     release_memory()
-    print(format_table(rows))
+    print(markdown_table(rows, COLUMNS, "{:.3f}"))
 
     payload["profile"] = run_profile(lm, rows, args.profile_below, budget, out)
     write(rows)

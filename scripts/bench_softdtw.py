@@ -39,7 +39,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -47,7 +46,6 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from lyra.memory import reset_peak_rss, status_mib
 from lyra.utils.io import atomic_write_json
 
 SIZES = {
@@ -168,40 +166,6 @@ def make_runner(method: str, cost):
     return forward_backward, forward
 
 
-class Meter:
-    """Synchronised wall time and peak memory above a baseline, on the CPU (RSS) or CUDA (torch's allocator)."""
-
-    def __init__(self, device) -> None:
-        import torch
-
-        self.torch, self.cuda = torch, device.type == "cuda"
-
-    def sync(self) -> None:
-        if self.cuda:
-            self.torch.cuda.synchronize()
-
-    def timed(self, fn) -> tuple[float, object]:
-        self.sync()
-        start = time.perf_counter()
-        out = fn()
-        self.sync()
-        return time.perf_counter() - start, out
-
-    def reset(self) -> None:
-        self.sync()
-        if self.cuda:
-            self.torch.cuda.reset_peak_memory_stats()
-            self.baseline = self.torch.cuda.memory_allocated() / 2**20
-        else:
-            reset_peak_rss()
-            self.baseline = status_mib("VmRSS")
-
-    def peak_mib(self) -> float:
-        if self.cuda:
-            return self.torch.cuda.max_memory_allocated() / 2**20 - self.baseline
-        return status_mib("VmHWM") - self.baseline
-
-
 def random_cost(batch: int, rows: int, cols: int, device):
     """The benchmark's costs: uniform [0, 1) float64 from seed 0, made on the CPU (same numbers on any device)."""
     import torch
@@ -213,6 +177,7 @@ def measure(method: str, batch: int, rows: int, cols: int, repeats: int, threads
     """One (method, size) in this process: peak memory of the first call, median times of the rest."""
     import torch
 
+    from lyra.bench import Meter
     from lyra.losses.soft_dtw import soft_dtw
 
     device = torch.device(device_name)
@@ -229,7 +194,7 @@ def measure(method: str, batch: int, rows: int, cols: int, repeats: int, threads
     forward_backward, forward = make_runner(method, cost)
     meter.reset()
     first, values = meter.timed(forward_backward)
-    peak = meter.peak_mib()
+    peak = (meter.peak_gib() - meter.baseline_gib) * 1024  # MiB above the memory in use before the call
     times, forward_times = [], []
     start = time.perf_counter()
     while len(times) < MAX_RUNS:
@@ -296,14 +261,13 @@ def run_child(method: str, batch: int, rows: int, cols: int, repeats: int, threa
 
 
 def describe(device: str) -> dict:
-    """What the figures were measured on: device name, library versions."""
+    """What the figures were measured on: device (CPU model or GPU) name, library versions."""
     import torch
 
-    if device == "cuda":
-        name = torch.cuda.get_device_name()
-    else:
-        models = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
-        name = models[0] if models else platform.processor()
+    from lyra.bench import cpu_name, device_name
+
+    # not device_name on the CPU: its thread count would be this process's, not the rows' --threads
+    name = device_name(torch.device(device)) if device == "cuda" else cpu_name()
     versions = {}
     for package in ("torch", "numba", "numba-cuda", "tslearn", "torchmetrics", "pysdtw"):
         try:

@@ -148,11 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_speech_latency.json"))
     args = parser.parse_args(argv)
 
-    from lyra.bench import DTYPES, device_name, random_model
+    from lyra.bench import device_name, random_model
     from lyra.config import load_config
     from lyra.model.lyra import LyraForConditionalGeneration
     from lyra.model.speechgen import SpeechGenerator
     from lyra.model.hifigan import CodeHiFiGAN, VocoderConfig
+    from lyra.train.config import DTYPES
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     if device.type == "cpu":

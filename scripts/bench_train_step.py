@@ -33,10 +33,10 @@ from pathlib import Path
 import torch
 import transformers
 
-from lyra.bench import DTYPES, Meter, bench_config, device_name, flop_bound, print_table, random_model
+from lyra.bench import Meter, bench_config, device_name, flop_bound, markdown_table, random_model
 from lyra.config import LMMEConfig, LyraConfig
 from lyra.model.speech import CLIP_SAMPLES
-from lyra.train.config import TrainConfig, load_train_config
+from lyra.train.config import DTYPES, TrainConfig, load_train_config
 from lyra.train.model_setup import configure_trainable, enable_gradient_checkpointing
 from lyra.utils.io import atomic_write_json
 
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         del setup
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    print_table(rows)
+    print(markdown_table(rows))
     print(f"wrote {args.json} ({time.perf_counter() - started:.1f} s)")
     return 0
 

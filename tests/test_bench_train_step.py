@@ -1,4 +1,4 @@
-"""scripts/bench_train_step.py: its sample, the recipe's setup, the step it times, and the FLOP model."""
+"""scripts/bench_train_step.py: its sample, the recipe's setup, and the step it times."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import REPO_ROOT, load_script
 
-from lyra.bench import Meter, bench_config, flop_bound
+from lyra.bench import Meter, bench_config
 from lyra.config import LMMEConfig
 
 bench = load_script("bench_train_step")
@@ -88,12 +88,3 @@ def test_measure_cell_rows(config):
     assert lmme["predicted_run_change"] == pytest.approx(lmme["step_ratio"] - 1, abs=1e-3)
     assert base["peak_gib"] > 0 and base["ms_sd"] >= 0
 
-
-def test_flop_bound_known_values():
-    halve = LMMEConfig(True, 4, 0.5, 1)
-    # attention only (no weights, width 1): 8 context tokens kept 8, 4, 2, 1 over four one-layer blocks
-    assert flop_bound(4, 0, 1, 0, 8, halve) == pytest.approx(4 * 64 / (64 + 16 + 4 + 1))
-    # weights only: cost linear in tokens; 8 text tokens are never dropped
-    assert flop_bound(4, 10, 0, 8, 8, halve) == pytest.approx(4 * 16 / (16 + 12 + 10 + 9))
-    assert flop_bound(4, 10, 4, 8, 8, None) == 1.0
-    assert flop_bound(4, 10, 4, 8, 8, LMMEConfig(True, 4, 1.0, 1)) == 1.0

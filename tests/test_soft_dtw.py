@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 
+import numba
 import numpy as np
 import pytest
 import torch
@@ -230,6 +231,8 @@ def test_auto_kernel_on_the_cpu(monkeypatch, threads):
     assert calls == [numba, wavefront if threads == 1 else numba, wavefront, numba, wavefront]
 
 
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2,
+                    reason="numba has one thread here (NUMBA_NUM_THREADS): the parallel kernel would run serially")
 def test_numba_parallel_equals_serial(monkeypatch):
     """Past _PARALLEL_MIN_CELLS the samples run on numba threads: same per-sample code, same bits."""
     cost = torch.rand(3, 50, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
@@ -240,11 +243,19 @@ def test_numba_parallel_equals_serial(monkeypatch):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        assert soft_dtw_module._numba_threads(3, 50, 20) == min(2, soft_dtw_module.numba.config.NUMBA_NUM_THREADS)
+        assert soft_dtw_module._numba_threads(3, 50, 20) == min(2, numba.config.NUMBA_NUM_THREADS)
         parallel = value_and_grad(cost, 0.2, lengths_l=lengths_l, kernel="numba")
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(serial[0], parallel[0]) and torch.equal(serial[1], parallel[1])
+
+
+def test_importing_the_loss_loads_no_numba():
+    """lcmr (imported by every lyra.model.lyra) pays for numba only when a kernel of it runs."""
+    check = "import sys, lyra.losses.lcmr; print(sorted(m for m in sys.modules if m.split('.')[0] == 'numba'))"
+    child = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=False)
+    assert child.returncode == 0, child.stderr
+    assert child.stdout.strip() == "[]"
 
 
 CUDA_SIMULATOR_CHECK = textwrap.dedent(

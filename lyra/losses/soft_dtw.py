@@ -23,7 +23,7 @@ Three kernels compute the same thing (`soft_dtw(..., kernel=)`):
   batch and the diagonal; three ops per anti-diagonal. Per cell its vectorised exp2 and
   log2 beat numba's scalar libm calls (one thread, CPU time: 23 against 35 ns a cell at
   4800×512, B = 8), so on the CPU "auto" takes it where a diagonal holds enough cells:
-  B·min(L, S) ≥ 1024 per numba thread (`_cpu_kernel`; on one thread they tie near
+  B·min(L, S) ≥ 1024 per numba thread (`_resolve`; on one thread they tie near
   1000, and numba's threads divide its time where the wavefront's small ops run on one).
 * "cuda" (the default on CUDA where numba.cuda works): `soft_dtw_cuda.py`, the same
   wavefront on the same buffers with each pass's loop fused into one launch.
@@ -63,6 +63,9 @@ write per distinct sample end in the backward).
 Memory, with N = B·(L+S+1)·(min(L, S)+2) elements (≈ B·L·S when one side is much
 longer): K and Q (2N) are kept for the backward, which adds G (N) and three rows for H.
 G becomes the gradient, returned as a [B, L, S] strided view (no unskew copy).
+
+numba and the kernel modules are imported by the calls that run them: importing this
+module (as every `lyra.model.lyra` does, through `lcmr`) loads no numba.
 """
 
 from __future__ import annotations
@@ -70,11 +73,8 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-import numba
 import torch
 from torch import Tensor
-
-from lyra.losses import soft_dtw_cuda, soft_dtw_numba
 
 __all__ = ["soft_dtw", "KERNELS"]
 
@@ -129,20 +129,37 @@ def soft_dtw(
     _check_cost(cost, gamma, band)
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    device = cost.device.type
-    if kernel == "numba" and device != "cpu":
-        raise ValueError(f"kernel='numba' runs on CPU tensors only, cost is on {cost.device}: use 'wavefront'")
-    if kernel == "cuda" and (problem := soft_dtw_cuda.unavailable(device)) is not None:
-        raise ValueError(f"kernel='cuda' cannot run here ({problem}): use 'wavefront'")
+    kernel, threads = _resolve(kernel, cost)
     batch, rows, cols = cost.shape
     ends_l = _check_lengths(lengths_l, batch, rows, "lengths_l", cost.device)
     ends_s = _check_lengths(lengths_s, batch, cols, "lengths_s", cost.device)
-    if kernel == "auto" and device == "cpu":
-        kernel = _cpu_kernel(batch, rows, cols)
     if kernel == "numba":
-        return _SoftDTWNumba.apply(cost, float(gamma), ends_l, ends_s, band)
-    fused = kernel == "cuda" or (kernel == "auto" and soft_dtw_cuda.unavailable(device) is None)
-    return _SoftDTW.apply(cost, float(gamma), ends_l, ends_s, band, fused)
+        return _SoftDTWNumba.apply(cost, float(gamma), ends_l, ends_s, band, threads)
+    return _SoftDTW.apply(cost, float(gamma), ends_l, ends_s, band, kernel == "cuda")
+
+
+def _resolve(kernel: str, cost: Tensor) -> tuple[str, int]:
+    """The kernel that runs on `cost` ("numba", "cuda" or "wavefront") and numba's thread count (else 1)."""
+    device = cost.device.type
+    if kernel == "numba" and device != "cpu":
+        raise ValueError(f"kernel='numba' runs on CPU tensors only, cost is on {cost.device}: use 'wavefront'")
+    if kernel == "cuda" or (kernel == "auto" and device != "cpu"):
+        from lyra.losses import soft_dtw_cuda
+
+        problem = soft_dtw_cuda.unavailable(device)
+        if problem is None:
+            return "cuda", 1
+        if kernel == "cuda":
+            raise ValueError(f"kernel='cuda' cannot run here ({problem}): use 'wavefront'")
+        return "wavefront", 1
+    if kernel == "wavefront":
+        return "wavefront", 1
+    batch, rows, cols = cost.shape
+    threads = _numba_threads(batch, rows, cols)
+    # "auto" on the CPU: the torch wavefront where a diagonal's ops are long enough to win
+    if kernel == "auto" and batch * min(rows, cols) >= _WAVEFRONT_MIN_CELLS_PER_THREAD * threads:
+        return "wavefront", 1
+    return "numba", threads
 
 
 def _check_cost(cost: Tensor, gamma: float, band: int | None) -> None:
@@ -239,6 +256,8 @@ def _forward_pass(k: Tensor, skew: _Skew, fused: bool) -> Tensor:
     q[:, :, :: skew.width - 1] = _NEG_INF  # slots 0 and width-1
     q[:, 0, skew.base] = 0.0
     if fused:
+        from lyra.losses import soft_dtw_cuda
+
         soft_dtw_cuda.forward(k, q, skew.span, skew.shift)
         return q
     s = skew.shift
@@ -326,6 +345,8 @@ class _SoftDTW(torch.autograd.Function):
         # |grad_b| · E[L_b, S_b] = 2^(G + Q) there: the upstream factor rides in the seed.
         seed_value = grad_values.abs().log2() - q_end
         if ctx.fused:
+            from lyra.losses import soft_dtw_cuda
+
             g = skew.empty(k)
             ends_d = ends_l + ends_s
             soft_dtw_cuda.backward(k, g, skew.span, skew.shift, ends_d, skew.slot(ends_l, ends_d), seed_value)
@@ -339,16 +360,12 @@ class _SoftDTW(torch.autograd.Function):
         return skew.cells(g), None, None, None, None, None
 
 
-def _cpu_kernel(batch: int, rows: int, cols: int) -> str:
-    """"auto" on the CPU: the torch wavefront where a diagonal's ops are long enough to win, else numba."""
-    wide = batch * min(rows, cols) >= _WAVEFRONT_MIN_CELLS_PER_THREAD * _numba_threads(batch, rows, cols)
-    return "wavefront" if wide else "numba"
-
-
 def _numba_threads(batch: int, rows: int, cols: int) -> int:
     """Threads for the numba kernel: torch's intra-op count, capped by samples; 1 below _PARALLEL_MIN_CELLS."""
     if batch * rows * cols < _PARALLEL_MIN_CELLS:
         return 1
+    import numba
+
     return max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS, batch))
 
 
@@ -357,6 +374,8 @@ def _run_numba(serial, parallel, threads: int, *args) -> None:
     if threads == 1:
         serial(*args)
         return
+    import numba
+
     previous = numba.get_num_threads()
     numba.set_num_threads(threads)
     try:
@@ -366,12 +385,14 @@ def _run_numba(serial, parallel, threads: int, *args) -> None:
 
 
 class _SoftDTWNumba(torch.autograd.Function):
-    """The numba kernel: values [B] = R[L_b, S_b]; backward: grad [B, L, S] = E · grad_values."""
+    """The numba kernel on `threads` threads: values [B] = R[L_b, S_b]; backward: grad [B, L, S] = E · grad_values."""
 
     @staticmethod
     def forward(
-        ctx, cost: Tensor, gamma: float, ends_l: Tensor | None, ends_s: Tensor | None, band: int | None
+        ctx, cost: Tensor, gamma: float, ends_l: Tensor | None, ends_s: Tensor | None, band: int | None, threads: int
     ) -> Tensor:
+        from lyra.losses import soft_dtw_numba
+
         batch, rows, cols = cost.shape
         if ends_l is None:
             ends_l = torch.full((batch,), rows, dtype=torch.long)
@@ -380,21 +401,21 @@ class _SoftDTWNumba(torch.autograd.Function):
         costs = cost.detach().contiguous()  # shares cost's version counter when already contiguous
         q = cost.new_empty(batch, rows + 1, cols + 1, requires_grad=False)
         scale = costs.numpy().dtype.type(-1.0 / (gamma * _LN2))
-        threads = _numba_threads(batch, rows, cols)
         band_arg = -1 if band is None else int(band)
         args = (costs.numpy(), scale, ends_l.numpy(), ends_s.numpy(), band_arg, q.numpy())
         _run_numba(soft_dtw_numba.forward_serial, soft_dtw_numba.forward_parallel, threads, *args)
         ctx.save_for_backward(costs, q, ends_l, ends_s)
-        ctx.scale = scale
+        ctx.scale, ctx.threads = scale, threads
         return q[torch.arange(batch), ends_l, ends_s] * -(gamma * _LN2)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_values: Tensor) -> tuple[Tensor, None, None, None, None]:
+    def backward(ctx, grad_values: Tensor) -> tuple[Tensor, None, None, None, None, None]:
+        from lyra.losses import soft_dtw_numba
+
         costs, q, ends_l, ends_s = ctx.saved_tensors
         grad = torch.empty_like(costs)  # every cell written by the kernel
         upstream = grad_values.to(costs.dtype).contiguous().numpy()
-        threads = _numba_threads(*costs.shape)
         args = (costs.numpy(), ctx.scale, ends_l.numpy(), ends_s.numpy(), q.numpy(), upstream, grad.numpy())
-        _run_numba(soft_dtw_numba.backward_serial, soft_dtw_numba.backward_parallel, threads, *args)
-        return grad, None, None, None, None
+        _run_numba(soft_dtw_numba.backward_serial, soft_dtw_numba.backward_parallel, ctx.threads, *args)
+        return grad, None, None, None, None, None

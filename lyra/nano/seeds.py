@@ -13,7 +13,6 @@ Writes a table to stdout and `<out>/seeds.json` (or `--json`).
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from lyra.bench import cpu_name
 from lyra.inference import load_model
 from lyra.memory import keep_freed_memory
 from lyra.nano.evaluate import evaluate_nano
@@ -34,17 +34,6 @@ VARIANTS = ("text", "speech")
 def mean_sd(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value)."""
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def cpu_name() -> str:
-    """The CPU model (builds differ across CPUs: their float kernels round differently)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def build_and_score(out: Path, seed: int) -> dict:

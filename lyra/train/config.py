@@ -14,6 +14,7 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from lyra.config import ConfigError, config_dataclass, load_yaml_config
@@ -26,6 +27,7 @@ STAGES = {
     3: "long speech: a 'long_speech' adapter from the base LLM + its projector",
     4: "speech generation: the CTC speech generator only",
 }
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # `precision` (and the benchmarks' --dtype) -> dtype
 
 
 @config_dataclass
@@ -102,7 +104,7 @@ class TrainConfig:
     def validate(self) -> None:
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {sorted(STAGES)}, got {self.stage}")
-        if self.precision not in ("fp32", "bf16"):
+        if self.precision not in DTYPES:
             raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
         if not self.data.path:
             raise ValueError("data.path is required: the training JSON")

@@ -32,7 +32,7 @@ from lyra.processing import LyraProcessor
 from lyra.tokenizer import load_tokenizer
 from lyra.train.answer_states import AnswerStateCache
 from lyra.train.checkpoint import BaseRecord, weights_sha256
-from lyra.train.config import STAGES, TrainConfig, dump_train_config, load_train_config
+from lyra.train.config import DTYPES, STAGES, TrainConfig, dump_train_config, load_train_config
 from lyra.train.model_setup import configure_trainable, enable_gradient_checkpointing, train_in_fp32
 from lyra.train.trainer import (
     LyraTrainer,
@@ -43,7 +43,6 @@ from lyra.train.trainer import (
 )
 
 logger = logging.getLogger("lyra.train")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def checkpoint_source(config: TrainConfig) -> str | None:
