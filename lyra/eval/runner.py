@@ -242,6 +242,12 @@ class Layout:
             torch.distributed.destroy_process_group()
             self.owns_group = False
 
+    def __enter__(self) -> "Layout":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
 
 # ----------------------------------------------------------------------------- evaluation
 
@@ -288,6 +294,12 @@ class EvalOutcome:
         """For the results JSON."""
         return {"items_per_second": round(self.items_per_second, 4), "seconds": round(self.seconds, 3),
                 "modality_seconds": {m: round(s, 3) for m, s in sorted(self.modality_seconds.items())}}
+
+    def report(self, layout: Layout, batch_size: int) -> dict[str, Any]:
+        """The run's part of a results JSON: what was answered, skipped and failed, and how fast."""
+        summary = self.summary
+        return {"run": {"computed": summary.computed, "skipped": summary.skipped, "failed": summary.failed},
+                "throughput": self.throughput(), "processes": layout.world_size, "batch_size": batch_size}
 
     def throughput_line(self, name: str) -> str:
         total = sum(self.modality_seconds.values()) or 1.0
@@ -511,6 +523,16 @@ def model_meta(args: argparse.Namespace, info: dict[str, Any] | None = None) -> 
             "dtype": info.get("dtype"), "lmme": args.lmme,
             "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
             "max_pixels": args.max_pixels, "max_frames": args.max_frames, "fps": args.fps}
+
+
+def exit_code(run: Callable[[], int], errors: tuple[type[BaseException], ...] = (ValueError, OSError)) -> int:
+    """`run()`'s exit code; one of `errors` (a bad flag, a missing file, a predictions file of
+    another run) is printed as one line and gives 2, with no traceback."""
+    try:
+        return run()
+    except errors as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
 
 def first(items: Iterable[Any], limit: int | None) -> list[Any]:
