@@ -463,8 +463,8 @@ def merge(task: EvalTask, predictions: Path, meta: dict[str, Any]) -> list[dict[
 
 # ----------------------------------------------------------------------------- model flags
 
-def add_model_arguments(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
-    """--model, --device, --dtype, --lmme, generation and vision-budget flags."""
+def add_model_arguments(parser: argparse.ArgumentParser, max_new_tokens: int, batch_size: bool = True) -> None:
+    """--model, --device, --dtype, --lmme, generation and vision-budget flags (and --batch-size)."""
     group = parser.add_argument_group("model")
     group.add_argument("--model", default=None, help="checkpoint directory or preset (tiny, nano, ...)")
     group.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
@@ -476,8 +476,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, max_new_tokens: int) ->
                        help="pixel budget per image and per video frame (lower it for small models)")
     group.add_argument("--max-frames", type=int, default=None, help="most video frames sampled (default 768)")
     group.add_argument("--fps", type=float, default=None, help="video frames sampled per second (default 2)")
-    group.add_argument("--batch-size", type=int, default=1,
-                       help="items per generate call (one modality, similar lengths); answers do not depend on it")
+    if batch_size:
+        group.add_argument("--batch-size", type=int, default=1,
+                           help="items per generate call (one modality, similar lengths); answers do not depend on it")
 
 
 def vision_limits_from_args(args: argparse.Namespace) -> VisionLimits:
