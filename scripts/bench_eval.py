@@ -32,8 +32,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 import lyra
-from lyra.eval.runner import EvalTask, Layout, Request, evaluate, lyra_answers
-from lyra.inference import Assistant, GenerationOptions, Media, default_model, load_model
+from lyra.eval.runner import EvalTask, Layout, Request, add_model_arguments, evaluate, load_assistant, lyra_answers
+from lyra.inference import Assistant, GenerationOptions, Media, default_model
 from lyra.model.speech import FrameCache
 from lyra.utils.io import atomic_write_json
 
@@ -110,21 +110,14 @@ def timed_run(assistant: Assistant, options: GenerationOptions, items: list[Benc
             "answers": {r["id"]: r.get("response") for r in outcome.records}}
 
 
-def load(args: argparse.Namespace) -> tuple[Assistant, GenerationOptions, dict, Layout]:
-    layout = Layout.from_env()
-    model, tokenizer, info = load_model(args.model, layout.device("auto"), "auto")
-    layout.start(model.device)
-    return Assistant(model, tokenizer), GenerationOptions(max_new_tokens=args.max_new_tokens), info, layout
-
-
 def worker(args: argparse.Namespace) -> int:
     """One rank of the process comparison (under torchrun): rank 0 writes the figures to --result."""
     items = [BenchItem(**row) for row in json.loads(Path(args.items).read_text())]
-    assistant, options, _, layout = load(args)
-    figures = timed_run(assistant, options, items, Path(args.work), 1, layout)
+    with Layout.from_env() as layout:
+        assistant, options, _ = load_assistant(args, layout)
+        figures = timed_run(assistant, options, items, Path(args.work), 1, layout)
     if figures is not None:
         atomic_write_json(args.result, figures)
-    layout.stop()
     return 0
 
 
@@ -133,7 +126,7 @@ def processes_run(args: argparse.Namespace, items_file: Path, work: Path, proces
     result = work / "result.json"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
                __file__, "--worker", "--items", str(items_file), "--work", str(work), "--result", str(result),
-               "--model", args.model, "--max-new-tokens", str(args.max_new_tokens)]
+               *model_flags(args)]
     # the workers import the lyra this process runs (a checkout may differ from the installed one)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(Path(lyra.__file__).resolve().parents[1])}
     started = time.perf_counter()
@@ -142,6 +135,16 @@ def processes_run(args: argparse.Namespace, items_file: Path, work: Path, proces
         raise SystemExit(f"{processes}-process run failed ({run.returncode}):\n{run.stderr[-3000:]}")
     return {**json.loads(result.read_text()), "threads_per_process": threads,
             "launch_wall_s": round(time.perf_counter() - started, 2)}
+
+
+def model_flags(args: argparse.Namespace) -> list[str]:
+    """The model flags of this run, for the workers."""
+    flags = ["--model", args.model, "--device", args.device, "--dtype", args.dtype,
+             "--max-new-tokens", str(args.max_new_tokens), "--temperature", str(args.temperature)]
+    for name in ("lmme", "max_pixels", "max_frames", "fps"):
+        if getattr(args, name) is not None:
+            flags += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    return flags
 
 
 def fastest(rounds: list[list[dict]]) -> list[dict]:
@@ -159,10 +162,9 @@ def fastest(rounds: list[list[dict]]) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="checkpoint or preset (default: outputs/nano/model, else nano)")
+    add_model_arguments(parser, max_new_tokens=16, batch_size=False)  # --model: default outputs/nano/model, else nano
     parser.add_argument("--items-per-modality", type=int, default=12)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=2, help="times every configuration runs (the fastest counts)")
     parser.add_argument("--json", default="docs/bench_eval.json")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -182,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         items = make_items(tmp, args.items_per_modality)
         items_file = tmp / "items.json"
         items_file.write_text(json.dumps([asdict(i) for i in items]))
-        assistant, options, info, _ = load(args)
+        assistant, options, info = load_assistant(args)
         # Rounds go through every configuration in turn, so a change in the machine's load
         # touches all of them alike; each keeps its fastest round.
         batch_rounds = [[timed_run(assistant, options, items, tmp / f"r{r}batch{b}", b, Layout())

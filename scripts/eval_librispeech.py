@@ -28,7 +28,8 @@ from pathlib import Path
 from lyra.eval.metrics import corpus_wer, percent
 from lyra.utils.io import atomic_write_json
 from lyra.eval.runner import (
-    EvalTask, Layout, Request, add_model_arguments, audio_seconds, default_predictions_path, evaluate, first,
+    EvalTask, Layout, Request, add_model_arguments, audio_seconds, default_predictions_path, evaluate, exit_code,
+    first,
     load_assistant, lyra_answers, model_meta,
 )
 
@@ -113,55 +114,46 @@ class WhisperTranscriber:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        layout = Layout.from_env()
-        utterances = [u for split in args.splits for u in first(load_split(args.data_root, split), args.limit)]
-        if args.whisper:
-            transcribe = WhisperTranscriber(args.whisper)
-            layout.start(next(transcribe.model.parameters()).device)
-            meta = {"benchmark": "librispeech", "system": f"whisper:{args.whisper}"}
-            info = {"model": f"whisper:{args.whisper}", "untrained": False}
+    with Layout.from_env() as layout:
+        return exit_code(lambda: run(args, layout))
 
-            def request(u: Utterance) -> Path:
-                return u.audio
 
-            def answer(audios: list[Path]) -> list[str]:
-                return [transcribe(a) for a in audios]
-        else:
-            from lyra.inference import Media
+def run(args: argparse.Namespace, layout: Layout) -> int:
+    utterances = [u for split in args.splits for u in first(load_split(args.data_root, split), args.limit)]
+    if args.whisper:
+        transcribe = WhisperTranscriber(args.whisper)
+        layout.start(next(transcribe.model.parameters()).device)
+        meta = {"benchmark": "librispeech", "system": f"whisper:{args.whisper}"}
+        info = {"model": f"whisper:{args.whisper}", "untrained": False}
 
-            assistant, options, info = load_assistant(args, layout)
-            meta = {"benchmark": "librispeech", "system": "lyra", **model_meta(args, info)}
-            replies = lyra_answers(assistant, options)
+        def request(u: Utterance) -> Path:
+            return u.audio
 
-            def request(u: Utterance) -> Request:
-                return Request([{"role": "user", "content": ASR_PROMPT}], Media(speech=[u.audio]))
+        def answer(audios: list[Path]) -> list[str]:
+            return [transcribe(a) for a in audios]
+    else:
+        from lyra.inference import Media
 
-            def answer(requests: list[Request]) -> list[str]:
-                return [reply.text for reply in replies(requests)]
-    except (ValueError, FileNotFoundError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        assistant, options, info = load_assistant(args, layout)
+        meta = {"benchmark": "librispeech", "system": "lyra", **model_meta(args, info)}
+        replies = lyra_answers(assistant, options)
+
+        def request(u: Utterance) -> Request:
+            return Request([{"role": "user", "content": ASR_PROMPT}], Media(speech=[u.audio]))
+
+        def answer(requests: list[Request]) -> list[str]:
+            return [reply.text for reply in replies(requests)]
 
     task = EvalTask("LibriSpeech", utterances, lambda u: u.key, lambda u: [request(u)],
                     lambda u, texts: {"split": u.split, "reference": u.text, "hypothesis": texts[0]},
                     lambda u: ("speech", audio_seconds(u.audio)))
     predictions = Path(args.predictions) if args.predictions else default_predictions_path(args.out)
-    try:
-        outcome = evaluate(task, answer, predictions, meta, layout, args.batch_size)
-    except ValueError as error:  # a predictions file of another run
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    finally:
-        layout.stop()
+    outcome = evaluate(task, answer, predictions, meta, layout, args.batch_size)
     if not layout.main:
         return 0
-    summary = outcome.summary
     results = {"benchmark": "librispeech", "model": info["model"], "untrained": info["untrained"], "unit": "percent",
                "normalizer": "whisper.normalizers.EnglishTextNormalizer", "splits": {}, "settings": meta,
-               "predictions": str(predictions),
-               "run": {"computed": summary.computed, "skipped": summary.skipped, "failed": summary.failed},
-               "throughput": outcome.throughput(), "processes": layout.world_size, "batch_size": args.batch_size}
+               "predictions": str(predictions), **outcome.report(layout, args.batch_size)}
     for split in args.splits:
         pairs = [(u, r) for u, r in zip(utterances, outcome.records) if u.split == split]
         # A failed utterance counts as an empty transcript (every reference word deleted).

@@ -29,7 +29,7 @@ from lyra.eval.needle import (
 )
 from lyra.utils.io import atomic_write_json
 from lyra.eval.runner import (
-    EvalTask, Layout, Request, add_model_arguments, default_predictions_path, evaluate, load_assistant,
+    EvalTask, Layout, Request, add_model_arguments, default_predictions_path, evaluate, exit_code, load_assistant,
     lyra_answers, model_meta,
 )
 from lyra.inference import Media
@@ -67,19 +67,19 @@ def make_needle(args: argparse.Namespace) -> Needle:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if any(not 0 <= d <= 1 for d in args.depths):
-            raise ValueError(f"--depths must be fractions in [0, 1], got {args.depths}")
-        if args.samples < 1:
-            raise ValueError(f"--samples must be at least 1, got {args.samples}")
-        layout = Layout.from_env()
-        needle = make_needle(args)
-        needle_audio = load_audio(args.needle_audio) if args.needle_audio else synthesize_espeak(needle.spoken, args.voice)
-        background = load_background(args.haystack)
-        assistant, options, info = load_assistant(args, layout)
-    except (ValueError, FileNotFoundError, OSError, RuntimeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    with Layout.from_env() as layout:  # espeak-ng's failures are RuntimeErrors
+        return exit_code(lambda: run(args, layout), (ValueError, OSError, RuntimeError))
+
+
+def run(args: argparse.Namespace, layout: Layout) -> int:
+    if any(not 0 <= d <= 1 for d in args.depths):
+        raise ValueError(f"--depths must be fractions in [0, 1], got {args.depths}")
+    if args.samples < 1:
+        raise ValueError(f"--samples must be at least 1, got {args.samples}")
+    needle = make_needle(args)
+    needle_audio = load_audio(args.needle_audio) if args.needle_audio else synthesize_espeak(needle.spoken, args.voice)
+    background = load_background(args.haystack)
+    assistant, options, info = load_assistant(args, layout)
     background_seconds = len(background) / SAMPLE_RATE
     stride = args.stride if args.stride is not None else background_seconds / args.samples
     cells = [(length, depth) for length in args.lengths for depth in args.depths]
@@ -110,15 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"benchmark": "needle", "question": needle.question, "answer": needle.answer, "spoken": needle.spoken,
             "needle_audio": args.needle_audio, "haystack": [str(p) for p in args.haystack], "stride": stride,
             "samples": args.samples, **model_meta(args, info)}
-    try:
-        # A batch is counted in trials: a cell brings `samples` of them.
-        outcome = evaluate(task, lyra_answers(assistant, options), predictions, meta, layout,
-                           max(1, args.batch_size // args.samples))
-    except ValueError as error:  # a predictions file of another run
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    finally:
-        layout.stop()
+    # A batch is counted in trials: a cell brings `samples` of them.
+    outcome = evaluate(task, lyra_answers(assistant, options), predictions, meta, layout,
+                       max(1, args.batch_size // args.samples))
     if not layout.main:
         return 0
     records = outcome.records
@@ -128,7 +122,6 @@ def main(argv: list[str] | None = None) -> int:
     title = args.title or f"Needle in a speech haystack: {info['model']}"
     heatmap.parent.mkdir(parents=True, exist_ok=True)
     draw_heatmap(grid, args.lengths, args.depths, title).save(heatmap)
-    summary = outcome.summary
     results = {
         "benchmark": "needle", "model": info["model"], "untrained": info["untrained"], "unit": "fraction",
         "overall": mean([t["score"] for t in trials]), "lengths": args.lengths, "depths": args.depths,
@@ -137,8 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                       for length in args.lengths},
         "trials": len(cells) * args.samples, "errors": sum("error" in r for r in records),
         "heatmap": str(heatmap), "settings": meta, "predictions": str(predictions),
-        "run": {"computed": summary.computed, "skipped": summary.skipped, "failed": summary.failed},
-        "throughput": outcome.throughput(), "processes": layout.world_size, "batch_size": args.batch_size,
+        **outcome.report(layout, args.batch_size),
     }
     atomic_write_json(out, results)
     print(f"needle: {results['overall']} mean retrieval over {len(trials)} trials -> {out}, {heatmap}")

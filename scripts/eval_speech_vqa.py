@@ -28,7 +28,7 @@ from pathlib import Path
 from lyra.utils.io import atomic_write_json
 from lyra.eval.runner import (
     EvalTask, Layout, PredictionLog, Request, add_model_arguments, audio_seconds, default_predictions_path,
-    evaluate, first, load_assistant, lyra_answers, model_meta, run_items,
+    evaluate, exit_code, first, load_assistant, lyra_answers, model_meta, run_items,
 )
 from lyra.eval.speech_vqa import TASKS, SpeechVQAItem, judge_one, load_items, mmvet_scores, score_predictions
 from lyra.inference import Media
@@ -104,36 +104,27 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.max_new_tokens is None:
         args.max_new_tokens = MAX_NEW_TOKENS[args.task]
-    try:
-        if bool(args.judge_endpoint) != bool(args.judge_model):
-            raise ValueError("--judge-endpoint and --judge-model go together")
-        if args.judge_endpoint and args.task != "mmvet":
-            raise ValueError("the LLM judge is for --task mmvet")
-        layout = Layout.from_env()
-        items = first(load_items(args.task, args.data_root, args.question_file, args.image_folder,
-                                 args.speech_folder, args.annotation_file, args.instruction), args.limit)
-        assistant, options, info = load_assistant(args, layout)
-    except (ValueError, FileNotFoundError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    with Layout.from_env() as layout:
+        return exit_code(lambda: run(args, layout))
 
+
+def run(args: argparse.Namespace, layout: Layout) -> int:
+    if bool(args.judge_endpoint) != bool(args.judge_model):
+        raise ValueError("--judge-endpoint and --judge-model go together")
+    if args.judge_endpoint and args.task != "mmvet":
+        raise ValueError("the LLM judge is for --task mmvet")
+    items = first(load_items(args.task, args.data_root, args.question_file, args.image_folder,
+                             args.speech_folder, args.annotation_file, args.instruction), args.limit)
+    assistant, options, info = load_assistant(args, layout)
     out = Path(args.out)
     predictions = Path(args.predictions) if args.predictions else default_predictions_path(out)
     meta = {"benchmark": f"{args.task}_speech", "instruction": args.instruction, **model_meta(args, info)}
-    try:
-        outcome = evaluate(speech_task(args, items), lyra_answers(assistant, options), predictions, meta, layout,
-                           args.batch_size)
-        if not layout.main:
-            return 0
-        results = score(args, items, outcome.records, meta, info, out, predictions)
-    except ValueError as error:  # e.g. a predictions file of another run
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    finally:
-        layout.stop()
-    summary = outcome.summary
-    results.update(run={"computed": summary.computed, "skipped": summary.skipped, "failed": summary.failed},
-                   throughput=outcome.throughput(), processes=layout.world_size, batch_size=args.batch_size)
+    outcome = evaluate(speech_task(args, items), lyra_answers(assistant, options), predictions, meta, layout,
+                       args.batch_size)
+    if not layout.main:
+        return 0
+    results = {**score(args, items, outcome.records, meta, info, out, predictions),
+               **outcome.report(layout, args.batch_size)}
     atomic_write_json(out, results)
     score_value = results.get("score")
     print(f"{args.task}^S: {results['metric']} {score_value if score_value is not None else '(not judged)'} over "

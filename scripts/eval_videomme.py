@@ -31,7 +31,7 @@ from lyra.data.vision import load_video_frames
 from lyra.inference import Media
 from lyra.utils.io import atomic_write_json
 from lyra.eval.runner import (
-    META_KEY, EvalTask, Layout, Request, add_model_arguments, default_predictions_path, evaluate, first,
+    META_KEY, EvalTask, Layout, Request, add_model_arguments, default_predictions_path, evaluate, exit_code, first,
     load_assistant, lyra_answers, model_meta,
 )
 from lyra.eval.videomme import (
@@ -70,16 +70,16 @@ def read_predictions(path: str | Path) -> dict[str, dict]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        layout = Layout.from_env()
-        items = first(load_questions(args.data_root, args.question_file), args.limit)
-        fallback = read_predictions(args.fallback_predictions) if args.fallback_predictions else None
-        if fallback is not None and args.mode != "audio":
-            raise ValueError("--fallback-predictions only applies to --mode audio")
-        assistant, options, info = load_assistant(args, layout)
-    except (ValueError, FileNotFoundError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    with Layout.from_env() as layout:
+        return exit_code(lambda: run(args, layout))
+
+
+def run(args: argparse.Namespace, layout: Layout) -> int:
+    items = first(load_questions(args.data_root, args.question_file), args.limit)
+    fallback = read_predictions(args.fallback_predictions) if args.fallback_predictions else None
+    if fallback is not None and args.mode != "audio":
+        raise ValueError("--fallback-predictions only applies to --mode audio")
+    assistant, options, info = load_assistant(args, layout)
     limits = assistant.processor.vision.limits
     temporal_patch = assistant.processor.vision.temporal_patch_size
 
@@ -111,24 +111,16 @@ def main(argv: list[str] | None = None) -> int:
                     lambda item: (args.mode, DURATION_ORDER.get(item.duration, 3)))
     predictions = Path(args.predictions) if args.predictions else default_predictions_path(args.out)
     meta = {"benchmark": "videomme", "mode": args.mode, **model_meta(args, info)}
-    try:
-        outcome = evaluate(task, lyra_answers(assistant, options), predictions, meta, layout, args.batch_size)
-        if not layout.main:
-            return 0
-        # Ground truth from the question file (failed items have no copy of it).
-        records = [{**r, "duration": item.duration, "answer": item.answer, "options": item.options}
-                   for item, r in zip(items, outcome.records)]
-        metrics = score_predictions(records, args.mode, fallback)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    finally:
-        layout.stop()
-    summary = outcome.summary
+    outcome = evaluate(task, lyra_answers(assistant, options), predictions, meta, layout, args.batch_size)
+    if not layout.main:
+        return 0
+    # Ground truth from the question file (failed items have no copy of it).
+    records = [{**r, "duration": item.duration, "answer": item.answer, "options": item.options}
+               for item, r in zip(items, outcome.records)]
+    metrics = score_predictions(records, args.mode, fallback)
     results = {"benchmark": "videomme", "mode": args.mode, "model": info["model"], "untrained": info["untrained"],
                "unit": "percent", **metrics, "settings": meta, "predictions": str(predictions),
-               "run": {"computed": summary.computed, "skipped": summary.skipped, "failed": summary.failed},
-               "throughput": outcome.throughput(), "processes": layout.world_size, "batch_size": args.batch_size}
+               **outcome.report(layout, args.batch_size)}
     atomic_write_json(args.out, results)
     accuracy = results["accuracy"]
     print(f"VideoMME {args.mode}: {accuracy['overall']}% overall (short {accuracy['short']}, medium "

@@ -17,9 +17,9 @@ from lyra.train.checkpoint import (
     gather_trainable_state,
     load_trainable_state,
     trainable_names,
-    weights_sha256,
     write_trainable_state,
 )
+from lyra.utils.state_dict import weights_sha256
 
 
 def built(seed: int = 0) -> LyraForConditionalGeneration:
@@ -45,8 +45,12 @@ def test_the_hash_is_the_weights():
     assert weights_sha256(built(0).to(torch.bfloat16)) != reference  # the dtype is part of the base
     mlora.add_adapter(model := built(0), "speech")
     with_adapter = weights_sha256(model)
+    sampled = weights_sha256(model, samples=4)  # the evaluation's fingerprint
     model.adapter_projectors[mlora.BASE]["fc1.bias"] += 1.0  # a projector kept aside for an adapter counts too
     assert weights_sha256(model) != with_adapter
+    assert weights_sha256(model, samples=4) != sampled
+    assert weights_sha256(built(0), samples=4) == weights_sha256(built(0), samples=4) != weights_sha256(built(1), samples=4)
+    assert weights_sha256(built(0).to(torch.bfloat16), samples=4) != weights_sha256(built(0), samples=4)
 
 
 def test_a_light_checkpoint_round_trips(tmp_path):

@@ -6,6 +6,7 @@ answers, and predictions of other settings are refused."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -17,9 +18,13 @@ import pytest
 import soundfile as sf
 import torch
 
-from lyra.eval.runner import EvalTask, Layout, batches, deal, evaluate, model_fingerprint, shard_folder
+from lyra.eval.runner import (
+    FINGERPRINT_SAMPLES, EvalTask, Layout, batches, deal, evaluate, model_meta, settings_hash, shard_folder,
+)
 from lyra.inference import Assistant
+from lyra.model import mlora
 from lyra.model.lyra import LyraForConditionalGeneration
+from lyra.utils.state_dict import weights_sha256
 
 from conftest import REPO_ROOT, load_script, tone
 from test_eval_scripts import (  # noqa: F401 (fixtures)
@@ -190,22 +195,39 @@ def test_foreign_shard_is_refused(data_roots, tmp_path, capsys):
     assert not predictions.exists()
 
     foreign.unlink()
-    predictions.write_text(other.with_suffix(".predictions.jsonl").read_text().replace(
-        '"max_new_tokens": 3', '"max_new_tokens": 4'))  # same settings but the header's hash is another run's
+    theirs = other.with_suffix(".predictions.jsonl").read_text()
+    edited = theirs.replace('"max_new_tokens": 3', '"max_new_tokens": 4')
+    assert edited != theirs
+    predictions.write_text(edited)  # this run's settings under the other run's hash
     assert run(arguments("docvqa", root, out)) == 2
-    assert str(predictions) in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert str(predictions) in error and "edited header" in error
 
 
-def test_model_fingerprint_follows_the_weights(tiny_config):
+def test_the_settings_hash_follows_the_weights(tiny_config):
+    """The model fingerprint in the predictions header, and so the settings hash, changes with
+    any weight: the model's own and the projector MLoRA keeps for inputs with the adapter off."""
+    args = argparse.Namespace(model="m", lmme=None, max_new_tokens=4, temperature=0.0, max_pixels=None,
+                              max_frames=None, fps=None)
+
+    def settings(model: LyraForConditionalGeneration) -> str:
+        return settings_hash(model_meta(args, {"fingerprint": weights_sha256(model, FINGERPRINT_SAMPLES)}))
+
     torch.manual_seed(0)
     model = LyraForConditionalGeneration.from_config(tiny_config)
+    mlora.add_adapter(model, "speech")
     torch.manual_seed(0)
     same = LyraForConditionalGeneration.from_config(tiny_config)
-    assert model_fingerprint(model) == model_fingerprint(same)
+    mlora.add_adapter(same, "speech")
+    reference = settings(model)
+    assert settings(same) == reference
     with torch.no_grad():
-        next(same.parameters()).view(-1)[0] += 1.0  # one value changed: another model
-    assert model_fingerprint(model) != model_fingerprint(same)
-    assert model_fingerprint(model) != model_fingerprint(model.to(torch.bfloat16))
+        next(same.parameters()).view(-1)[0] += 1.0  # the first sampled value of one weight
+    assert settings(same) != reference
+    model.adapter_projectors[mlora.BASE]["fc1.bias"] += 1.0
+    edited = settings(model)
+    assert edited != reference
+    assert settings(model.to(torch.bfloat16)) != edited
 
 
 def test_deal_and_batches():
@@ -213,16 +235,15 @@ def test_deal_and_batches():
     a batch holds one modality and at most `batch_size` items."""
     items = [("speech", 3.0), ("image", 1.0), ("speech", 1.0), ("text", 0.0), ("image", 2.0), ("speech", 2.0),
              ("text", 5.0)]
-    task = EvalTask("t", items, lambda item: f"{item[0]}{item[1]}", lambda item: [], lambda item, a: {},
-                    lambda item: item)
-    shares = [deal(task, items, Layout(rank, 3, rank)) for rank in range(3)]
-    assert sorted(i for share in shares for i in share) == sorted(items)
-    assert shares[0] == [("image", 1.0), ("speech", 2.0), ("text", 5.0)]
-    assert all(share == sorted(share) for share in shares)
-    everything = deal(task, items, Layout())
-    grouped = list(batches(task, everything, 2))
-    assert grouped == [[("image", 1.0), ("image", 2.0)], [("speech", 1.0), ("speech", 2.0)], [("speech", 3.0)],
-                       [("text", 0.0), ("text", 5.0)]]
+    pending = [(item, item) for item in items]  # an item is its own group here
+    shares = [deal(pending, Layout(rank, 3, rank)) for rank in range(3)]
+    assert sorted(i for share in shares for i, _ in share) == sorted(items)
+    assert [i for i, _ in shares[0]] == [("image", 1.0), ("speech", 2.0), ("text", 5.0)]
+    assert all(share == sorted(share) and all(i[0] == m for i, m in share) for share in shares)
+    everything = deal(pending, Layout())
+    grouped = list(batches(everything, 2))
+    assert grouped == [([("image", 1.0), ("image", 2.0)], "image"), ([("speech", 1.0), ("speech", 2.0)], "speech"),
+                       ([("speech", 3.0)], "speech"), ([("text", 0.0), ("text", 5.0)], "text")]
     with pytest.raises(ValueError, match="RANK 2 is not in"):
         Layout.from_env({"RANK": "2", "WORLD_SIZE": "2"})
     assert Layout.from_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}) == Layout(1, 2, 1)

@@ -37,10 +37,12 @@ from lyra.config import LMMEConfig
 from lyra.data.vision import VisionLimits
 from lyra.inference import Assistant, GenerationOptions, Media, load_model
 from lyra.utils.io import atomic_write_text
+from lyra.utils.state_dict import weights_sha256
 
 META_KEY = "_meta"
 HASH_KEY = "settings_hash"
 ITEM_ERRORS = (ValueError, OSError, RuntimeError)  # what concerns one item (bad file, decoding, a limit)
+FINGERPRINT_SAMPLES = 1024  # values per tensor in the model fingerprint of the predictions header
 
 
 def settings_hash(meta: dict[str, Any]) -> str:
@@ -52,8 +54,9 @@ def _header(meta: dict[str, Any]) -> str:
     return json.dumps({META_KEY: meta, HASH_KEY: settings_hash(meta)}, ensure_ascii=False) + "\n"
 
 
-def read_predictions_file(path: Path, meta: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], str]:
-    """(id -> record, the file's complete lines) of a predictions file written with `meta`.
+def read_predictions_file(path: Path, meta: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], str | None]:
+    """(id -> record, the file's complete lines or None when that is the whole file) of a
+    predictions file written with `meta`.
 
     A record with an "error" key marks an item that failed; a later record of an id wins.
     A last line cut off by a crash is dropped (not in the returned text).
@@ -86,7 +89,8 @@ def read_predictions_file(path: Path, meta: dict[str, Any]) -> tuple[dict[str, d
             f"{settings_hash(meta)}; {detail}); its predictions cannot be merged with this run's. "
             f"Pass another --predictions path, or delete the file to start over")
     records = {str(r["id"]): r for r in parsed[1:]}
-    return records, "\n".join(complete) + "\n"
+    text = "\n".join(complete) + "\n"
+    return records, None if text == raw else text
 
 
 class PredictionLog:
@@ -100,7 +104,7 @@ class PredictionLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.is_file() and self.path.stat().st_size:
             self.records, complete = read_predictions_file(self.path, self.meta)
-            if complete != self.path.read_text(encoding="utf-8"):  # drop a cut-off tail: appends start afresh
+            if complete is not None:  # drop a cut-off tail: appends start afresh
                 atomic_write_text(self.path, complete)
         else:
             atomic_write_text(self.path, _header(self.meta))
@@ -238,6 +242,12 @@ class Layout:
             torch.distributed.destroy_process_group()
             self.owns_group = False
 
+    def __enter__(self) -> "Layout":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
 
 # ----------------------------------------------------------------------------- evaluation
 
@@ -285,6 +295,12 @@ class EvalOutcome:
         return {"items_per_second": round(self.items_per_second, 4), "seconds": round(self.seconds, 3),
                 "modality_seconds": {m: round(s, 3) for m, s in sorted(self.modality_seconds.items())}}
 
+    def report(self, layout: Layout, batch_size: int) -> dict[str, Any]:
+        """The run's part of a results JSON: what was answered, skipped and failed, and how fast."""
+        summary = self.summary
+        return {"run": {"computed": summary.computed, "skipped": summary.skipped, "failed": summary.failed},
+                "throughput": self.throughput(), "processes": layout.world_size, "batch_size": batch_size}
+
     def throughput_line(self, name: str) -> str:
         total = sum(self.modality_seconds.values()) or 1.0
         split = ", ".join(f"{m} {s:.1f} s ({100 * s / total:.0f}%)" for m, s in sorted(self.modality_seconds.items()))
@@ -319,23 +335,27 @@ def read_shards(predictions: Path, meta: dict[str, Any]) -> dict[str, dict[str, 
     return records
 
 
-def deal(task: EvalTask, pending: Sequence[Any], layout: Layout) -> list[Any]:
-    """This rank's share of `pending`: sorted by (modality, length, position), every
-    `world_size`-th from `rank`, so each rank gets a like mix of short and long items."""
-    order = sorted(range(len(pending)), key=lambda i: (*task.group(pending[i]), i))
-    return [pending[i] for i in order[layout.rank::layout.world_size]]
+def deal(pending: Sequence[tuple[Any, tuple[str, float]]], layout: Layout) -> list[tuple[Any, str]]:
+    """This rank's share of `pending` (item, its group) pairs, as (item, modality): sorted by
+    (modality, length, position), every `world_size`-th from `rank`, so each rank gets a like
+    mix of short and long items."""
+    order = sorted(range(len(pending)), key=lambda i: (*pending[i][1], i))
+    return [(pending[i][0], pending[i][1][0]) for i in order[layout.rank::layout.world_size]]
 
 
-def batches(task: EvalTask, items: Sequence[Any], batch_size: int) -> Iterable[list[Any]]:
-    """Consecutive runs of `items` of one modality, at most `batch_size` long."""
+def batches(items: Sequence[tuple[Any, str]], batch_size: int) -> Iterable[tuple[list[Any], str]]:
+    """(batch, modality): consecutive runs of (item, modality) pairs of one modality, at most
+    `batch_size` long."""
     batch: list[Any] = []
-    for item in items:
-        if batch and (len(batch) == batch_size or task.group(item)[0] != task.group(batch[0])[0]):
-            yield batch
+    modality = ""
+    for item, its_modality in items:
+        if batch and (len(batch) == batch_size or its_modality != modality):
+            yield batch, modality
             batch = []
         batch.append(item)
+        modality = its_modality
     if batch:
-        yield batch
+        yield batch, modality
 
 
 def _answer_batch(task: EvalTask, batch: list[Any], answer: Callable[[list[Any]], list[Any]]) -> list[dict]:
@@ -391,8 +411,8 @@ def evaluate(task: EvalTask, answer: Callable[[list[Any]], list[Any]], predictio
         raise ValueError(f"{task.name}: item ids are not unique")
     known = read_shards(predictions, meta)
     layout.barrier()  # every rank has read the same files before any rank writes
-    pending = [item for item in task.items if not _finished(known.get(task.item_id(item)))]
-    mine = deal(task, pending, layout)
+    pending = [(item, task.group(item)) for item in task.items if not _finished(known.get(task.item_id(item)))]
+    mine = deal(pending, layout)
     shard = shard_folder(predictions) / f"rank{layout.rank}-of-{layout.world_size}.jsonl"
     computed = failed = 0
     modality_seconds: dict[str, float] = defaultdict(float)
@@ -400,13 +420,13 @@ def evaluate(task: EvalTask, answer: Callable[[list[Any]], list[Any]], predictio
     with PredictionLog(shard, meta) as log, tqdm(
             total=len(mine), desc=f"{task.name} [rank {layout.rank}/{layout.world_size}]", unit="item",
             file=sys.stderr, dynamic_ncols=True, position=layout.rank) as bar:
-        for batch in batches(task, mine, batch_size):
+        for batch, modality in batches(mine, batch_size):
             batch_started = time.perf_counter()
             for record in _answer_batch(task, batch, answer):
                 log.append(record)
                 failed += "error" in record
                 computed += "error" not in record
-            modality_seconds[task.group(batch[0])[0]] += time.perf_counter() - batch_started
+            modality_seconds[modality] += time.perf_counter() - batch_started
             bar.update(len(batch))
     seconds = time.perf_counter() - started
     # Collective: once every rank has sent its figures, every shard is complete and closed.
@@ -443,8 +463,8 @@ def merge(task: EvalTask, predictions: Path, meta: dict[str, Any]) -> list[dict[
 
 # ----------------------------------------------------------------------------- model flags
 
-def add_model_arguments(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
-    """--model, --device, --dtype, --lmme, generation and vision-budget flags."""
+def add_model_arguments(parser: argparse.ArgumentParser, max_new_tokens: int, batch_size: bool = True) -> None:
+    """--model, --device, --dtype, --lmme, generation and vision-budget flags (and --batch-size)."""
     group = parser.add_argument_group("model")
     group.add_argument("--model", default=None, help="checkpoint directory or preset (tiny, nano, ...)")
     group.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
@@ -456,8 +476,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, max_new_tokens: int) ->
                        help="pixel budget per image and per video frame (lower it for small models)")
     group.add_argument("--max-frames", type=int, default=None, help="most video frames sampled (default 768)")
     group.add_argument("--fps", type=float, default=None, help="video frames sampled per second (default 2)")
-    group.add_argument("--batch-size", type=int, default=1,
-                       help="items per generate call (one modality, similar lengths); answers do not depend on it")
+    if batch_size:
+        group.add_argument("--batch-size", type=int, default=1,
+                           help="items per generate call (one modality, similar lengths); answers do not depend on it")
 
 
 def vision_limits_from_args(args: argparse.Namespace) -> VisionLimits:
@@ -486,20 +507,8 @@ def load_assistant(args: argparse.Namespace, layout: Layout | None = None):
     if info["untrained"] and layout.main:
         print(f"note: '{info['model']}' is a preset with untrained weights; its answers are noise "
               f"(the run checks plumbing, not accuracy).", file=sys.stderr)
-    info["fingerprint"] = model_fingerprint(model)
+    info["fingerprint"] = weights_sha256(model, FINGERPRINT_SAMPLES)[:16]
     return Assistant(model, tokenizer, vision_limits_from_args(args)), options, info
-
-
-def model_fingerprint(model: torch.nn.Module, samples: int = 1024) -> str:
-    """A hash of every weight's name, shape, dtype and `samples` evenly spaced values: another
-    checkpoint, training step or dtype gives another fingerprint, without reading every byte."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        flat = tensor.detach().reshape(-1)
-        picked = flat[:: max(1, flat.numel() // samples)][:samples].contiguous().cpu()
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(picked.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def lyra_answers(assistant: Assistant, options: GenerationOptions) -> Callable[[list[Request]], list[Any]]:
@@ -515,6 +524,16 @@ def model_meta(args: argparse.Namespace, info: dict[str, Any] | None = None) -> 
             "dtype": info.get("dtype"), "lmme": args.lmme,
             "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
             "max_pixels": args.max_pixels, "max_frames": args.max_frames, "fps": args.fps}
+
+
+def exit_code(run: Callable[[], int], errors: tuple[type[BaseException], ...] = (ValueError, OSError)) -> int:
+    """`run()`'s exit code; one of `errors` (a bad flag, a missing file, a predictions file of
+    another run) is printed as one line and gives 2, with no traceback."""
+    try:
+        return run()
+    except errors as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
 
 def first(items: Iterable[Any], limit: int | None) -> list[Any]:

@@ -14,7 +14,6 @@ state over it. A base whose weights changed since is an error, never a silent mi
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -60,24 +59,6 @@ class BaseRecord:
                 f"sha256 {built.sha256}: resuming would mix the trained weights with another base. Resume with the "
                 f"init_from/model and seed recorded in {checkpoint / BASE_FILE}, or start a new run in another "
                 "output_dir")
-
-
-def weights_sha256(model: nn.Module) -> str:
-    """SHA-256 over every tensor of `model` (names, dtypes, shapes and bytes, in name order),
-    plus the projector weights kept per MLoRA adapter. Reads each tensor once."""
-    digest = hashlib.sha256()
-    tensors = dict(model.state_dict())
-    for adapter, state in getattr(model, "adapter_projectors", {}).items():
-        tensors.update({f"adapter_projectors.{adapter}.{k}": v for k, v in state.items()})
-    seen = set()  # tied weights (the LM head of a tied embedding) are read once
-    for name in sorted(tensors):
-        tensor = tensors[name].detach().cpu().contiguous()
-        if (tensor.data_ptr(), tensor.shape) in seen and tensor.numel():
-            continue
-        seen.add((tensor.data_ptr(), tensor.shape))
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
 
 
 def trainable_names(model: nn.Module) -> list[str]:

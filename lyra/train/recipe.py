@@ -31,7 +31,7 @@ from lyra.model.lyra import LyraForConditionalGeneration, checkpoint_tokenizer_s
 from lyra.processing import LyraProcessor
 from lyra.tokenizer import load_tokenizer
 from lyra.train.answer_states import AnswerStateCache
-from lyra.train.checkpoint import BaseRecord, weights_sha256
+from lyra.train.checkpoint import BaseRecord
 from lyra.train.config import DTYPES, STAGES, TrainConfig, dump_train_config, load_train_config
 from lyra.train.model_setup import configure_trainable, enable_gradient_checkpointing, train_in_fp32
 from lyra.train.trainer import (
@@ -41,6 +41,7 @@ from lyra.train.trainer import (
     single_process_distributed_env,
     trainable_table,
 )
+from lyra.utils.state_dict import weights_sha256
 
 logger = logging.getLogger("lyra.train")
 

@@ -1,10 +1,13 @@
-"""Strict weight loading with an error that says what does not fit, and where it came from."""
+"""Strict weight loading with an error that says what does not fit, and where it came from;
+the content hash that identifies a model's weights."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping
 
 import torch
+from torch import nn
 
 
 def check_state_dict(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], source: str,
@@ -25,3 +28,28 @@ def check_state_dict(expected: Mapping[str, torch.Tensor], state: Mapping[str, t
 
 def _show(keys: list[str], n: int = 4) -> str:
     return str(keys[:n]) + (" ..." if len(keys) > n else "")
+
+
+def weights_sha256(model: nn.Module, samples: int | None = None) -> str:
+    """SHA-256 over every tensor of `model` (names, dtypes, shapes and bytes, in name order),
+    plus the projector weights kept per MLoRA adapter. Reads each tensor once.
+
+    With `samples`, a tensor contributes `samples` evenly spaced values rather than all of its
+    bytes: a cheap fingerprint that still tells checkpoints, training steps and dtypes apart.
+    """
+    digest = hashlib.sha256()
+    tensors = dict(model.state_dict())
+    for adapter, state in getattr(model, "adapter_projectors", {}).items():
+        tensors.update({f"adapter_projectors.{adapter}.{k}": v for k, v in state.items()})
+    seen = set()  # tied weights (the LM head of a tied embedding) are read once
+    for name in sorted(tensors):
+        tensor = tensors[name].detach()
+        if (tensor.data_ptr(), tensor.shape) in seen and tensor.numel():
+            continue
+        seen.add((tensor.data_ptr(), tensor.shape))  # of the model's own storage, on any device
+        flat = tensor.reshape(-1)
+        if samples is not None:
+            flat = flat[::max(1, flat.numel() // samples)][:samples]
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        digest.update(flat.contiguous().cpu().view(torch.uint8).numpy())
+    return digest.hexdigest()
