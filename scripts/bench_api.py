@@ -2,22 +2,28 @@
 
     python scripts/bench_api.py [--model tiny,nano] [--mix mixed,text] [--concurrency 1,4,8,16]
                                 [--max-tokens 8,16,32] [--requests 24] [--rounds 2]
-                                [--threads N] [--out docs/bench_api.json]
+                                [--audio fresh|repeated] [--threads N] [--out docs/bench_api.json]
 
 For each model, starts two `python -m lyra.serve.api` processes on 127.0.0.1 (a free port
 each), one with `--max-batch-size 8` (continuous batching) and one with `--max-batch-size 1`
-(one at a time), and sends both the same fixed list of requests from 1, 4, 8 and 16
-concurrent clients (threads, one keep-alive connection each). Mixes: "mixed" cycles text,
-image + text and speech requests, "text" is text only; `max_tokens` cycles through
-`--max-tokens` (every kind of request gets every length; greedy). Each round runs every
+(one at a time), warms both up with one untimed pass at the highest concurrency, and sends
+both the same requests from 1, 4, 8 and 16 concurrent clients (threads, one keep-alive
+connection each). Mixes: "mixed" cycles text, image + text and speech requests, "text" is
+text only; `max_tokens` cycles through `--max-tokens` (every kind of request gets every
+length; greedy). With `--audio fresh` (the default) every timed pass has clips of its own,
+so the speech encoder runs for every speech request; `--audio repeated` resends the same
+clips, which a preset with an encoder cache (nano) then encodes once. Each round runs every
 level on both servers in turn, so load from other processes on a shared machine affects
 both alike. Reports requests/s (over all rounds, and per round), generated tokens/s,
-p50/p95 latency over every request, the mean number of rows per decode step and the server
-process's CPU time per request (psutil); checks that greedy answers are the same both
-ways and whether the targets hold on the mixed set (continuous >= 3x one-at-a-time at 8
-clients, no slower at 1 client, p95 at 8 clients no worse); prints a table and writes
-JSON. Bounded: a fixed request count, a per-request timeout and an overall time limit
-(levels past it are skipped). `--threads N` sets each server's torch threads.
+p50/p95 latency over every request, the mean number of rows per decode step, the server
+process's CPU time per request (psutil) and the engine's time per request in prompts
+(prefill: encoders and LLM, one request at a time) and in decode steps; checks that greedy
+answers are the same both ways and whether the targets hold on the mixed set (continuous
+>= 3x one-at-a-time at 8 clients, no slower at 1 client, p95 at 8 clients no worse), with
+the most any batching of decode steps could give there, (prefill + decode) / prefill of the
+one-at-a-time engine; prints a table and writes JSON. Bounded: a fixed request count, a
+per-request timeout and an overall time limit (levels past it are skipped). `--threads N`
+sets each server's torch threads.
 """
 
 from __future__ import annotations
@@ -43,17 +49,23 @@ from lyra.utils.io import atomic_write_json
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def build_requests(model_id: str, count: int, max_tokens: list[int], mix: str = "mixed") -> list[dict]:
+def build_requests(model_id: str, count: int, max_tokens: list[int], mix: str = "mixed",
+                   audio_seed: int | None = None) -> list[dict]:
     """`count` requests cycling through text, image + text and speech inputs (`mix`
     "mixed"), or text only ("text"); request i asks for `max_tokens[(i // 3) % len]` tokens,
-    so every kind gets every length."""
+    so every kind gets every length. Request i's clip is a tone of its own; with an
+    `audio_seed`, faint noise drawn from (seed, i) makes it differ from every other seed's, so
+    a server's cache of encoder outputs never holds it."""
     import soundfile as sf
     from PIL import Image
 
-    def wav(seconds: float, freq: float) -> str:
+    def wav(seconds: float, freq: float, index: int) -> str:
         t = np.arange(int(seconds * 16000)) / 16000
+        samples = 0.3 * np.sin(2 * np.pi * freq * t)
+        if audio_seed is not None:
+            samples += 0.01 * np.random.default_rng([audio_seed, index]).standard_normal(len(t))
         buffer = io.BytesIO()
-        sf.write(buffer, (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32), 16000, format="WAV")
+        sf.write(buffer, samples.astype(np.float32), 16000, format="WAV")
         return base64.b64encode(buffer.getvalue()).decode()
 
     def png(size: int, color: tuple[int, int, int]) -> str:
@@ -72,7 +84,7 @@ def build_requests(model_id: str, count: int, max_tokens: list[int], mix: str = 
             content = [{"type": "image_url", "image_url": {"url": png(56 + 28 * (i % 3), (i * 40 % 255, 90, 160))}},
                        {"type": "text", "text": "what is in the picture?"}]
         else:
-            content = [{"type": "input_audio", "input_audio": {"data": wav(1.0 + (i % 2), 220.0 + 40 * i),
+            content = [{"type": "input_audio", "input_audio": {"data": wav(1.0 + (i % 2), 220.0 + 40 * i, i),
                                                                "format": "wav"}}]
         requests.append({"model": model_id, "messages": [{"role": "user", "content": content}],
                          "max_tokens": max_tokens[(i // 3) % len(max_tokens)], "temperature": 0})
@@ -140,6 +152,7 @@ def run_level(server: Server, requests: list[dict], clients: int, timeout: float
     after = server.get_json("/health")["batches"]
     steps = after["steps"] - before["steps"]
     row_steps = after["row_steps"] - before["row_steps"]
+    engine = {name: after[name] - before[name] for name in ("prefill_seconds", "decode_seconds")}
     lat = np.array(latencies) * 1000
     return {
         "clients": clients, "requests": len(requests), "ok": len(latencies), "errors": errors[:5],
@@ -150,6 +163,7 @@ def run_level(server: Server, requests: list[dict], clients: int, timeout: float
         "mean_batch_size": round(row_steps / steps, 2) if steps else None,
         "answers": [answers.get(i) for i in range(len(requests))],
         "latencies_ms": lat.tolist(), "tokens": tokens, "steps": steps, "row_steps": row_steps, "cpu_s": cpu,
+        **engine,
     }
 
 
@@ -171,6 +185,8 @@ def combine(rounds: list[dict]) -> dict:
         "mean_batch_size": round(sum(r["row_steps"] for r in rounds) / steps, 2) if steps else None,
         "server_cpu_ms_per_request": (round(1000 * sum(r["cpu_s"] for r in rounds) / ok, 1)
                                       if ok and all(r["cpu_s"] is not None for r in rounds) else None),
+        **{f"engine_{part}_ms_per_request": round(1000 * sum(r[f"{part}_seconds"] for r in rounds) / ok, 1) if ok
+           else None for part in ("prefill", "decode")},
         "answers": rounds[-1]["answers"],
     }
 
@@ -193,6 +209,12 @@ def targets(results: list[dict]) -> dict:
         if fast and slow:
             checks["p95_ms_at_8"] = {"value": fast["p95_ms"], "target": slow["p95_ms"],
                                      "met": fast["p95_ms"] <= slow["p95_ms"]}
+            prefill, decode = slow["engine_prefill_ms_per_request"], slow["engine_decode_ms_per_request"]
+            if prefill:
+                # Each prompt runs alone either way; were decode steps free, the engine's time per
+                # request could shrink at most to its prefill.
+                checks["speedup_bound_at_8"] = {"value": round((prefill + decode) / prefill, 2),
+                                                "prefill_ms": prefill, "decode_ms": decode}
         if checks:
             found[model] = checks
     return found
@@ -211,6 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads of each server (OMP_NUM_THREADS; default: torch's). On a machine "
                              "shared with other work, 1 keeps threads from waiting on each other")
+    parser.add_argument("--audio", choices=("fresh", "repeated"), default="fresh",
+                        help="fresh: every timed pass sends clips no server has seen (the encoder runs for "
+                             "each speech request); repeated: every pass sends the same clips, so a preset "
+                             "with an encoder cache (nano) encodes each one once")
     parser.add_argument("--request-timeout", type=float, default=120.0)
     parser.add_argument("--time-limit", type=float, default=1800.0, help="skip levels after this many seconds")
     parser.add_argument("--out", default=str(REPO_ROOT / "docs" / "bench_api.json"))
@@ -237,14 +263,21 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for mode, batch_size in modes:
                 servers[mode] = Server(model, batch_size, args.threads)
+            model_id = servers["continuous"].model_id
             for mix in mixes:
-                requests = build_requests(servers["continuous"].model_id, args.requests, max_tokens, mix)
+                def requests_for(timed_pass: int) -> list[dict]:
+                    seed = timed_pass if args.audio == "fresh" else None
+                    return build_requests(model_id, args.requests, max_tokens, mix, seed)
+
+                # Warm-up, not reported: every preparing thread and kernel shape in use, and with
+                # repeated audio every clip in the encoder cache.
                 for server in servers.values():
-                    run_level(server, requests[:6], 2, args.request_timeout)  # warm-up, not reported
+                    run_level(server, requests_for(0), max(levels), args.request_timeout)
                 # Rounds alternate the two servers level by level, so load from other processes
-                # on a shared machine drifts over both alike; a round's levels share one request list.
+                # on a shared machine drifts over both alike; both get the same requests.
                 for round_index in range(args.rounds):
-                    for clients in levels:
+                    for level_index, clients in enumerate(levels):
+                        requests = requests_for(1 + round_index * len(levels) + level_index)
                         for mode, _ in modes:
                             if time.monotonic() - started > args.time_limit:
                                 print(f"time limit reached; skipping {model} {mix} {mode} x {clients}",
@@ -274,23 +307,25 @@ def main(argv: list[str] | None = None) -> int:
     met = targets(results)
 
     print("| model | mix | mode | clients | requests | req/s | req/s per round | tokens/s | p50 ms | p95 ms "
-          "| rows per step | server CPU ms/req |")
-    print("|" + "---|" * 12)
+          "| rows per step | server CPU ms/req | engine prefill / decode ms/req |")
+    print("|" + "---|" * 13)
     for r in results:
         per_round = " / ".join(f"{x:.1f}" for x in r["requests_per_s_by_round"])
         print(f"| {r['model']} | {r['mix']} | {r['mode']} | {r['clients']} | {r['ok']}/{r['requests']} | "
               f"{r['requests_per_s']:.2f} | {per_round} | {r['tokens_per_s']:.1f} | {r['p50_ms']} | {r['p95_ms']} | "
-              f"{r['mean_batch_size']} | {r['server_cpu_ms_per_request']} |")
+              f"{r['mean_batch_size']} | {r['server_cpu_ms_per_request']} | "
+              f"{r['engine_prefill_ms_per_request']} / {r['engine_decode_ms_per_request']} |")
     print(f"greedy answers identical continuous vs one-at-a-time: {all(same.values())} "
           f"({sum(same.values())}/{len(same)} levels)")
     for model, checks in met.items():
         print(f"targets on the mixed set, {model}: " + ", ".join(
-            f"{name} {c['value']} (target {c['target']}: {'met' if c['met'] else 'NOT met'})"
+            f"{name} {c['value']} " + (f"(target {c['target']}: {'met' if c['met'] else 'NOT met'})" if "met" in c
+                                       else f"(prefill {c['prefill_ms']} + decode {c['decode_ms']} ms per request)")
             for name, c in checks.items()))
     report = {
         "models": models, "mixes": {m: ("1/3 text, 1/3 image (56-112 px) + text, 1/3 speech (1-2 s)" if m == "mixed"
                                         else "text only") for m in mixes},
-        "max_tokens": max_tokens, "requests_per_level": args.requests, "rounds": args.rounds,
+        "audio": args.audio, "max_tokens": max_tokens, "requests_per_level": args.requests, "rounds": args.rounds,
         "concurrency": levels, "server_threads": args.threads, "host": HOST, "command": "python scripts/bench_api.py " + " ".join(
             sys.argv[1:] if argv is None else argv),
         "machine": {"python": platform.python_version(), "processor": platform.processor() or platform.machine(),

@@ -516,21 +516,26 @@ def test_local_file_policy(server, client, tmp_path, monkeypatch):
 
 
 def test_tokenisers_are_per_thread(server):
-    """Preparing threads tokenise on their own tokenizer copies (none waits for another's
-    prompt), and a copy tokenises exactly as the original."""
+    """Every preparing thread can hold its own processor at once (none waits for another's
+    prompt), each on its own tokenizer copy built at start-up, and a copy tokenises exactly as
+    the original."""
     api = server.api
-    both = threading.Barrier(2)
+    threads = api.workers._max_workers
+    assert api._processors.qsize() == threads  # built before any request
+    held = threading.Barrier(threads, timeout=5)
 
-    def twice(_):
-        both.wait()  # the two calls run in two live threads
-        return api.processor(), api.processor()
+    def hold(_):
+        with api.processor() as processor:
+            held.wait()  # every thread holds one at the same time: no get() waited forever
+            return processor
 
-    with ThreadPoolExecutor(2) as pool:
-        first, second = pool.map(twice, range(2))
-    assert first[0] is first[1] and second[0] is second[1] and first[0] is not second[0]
-    assert len({id(first[0].tokenizer), id(second[0].tokenizer), id(api.tokenizer)}) == 3
+    with ThreadPoolExecutor(threads) as pool:
+        processors = list(pool.map(hold, range(threads)))
+    assert len({id(p) for p in processors}) == threads
+    assert len({id(p.tokenizer) for p in processors} | {id(api.tokenizer)}) == threads + 1
+    assert api._processors.qsize() == threads  # all given back
     text_in = "a test of the tokenizer copies, with ünïcödé"
-    assert first[0].tokenizer(text_in)["input_ids"] == api.tokenizer(text_in)["input_ids"]
+    assert processors[0].tokenizer(text_in)["input_ids"] == api.tokenizer(text_in)["input_ids"]
 
 
 def test_dropped_stream_cancels_its_job(server, monkeypatch):

@@ -38,16 +38,18 @@ import io
 import json
 import logging
 import os
+import queue
 import socket
 import sys
 import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Iterator
 
 import h11
 import numpy as np
@@ -215,13 +217,19 @@ class LyraAPI:
         self.model, self.tokenizer, self.info, self.config = model, tokenizer, info, config
         self.model_id = config.served_model_name or _default_model_id(info.get("model", "lyra"))
         self.created = int(time.time())
-        self._local = threading.local()  # each preparing thread's own processor (see `processor`)
         self.batcher = ContinuousBatcher(model, config.max_batch_size).start()
         self.in_flight = 0  # requests holding a slot: being prepared, queued or generated
         self._slots_lock = threading.Lock()
         self.tokenizer_lock = threading.Lock()  # guards self.tokenizer, which decodes answers
         # media decoding and tokenising run here, off the event loop
-        self.workers = ThreadPoolExecutor(max(2, min(8, config.max_concurrent)), thread_name_prefix="lyra-prepare")
+        workers = max(2, min(8, config.max_concurrent))
+        self.workers = ThreadPoolExecutor(workers, thread_name_prefix="lyra-prepare")
+        # One processor per preparing thread, each on its own tokenizer copy (see `processor`), built
+        # now: copying a 150k-token vocabulary takes about half a second, which the first requests
+        # to reach each thread would otherwise wait for.
+        self._processors: queue.SimpleQueue[LyraProcessor] = queue.SimpleQueue()
+        for _ in range(workers):
+            self._processors.put(LyraProcessor(copy.deepcopy(tokenizer), model.config, config.vision_limits))
 
     def close(self) -> None:
         self.batcher.stop()
@@ -282,20 +290,22 @@ class LyraAPI:
                 getattr(media, ref.kind).append(decode_audio(data, ref.format, audio_caps[ref.kind], ref.param))
         return media
 
-    def processor(self) -> LyraProcessor:
-        """This thread's processor, on its own copy of the tokenizer: a fast tokenizer must not be
-        used by two threads at once, and with a copy each, tokenising one request never waits
-        for another request's tokenising (the text cap bounds each one)."""
-        processor = getattr(self._local, "processor", None)
-        if processor is None:
-            processor = LyraProcessor(copy.deepcopy(self.tokenizer), self.model.config, self.config.vision_limits)
-            self._local.processor = processor
-        return processor
+    @contextmanager
+    def processor(self) -> Iterator[LyraProcessor]:
+        """A processor no other thread is using, given back on exit. A fast tokenizer must not be
+        used by two threads at once, and with a copy per preparing thread, tokenising one request
+        never waits for another request's tokenising (the text cap bounds each one)."""
+        processor = self._processors.get()
+        try:
+            yield processor
+        finally:
+            self._processors.put(processor)
 
     def build_sample(self, messages: list[dict[str, str]], media: Media) -> ProcessedSample:
         try:
-            return self.processor()(messages, images=media.images, videos=media.videos, speech=media.speech,
-                                    sound=media.sound)
+            with self.processor() as processor:
+                return processor(messages, images=media.images, videos=media.videos, speech=media.speech,
+                                 sound=media.sound)
         except (AudioError, VisionError, ValueError) as error:
             raise invalid(f"the request cannot be turned into model inputs: {error}", "messages",
                           "invalid_media") from None

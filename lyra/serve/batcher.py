@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
@@ -127,6 +128,8 @@ class EngineStats:
     cancelled_requests: int = 0
     steps: int = 0  # decode steps: forward passes over the running batch
     row_steps: int = 0  # rows summed over decode steps
+    prefill_seconds: float = 0.0  # engine time in prompts (encoders and LLM), one job at a time
+    decode_seconds: float = 0.0  # engine time in decode steps and their shared LM head call
     sizes: Counter = field(default_factory=Counter)
 
     def count_step(self, rows: int) -> None:
@@ -139,6 +142,7 @@ class EngineStats:
     def as_dict(self) -> dict[str, Any]:
         return {"requests": self.requests, "failed_requests": self.failed_requests,
                 "cancelled_requests": self.cancelled_requests, "steps": self.steps, "row_steps": self.row_steps,
+                "prefill_seconds": round(self.prefill_seconds, 4), "decode_seconds": round(self.decode_seconds, 4),
                 "mean_batch_size": round(self.row_steps / self.steps, 2) if self.steps else None,
                 "max_batch_size_seen": max(self.sizes, default=0),
                 "batch_sizes": {str(k): v for k, v in sorted(self.sizes.items())}}
@@ -344,13 +348,17 @@ class ContinuousBatcher:
                 if row not in live:
                     self._finish(row.job, "cancelled", row.batch_size)
             batch.keep(live)
+        started = time.perf_counter()
         prefilled = [p for p in map(self._prefill, joining) if p is not None]
         hidden = [p.hidden for p in prefilled]
+        prefilled_at = time.perf_counter()
+        self.stats.prefill_seconds += prefilled_at - started
         if live:
             hidden.insert(0, self._decode(batch))
         if not hidden:
             return
         chosen = self._choose(batch, self.model.backbone.lm_head(torch.cat(hidden)))
+        self.stats.decode_seconds += time.perf_counter() - prefilled_at
         done: list[tuple[_Row, str]] = []
         for row, token in zip(live, chosen):
             row.token, row.position, row.batch_size = token, row.position + 1, max(row.batch_size, len(live))
