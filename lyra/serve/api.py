@@ -225,7 +225,7 @@ class LyraAPI:
         workers = max(2, min(8, config.max_concurrent))
         self.workers = ThreadPoolExecutor(workers, thread_name_prefix="lyra-prepare")
         # One processor per preparing thread, each on its own tokenizer copy (see `processor`), built
-        # now: copying a 150k-token vocabulary takes about half a second, which the first requests
+        # now: a copy of a 150k-token vocabulary takes a large part of a second, which the first requests
         # to reach each thread would otherwise wait for.
         self._processors: queue.SimpleQueue[LyraProcessor] = queue.SimpleQueue()
         for _ in range(workers):
