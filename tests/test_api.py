@@ -520,7 +520,7 @@ def test_tokenisers_are_per_thread(server):
     prompt), each on its own tokenizer copy built at start-up, and a copy tokenises exactly as
     the original."""
     api = server.api
-    threads = api.workers._max_workers
+    threads = api.prepare_threads
     assert api._processors.qsize() == threads  # built before any request
     held = threading.Barrier(threads, timeout=5)
 

@@ -222,13 +222,13 @@ class LyraAPI:
         self._slots_lock = threading.Lock()
         self.tokenizer_lock = threading.Lock()  # guards self.tokenizer, which decodes answers
         # media decoding and tokenising run here, off the event loop
-        workers = max(2, min(8, config.max_concurrent))
-        self.workers = ThreadPoolExecutor(workers, thread_name_prefix="lyra-prepare")
+        self.prepare_threads = max(2, min(8, config.max_concurrent))
+        self.workers = ThreadPoolExecutor(self.prepare_threads, thread_name_prefix="lyra-prepare")
         # One processor per preparing thread, each on its own tokenizer copy (see `processor`), built
         # now: a copy of a 150k-token vocabulary takes a large part of a second, which the first requests
         # to reach each thread would otherwise wait for.
         self._processors: queue.SimpleQueue[LyraProcessor] = queue.SimpleQueue()
-        for _ in range(workers):
+        for _ in range(self.prepare_threads):
             self._processors.put(LyraProcessor(copy.deepcopy(tokenizer), model.config, config.vision_limits))
 
     def close(self) -> None:
