@@ -29,8 +29,7 @@ from lyra.eval.metrics import corpus_wer, percent
 from lyra.utils.io import atomic_write_json
 from lyra.eval.runner import (
     EvalTask, Layout, Request, add_model_arguments, audio_seconds, default_predictions_path, evaluate, exit_code,
-    first,
-    load_assistant, lyra_answers, model_meta,
+    first, load_assistant, lyra_answers, model_meta,
 )
 
 ASR_PROMPT = "<speech>\n\nRecord the spoken words as text."

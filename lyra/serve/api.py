@@ -45,8 +45,8 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterator
@@ -217,19 +217,19 @@ class LyraAPI:
         self.model, self.tokenizer, self.info, self.config = model, tokenizer, info, config
         self.model_id = config.served_model_name or _default_model_id(info.get("model", "lyra"))
         self.created = int(time.time())
-        self.batcher = ContinuousBatcher(model, config.max_batch_size).start()
-        self.in_flight = 0  # requests holding a slot: being prepared, queued or generated
-        self._slots_lock = threading.Lock()
-        self.tokenizer_lock = threading.Lock()  # guards self.tokenizer, which decodes answers
-        # media decoding and tokenising run here, off the event loop
+        # media decoding and tokenising run in these threads, off the event loop
         self.prepare_threads = max(2, min(8, config.max_concurrent))
-        self.workers = ThreadPoolExecutor(self.prepare_threads, thread_name_prefix="lyra-prepare")
         # One processor per preparing thread, each on its own tokenizer copy (see `processor`), built
         # now: a copy of a 150k-token vocabulary takes a large part of a second, which the first requests
         # to reach each thread would otherwise wait for.
         self._processors: queue.SimpleQueue[LyraProcessor] = queue.SimpleQueue()
         for _ in range(self.prepare_threads):
             self._processors.put(LyraProcessor(copy.deepcopy(tokenizer), model.config, config.vision_limits))
+        self.workers = ThreadPoolExecutor(self.prepare_threads, thread_name_prefix="lyra-prepare")
+        self.batcher = ContinuousBatcher(model, config.max_batch_size).start()
+        self.in_flight = 0  # requests holding a slot: being prepared, queued or generated
+        self._slots_lock = threading.Lock()
+        self.tokenizer_lock = threading.Lock()  # guards self.tokenizer, which decodes answers
 
     def close(self) -> None:
         self.batcher.stop()
