@@ -2,7 +2,8 @@
 
     python scripts/bench_api.py [--model tiny,nano] [--mix mixed,text] [--concurrency 1,4,8,16]
                                 [--max-tokens 8,16,32] [--requests 24] [--rounds 2]
-                                [--audio fresh|repeated] [--threads N] [--out docs/bench_api.json]
+                                [--audio fresh|repeated] [--encoder-thread on|off|on,off] [--threads N]
+                                [--out docs/bench_api.json]
 
 For each model, starts two `python -m lyra.serve.api` processes on 127.0.0.1 (a free port
 each), one with `--max-batch-size 8` (continuous batching) and one with `--max-batch-size 1`
@@ -12,16 +13,17 @@ connection each). Mixes: "mixed" cycles text, image + text and speech requests, 
 text only; `max_tokens` cycles through `--max-tokens` (every kind of request gets every
 length; greedy). With `--audio fresh` (the default) every timed pass has clips of its own,
 so the speech encoder runs for every speech request; `--audio repeated` resends the same
-clips, which a preset with an encoder cache (nano) then encodes once. Each round runs every
-level on both servers in turn, so load from other processes on a shared machine affects
+clips, which a preset with an encoder cache (nano) then encodes once. `--encoder-thread
+on,off` adds a pair of servers started with `--no-encoder-thread` (audio encoders in the decode
+loop's thread), measured in the same rounds. Each round runs every level on every server in turn, so load from other processes on a shared machine affects
 both alike. Reports requests/s (over all rounds, and per round), generated tokens/s,
 p50/p95 latency over every request, the mean number of rows per decode step, the server
-process's CPU time per request (psutil) and the engine's time per request in prompts
-(prefill: encoders and LLM, one request at a time) and in decode steps; checks that greedy
-answers are the same both ways and whether the targets hold on the mixed set (continuous
->= 3x one-at-a-time at 8 clients, no slower at 1 client, p95 at 8 clients no worse), with
-the most any batching of decode steps could give there, (prefill + decode) / prefill of the
-one-at-a-time engine; prints a table and writes JSON. Bounded: a fixed request count, a
+process's CPU time per request (psutil) and the engine's time per request in audio encoders
+(in the encoder thread), in prompts (prefill: LLM and the encoders not run ahead, one request
+at a time) and in decode steps; checks that greedy answers are the same on every server and
+whether the targets hold on the mixed set (continuous >= 3x one-at-a-time at 8 clients, no
+slower at 1 client, p95 at 8 clients no worse), with the most any batching of decode steps
+could give there (`decode_free_bounds`); prints a table and writes JSON. Bounded: a fixed request count, a
 per-request timeout and an overall time limit (levels past it are skipped). `--threads N`
 sets each server's torch threads.
 """
@@ -94,11 +96,13 @@ def build_requests(model_id: str, count: int, max_tokens: list[int], mix: str = 
 class Server(ServerProcess):
     """`python -m lyra.serve.api` in a subprocess on a free loopback port."""
 
-    def __init__(self, model: str, max_batch_size: int, threads: int | None = None, start_timeout: float = 300):
+    def __init__(self, model: str, max_batch_size: int, threads: int | None = None, start_timeout: float = 300,
+                 encoder_thread: bool = True):
         env = dict(os.environ)
         if threads is not None:  # torch reads it at start-up
             env["OMP_NUM_THREADS"] = str(threads)
-        super().__init__(["--model", model, "--max-batch-size", str(max_batch_size)], env, start_timeout)
+        args = ["--model", model, "--max-batch-size", str(max_batch_size)]
+        super().__init__(args + ([] if encoder_thread else ["--no-encoder-thread"]), env, start_timeout)
 
 
 def run_level(server: Server, requests: list[dict], clients: int, timeout: float) -> dict:
@@ -152,7 +156,7 @@ def run_level(server: Server, requests: list[dict], clients: int, timeout: float
     after = server.get_json("/health")["batches"]
     steps = after["steps"] - before["steps"]
     row_steps = after["row_steps"] - before["row_steps"]
-    engine = {name: after[name] - before[name] for name in ("prefill_seconds", "decode_seconds")}
+    engine = {name: after[name] - before[name] for name in ("encode_seconds", "prefill_seconds", "decode_seconds")}
     lat = np.array(latencies) * 1000
     return {
         "clients": clients, "requests": len(requests), "ok": len(latencies), "errors": errors[:5],
@@ -186,18 +190,28 @@ def combine(rounds: list[dict]) -> dict:
         "server_cpu_ms_per_request": (round(1000 * sum(r["cpu_s"] for r in rounds) / ok, 1)
                                       if ok and all(r["cpu_s"] is not None for r in rounds) else None),
         **{f"engine_{part}_ms_per_request": round(1000 * sum(r[f"{part}_seconds"] for r in rounds) / ok, 1) if ok
-           else None for part in ("prefill", "decode")},
+           else None for part in ("encode", "prefill", "decode")},
         "answers": rounds[-1]["answers"],
     }
 
 
+def _groups(results: list[dict]) -> dict[str, dict]:
+    """The rows of each (model, encoder thread on or off), keyed (mix, mode, clients), under the
+    model's name (with " (no encoder thread)" for off)."""
+    groups: dict[str, dict] = {}
+    for r in results:
+        threaded = r.get("encoder_thread", True)
+        name = r["model"] if threaded else f"{r['model']} (no encoder thread)"
+        groups.setdefault(name, {})[(r["mix"], r["mode"], r["clients"])] = r
+    return groups
+
+
 def targets(results: list[dict]) -> dict:
-    """The issue's targets on the mixed set, per model: continuous >= 3x one-at-a-time
-    req/s at 8 clients, no slower at 1 client, p95 at 8 clients no worse."""
-    rows = {(r["model"], r["mix"], r["mode"], r["clients"]): r for r in results}
+    """The issue's targets on the mixed set, per model (and encoder thread setting): continuous
+    >= 3x one-at-a-time req/s at 8 clients, no slower at 1 client, p95 at 8 clients no worse."""
     found = {}
-    for model in dict.fromkeys(r["model"] for r in results):
-        cell = lambda mode, clients: rows.get((model, "mixed", mode, clients))  # noqa: E731
+    for name, rows in _groups(results).items():
+        cell = lambda mode, clients: rows.get(("mixed", mode, clients))  # noqa: E731
         checks = {}
         for clients in (8, 1):
             fast, slow = cell("continuous", clients), cell("one-at-a-time", clients)
@@ -210,20 +224,26 @@ def targets(results: list[dict]) -> dict:
             checks["p95_ms_at_8"] = {"value": fast["p95_ms"], "target": slow["p95_ms"],
                                      "met": fast["p95_ms"] <= slow["p95_ms"]}
         if checks:
-            found[model] = checks
+            found[name] = checks
     return found
 
 
 def decode_free_bounds(results: list[dict]) -> dict:
-    """Per model, the most continuous batching could give on the mixed set at 8 clients: each
-    prompt is prefilled alone either way, so were decode steps free, the engine's time per
-    request could shrink at most to the one-at-a-time engine's prefill."""
+    """Per model (and encoder thread setting), the most continuous batching could give on the
+    mixed set at 8 clients. Each prompt is prefilled alone either way, and the encoder thread,
+    beside the engine, encodes one request at a time; one at a time, a request takes
+    max(prefill + decode, encode) per request of the one-at-a-time engine (P, D, E), and were
+    decode steps free, at least max(P, E): the bound is max(P + D, E) / max(P, E) (without the
+    encoder thread E is 0: (P + D) / P)."""
     bounds = {}
-    for r in results:
-        prefill, decode = r.get("engine_prefill_ms_per_request"), r.get("engine_decode_ms_per_request")
-        if (r["mix"], r["mode"], r["clients"]) == ("mixed", "one-at-a-time", 8) and prefill:
-            bounds[r["model"]] = {"speedup_at_8": round((prefill + decode) / prefill, 2), "prefill_ms": prefill,
-                                  "decode_ms": decode}
+    for name, rows in _groups(results).items():
+        r = rows.get(("mixed", "one-at-a-time", 8))
+        if r is None or not r.get("engine_prefill_ms_per_request"):
+            continue
+        prefill, decode = r["engine_prefill_ms_per_request"], r["engine_decode_ms_per_request"]
+        encode = r.get("engine_encode_ms_per_request") or 0.0
+        bounds[name] = {"speedup_at_8": round(max(prefill + decode, encode) / max(prefill, encode), 2),
+                        "encode_ms": encode, "prefill_ms": prefill, "decode_ms": decode}
     return bounds
 
 
@@ -244,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="fresh: every timed pass sends clips no server has seen (the encoder runs for "
                              "each speech request); repeated: every pass sends the same clips, so a preset "
                              "with an encoder cache (nano) encodes each one once")
+    parser.add_argument("--encoder-thread", default="on",
+                        help="on, off or on,off: servers with audio encoders in a thread of their own (the "
+                             "default), in the decode loop's thread (--no-encoder-thread), or both pairs")
     parser.add_argument("--request-timeout", type=float, default=120.0)
     parser.add_argument("--time-limit", type=float, default=1800.0, help="skip levels after this many seconds")
     parser.add_argument("--out", default=str(REPO_ROOT / "docs" / "bench_api.json"))
@@ -261,16 +284,21 @@ def main(argv: list[str] | None = None) -> int:
                      "at least 1")
     if not models or any(m not in ("mixed", "text") for m in mixes) or not mixes:
         parser.error("--model needs at least one model; --mix takes mixed and/or text")
+    settings = args.encoder_thread.split(",")
+    if not settings or any(e not in ("on", "off") for e in settings) or len(set(settings)) < len(settings):
+        parser.error("--encoder-thread takes on, off or on,off")
 
     started = time.monotonic()
-    modes = [("continuous", args.max_batch_size), ("one-at-a-time", 1)]
-    runs: dict[tuple[str, str, str, int], list[dict]] = {}
+    # (mode, max batch size, encoder thread): a server each, per model
+    modes = [(mode, size, setting == "on") for setting in settings
+             for mode, size in (("continuous", args.max_batch_size), ("one-at-a-time", 1))]
+    runs: dict[tuple[str, str, str, bool, int], list[dict]] = {}
     for model in models:
         servers = {}
         try:
-            for mode, batch_size in modes:
-                servers[mode] = Server(model, batch_size, args.threads)
-            model_id = servers["continuous"].model_id
+            for mode, batch_size, threaded in modes:
+                servers[mode, threaded] = Server(model, batch_size, args.threads, encoder_thread=threaded)
+            model_id = next(iter(servers.values())).model_id
             for mix in mixes:
                 def requests_for(timed_pass: int) -> list[dict]:
                     seed = timed_pass if args.audio == "fresh" else None
@@ -280,61 +308,66 @@ def main(argv: list[str] | None = None) -> int:
                 # repeated audio every clip in the encoder cache.
                 for server in servers.values():
                     run_level(server, requests_for(0), max(levels), args.request_timeout)
-                # Rounds alternate the two servers level by level, so load from other processes
-                # on a shared machine drifts over both alike; both get the same requests.
+                # Rounds alternate the servers level by level, so load from other processes on
+                # a shared machine drifts over all alike; all get the same requests.
                 for round_index in range(args.rounds):
                     for level_index, clients in enumerate(levels):
                         requests = requests_for(1 + round_index * len(levels) + level_index)
-                        for mode, _ in modes:
+                        for mode, _, threaded in modes:
+                            label = mode if threaded else f"{mode} (no encoder thread)"
                             if time.monotonic() - started > args.time_limit:
-                                print(f"time limit reached; skipping {model} {mix} {mode} x {clients}",
+                                print(f"time limit reached; skipping {model} {mix} {label} x {clients}",
                                       file=sys.stderr)
                                 continue
-                            result = run_level(servers[mode], requests, clients, args.request_timeout)
-                            runs.setdefault((model, mix, mode, clients), []).append(result)
-                            print(f"{model} {mix} round {round_index + 1} {mode:>14} clients={clients}: "
+                            result = run_level(servers[mode, threaded], requests, clients, args.request_timeout)
+                            runs.setdefault((model, mix, mode, threaded, clients), []).append(result)
+                            print(f"{model} {mix} round {round_index + 1} {label:>14} clients={clients}: "
                                   f"{result['requests_per_s']:.2f} req/s, p50 {result['p50_ms']} ms",
                                   file=sys.stderr, flush=True)
         finally:
             for server in servers.values():
                 server.stop()
     results = []
-    for (model, mix, mode, clients), rounds in runs.items():
+    for (model, mix, mode, threaded, clients), rounds in runs.items():
         result = combine(rounds)
-        result.update(model=model, mix=mix, mode=mode, max_batch_size=dict(modes)[mode])
+        result.update(model=model, mix=mix, mode=mode, encoder_thread=threaded,
+                      max_batch_size=args.max_batch_size if mode == "continuous" else 1)
         results.append(result)
-    results.sort(key=lambda r: (models.index(r["model"]), mixes.index(r["mix"]), r["mode"] != "continuous",
-                                r["clients"]))
+    results.sort(key=lambda r: (models.index(r["model"]), mixes.index(r["mix"]), not r["encoder_thread"],
+                                r["mode"] != "continuous", r["clients"]))
 
-    # Greedy answers must not depend on batching.
-    by_level: dict[str, dict[str, list]] = {}
+    # Greedy answers must not depend on batching, nor on where the encoders run.
+    by_level: dict[str, list[list]] = {}
     for r in results:
-        by_level.setdefault(f"{r['model']} {r['mix']} x{r['clients']}", {})[r["mode"]] = r["answers"]
-    same = {level: len(m) == 2 and m["continuous"] == m["one-at-a-time"] for level, m in by_level.items()}
+        by_level.setdefault(f"{r['model']} {r['mix']} x{r['clients']}", []).append(r["answers"])
+    same = {level: len(answers) == len(modes) and all(a == answers[0] for a in answers)
+            for level, answers in by_level.items()}
     met, bounds = targets(results), decode_free_bounds(results)
 
-    print("| model | mix | mode | clients | requests | req/s | req/s per round | tokens/s | p50 ms | p95 ms "
-          "| rows per step | server CPU ms/req | engine prefill / decode ms/req |")
-    print("|" + "---|" * 13)
+    print("| model | mix | mode | encoder thread | clients | requests | req/s | req/s per round | tokens/s | p50 ms "
+          "| p95 ms | rows per step | server CPU ms/req | engine encode / prefill / decode ms/req |")
+    print("|" + "---|" * 14)
     for r in results:
         per_round = " / ".join(f"{x:.1f}" for x in r["requests_per_s_by_round"])
-        print(f"| {r['model']} | {r['mix']} | {r['mode']} | {r['clients']} | {r['ok']}/{r['requests']} | "
-              f"{r['requests_per_s']:.2f} | {per_round} | {r['tokens_per_s']:.1f} | {r['p50_ms']} | {r['p95_ms']} | "
-              f"{r['mean_batch_size']} | {r['server_cpu_ms_per_request']} | "
+        print(f"| {r['model']} | {r['mix']} | {r['mode']} | {'on' if r['encoder_thread'] else 'off'} | "
+              f"{r['clients']} | {r['ok']}/{r['requests']} | {r['requests_per_s']:.2f} | {per_round} | "
+              f"{r['tokens_per_s']:.1f} | {r['p50_ms']} | {r['p95_ms']} | {r['mean_batch_size']} | "
+              f"{r['server_cpu_ms_per_request']} | {r['engine_encode_ms_per_request']} / "
               f"{r['engine_prefill_ms_per_request']} / {r['engine_decode_ms_per_request']} |")
-    print(f"greedy answers identical continuous vs one-at-a-time: {all(same.values())} "
+    print(f"greedy answers identical on every server: {all(same.values())} "
           f"({sum(same.values())}/{len(same)} levels)")
     for model, checks in met.items():
         print(f"targets on the mixed set, {model}: " + ", ".join(
             f"{name} {c['value']} (target {c['target']}: {'met' if c['met'] else 'NOT met'})"
             for name, c in checks.items()))
     for model, bound in bounds.items():
-        print(f"bound with free decode steps, {model}: {bound['speedup_at_8']}x at 8 clients (prefill "
-              f"{bound['prefill_ms']} + decode {bound['decode_ms']} ms per request, one at a time)")
+        print(f"bound with free decode steps, {model}: {bound['speedup_at_8']}x at 8 clients (encode "
+              f"{bound['encode_ms']}, prefill {bound['prefill_ms']}, decode {bound['decode_ms']} ms per request, "
+              f"one at a time)")
     report = {
         "models": models, "mixes": {m: ("1/3 text, 1/3 image (56-112 px) + text, 1/3 speech (1-2 s)" if m == "mixed"
                                         else "text only") for m in mixes},
-        "audio": args.audio, "max_tokens": max_tokens, "requests_per_level": args.requests, "rounds": args.rounds,
+        "audio": args.audio, "encoder_thread": settings, "max_tokens": max_tokens, "requests_per_level": args.requests, "rounds": args.rounds,
         "concurrency": levels, "server_threads": args.threads, "host": HOST, "command": "python scripts/bench_api.py " + " ".join(
             sys.argv[1:] if argv is None else argv),
         "machine": {"python": platform.python_version(), "processor": platform.processor() or platform.machine(),

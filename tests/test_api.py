@@ -203,6 +203,7 @@ def openai_client(server):
 def test_cli_defaults_bind_loopback():
     config = config_from_args(build_parser().parse_args([]))
     assert config.host == "127.0.0.1" and config.port == 8000 and config.max_batch_size == 8
+    assert config.encoder_thread and not config_from_args(build_parser().parse_args(["--no-encoder-thread"])).encoder_thread
     assert config.media_roots == []  # local files are closed by default
     assert config.host_names() == {"localhost", "127.0.0.1", "::1"}
     wide = config_from_args(build_parser().parse_args(["--host", "0.0.0.0", "--allowed-host", "Lyra.Example"]))
@@ -223,6 +224,7 @@ def test_models_health_and_routes(server, client):
     status, _, data = Client(server, key=None).request("GET", "/health")
     health = json.loads(data)
     assert status == 200 and health["status"] == "ok" and health["model"] == "tiny" and health["can_speak"] is False
+    assert health["encoder_thread"] is True and health["batches"]["encode_seconds"] >= 0
     status, _, data = client.request("GET", "/v1/models")
     assert status == 200 and [m["id"] for m in json.loads(data)["data"]] == ["tiny"]
     status, _, data = client.request("GET", "/v1/models/tiny")

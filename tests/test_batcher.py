@@ -39,16 +39,21 @@ def model():
     return model
 
 
+def user(content: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": content}]
+
+
 @pytest.fixture(scope="module")
-def samples(model, tiny_tokenizer) -> list[ProcessedSample]:
-    """Text, image + text, speech, image + speech and a long text prompt (lengths differ)."""
+def processor(model, tiny_tokenizer) -> LyraProcessor:
     from lyra.data.vision import VisionLimits
 
-    processor = LyraProcessor(tiny_tokenizer, model.config, VisionLimits(image_min_pixels=56 * 56,
-                                                                        image_max_pixels=112 * 112))
-    def user(content: str) -> list[dict[str, str]]:
-        return [{"role": "user", "content": content}]
+    return LyraProcessor(tiny_tokenizer, model.config, VisionLimits(image_min_pixels=56 * 56,
+                                                                    image_max_pixels=112 * 112))
 
+
+@pytest.fixture(scope="module")
+def samples(processor) -> list[ProcessedSample]:
+    """Text, image + text, speech, image + speech and a long text prompt (lengths differ)."""
     return [
         processor(user("hello there")),
         processor(user("<image>\nwhat is in the picture?"), images=[picture(1, 84)]),
@@ -75,7 +80,9 @@ def outcome(completion: Completion) -> tuple[list[int], str]:
 
 @pytest.fixture()
 def engine(model, request):
-    batcher = ContinuousBatcher(model, max_batch_size=getattr(request, "param", 8)).start()
+    """A started batcher; `request.param`: (max_batch_size, encoder_thread)."""
+    size, encoder_thread = getattr(request, "param", (8, True))
+    batcher = ContinuousBatcher(model, max_batch_size=size, encoder_thread=encoder_thread).start()
     yield batcher
     batcher.stop()
 
@@ -91,8 +98,9 @@ def chained(engine: ContinuousBatcher, jobs: list[Job], after: list[int]) -> Non
     engine.submit(jobs[0])
 
 
-@pytest.mark.parametrize("engine", [8, 1], indirect=True, ids=["continuous", "one-at-a-time"])
+@pytest.mark.parametrize("engine", [(8, False), (1, False)], indirect=True, ids=["continuous", "one-at-a-time"])
 def test_greedy_answers_equal_generate_alone(model, samples, engine):
+    """Without the encoder thread, so that the chained jobs join at the steps the test picks."""
     limits = [9, 6, 12, 4, 7]
     expected = [alone(model, s, n) for s, n in zip(samples, limits)]
     jobs = [Job(sample=s, max_new_tokens=n) for s, n in zip(samples, limits)]
@@ -107,7 +115,7 @@ def test_greedy_answers_equal_generate_alone(model, samples, engine):
         assert engine.stats.row_steps < sum(len(tokens) for tokens, _ in expected)  # fewer steps than rows
 
 
-@pytest.mark.parametrize("engine", [2], indirect=True)
+@pytest.mark.parametrize("engine", [(2, False)], indirect=True)
 def test_a_finished_row_frees_its_slot_at_once(model, samples, engine):
     """With two slots, a short job leaves and the next queued one joins while a long one decodes."""
     long_tokens, reason = alone(model, samples[0], 24)
@@ -140,7 +148,7 @@ def test_cancel_drops_a_running_row_within_one_step(model, samples, engine):
     assert engine.stats.cancelled_requests == 1
 
 
-@pytest.mark.parametrize("engine", [1], indirect=True)
+@pytest.mark.parametrize("engine", [(1, False)], indirect=True)
 def test_cancel_removes_a_queued_job_without_running_it(model, samples, engine):
     running = Job(sample=samples[0], max_new_tokens=6)
     queued = Job(sample=samples[1], max_new_tokens=6)
@@ -236,3 +244,89 @@ def test_stop_fails_queued_jobs_and_refuses_new_ones(model, samples):
 def test_bad_settings_are_refused(model):
     with pytest.raises(ValueError, match="max_batch_size"):
         ContinuousBatcher(model, max_batch_size=0)
+
+
+class EncoderCalls:
+    """Records the thread of each speech-encoder forward; `gate` (when set up) holds the next
+    call until released, and `fail` makes the next call raise."""
+
+    def __init__(self, model):
+        self.threads: list[str] = []
+        self.entered, self.gate, self.fail = threading.Event(), None, False
+        self.hook = model.speech_encoder.register_forward_pre_hook(self)
+
+    def __call__(self, module, args):
+        self.threads.append(threading.current_thread().name)
+        self.entered.set()
+        if self.gate is not None:
+            assert self.gate.wait(30)
+        if self.fail:
+            self.fail = False
+            raise ValueError("audio the encoder rejects")
+
+
+@pytest.fixture()
+def encoder_calls(model):
+    calls = EncoderCalls(model)
+    yield calls
+    calls.hook.remove()
+
+
+def test_the_encoder_thread_encodes_ahead_and_answers_stay_the_same(model, processor, samples, engine, encoder_calls,
+                                                                    monkeypatch):
+    """Speech is encoded in the encoder thread, except an input longer than one encoder batch,
+    which the prefill encodes; greedy answers are those of `generate` alone either way."""
+    monkeypatch.setattr(model.config.speech, "encode_batch_clips", 1)
+    long_speech = processor(user("<speech>"), speech=[tone(31.0, freq=350.0)])  # 2 clips
+    cases = samples + [long_speech]
+    expected = [alone(model, s, 6) for s in cases]
+    encoder_calls.threads.clear()
+    jobs = [Job(sample=s, max_new_tokens=6) for s in cases]
+    for job in jobs:
+        engine.submit(job)
+    assert [outcome(j.result(60)) for j in jobs] == expected
+    assert encoder_calls.threads == ["lyra-encoder"] * 2 + ["lyra-engine"] * 2  # the 2 short inputs; 2 clips
+    assert engine.stats.encode_seconds > 0 and engine.queued == 0
+    assert all(j.speech_frames is None for j in jobs)  # not held once prefilled
+
+
+def test_a_job_cancelled_in_the_encoder_is_never_prefilled(samples, engine, encoder_calls):
+    encoder_calls.gate = threading.Event()
+    job = Job(sample=samples[2], max_new_tokens=6)
+    engine.submit(job)
+    assert encoder_calls.entered.wait(30)
+    assert engine.queued == 0  # taken by the encoder thread
+    job.cancel()
+    assert not job.future.done()  # it resolves once its encoders return
+    encoder_calls.gate.set()
+    assert job.result(30) == Completion(token_ids=[], finish_reason="cancelled", batch_size=0)
+    assert engine.stats.requests == 0 and engine.stats.cancelled_requests == 1
+    assert engine.submit(Job(sample=samples[0], max_new_tokens=2)).result(60).finish_reason in ("stop", "length")
+
+
+def test_an_encoder_failure_stays_with_its_job(model, samples, engine, encoder_calls):
+    encoder_calls.fail = True
+    failing, other = Job(sample=samples[2], max_new_tokens=4), Job(sample=samples[3], max_new_tokens=4)
+    engine.submit(failing)
+    engine.submit(other)
+    with pytest.raises(ValueError, match="audio the encoder rejects"):
+        failing.result(60)
+    assert outcome(other.result(60)) == alone(model, samples[3], 4)
+    assert engine.alive and engine.stats.failed_requests == 1 and engine.stats.requests == 1
+
+
+def test_stop_fails_jobs_waiting_for_the_encoder(model, samples, encoder_calls):
+    batcher = ContinuousBatcher(model).start()
+    encoder_calls.gate = threading.Event()
+    in_encoder, waiting = Job(sample=samples[2]), Job(sample=samples[3])
+    batcher.submit(in_encoder)
+    assert encoder_calls.entered.wait(30)
+    batcher.submit(waiting)
+    batcher.stop(timeout=0)
+    with pytest.raises(BatcherClosed):
+        waiting.result(10)
+    encoder_calls.gate.set()
+    with pytest.raises(BatcherClosed):
+        in_encoder.result(30)
+    batcher.stop()
+    assert not batcher.alive

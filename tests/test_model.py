@@ -292,3 +292,35 @@ def test_frame_cache_is_used_without_grad_and_skipped_when_the_encoder_trains(ti
     assert len(tiny_model.frame_cache.entries) == 1
     torch.testing.assert_close(first, again, rtol=0, atol=0)
     torch.testing.assert_close(first, trained.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_precomputed_encoder_frames_give_the_same_embeddings(tiny_model):
+    """`audio_frames` run ahead (as the server's encoder thread does) and handed to
+    `embed_inputs` give exactly the embeddings of encoding inside it, with the encoder not run
+    again; waveforms over `max_clips` get None and are encoded inside."""
+    config = tiny_model.config
+    long_speech, short_speech = torch.from_numpy(tone(95.0)), torch.from_numpy(tone(2.0, freq=600.0))
+    sound = torch.from_numpy(tone(4.0, freq=900.0))
+    n = config.speech_tokens_per_clip
+    ids = torch.cat([torch.full((4 * n,), config.tokens.speech), torch.full((n,), config.tokens.sound),
+                     torch.randint(0, 900, (3,)), torch.full((n,), config.tokens.speech)])[None]
+    calls = []
+    hook = tiny_model.speech_encoder.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        with torch.no_grad():
+            expected, _ = tiny_model.embed_inputs(ids, speech=[long_speech, short_speech], sound=[sound])
+            speech_frames = tiny_model.audio_frames("speech", [long_speech, short_speech], max_clips=1)
+            sound_frames = tiny_model.audio_frames("sound", [sound])
+            assert speech_frames[0] is None and speech_frames[1].shape[0] == 1 and sound_frames[0].shape[0] == 1
+            calls.clear()
+            embeds, _ = tiny_model.embed_inputs(ids, speech=[long_speech, short_speech], sound=[sound],
+                                                speech_frames=speech_frames, sound_frames=sound_frames)
+            assert torch.equal(embeds, expected)
+            assert len(calls) == 1  # the long input's one batch of 4 clips; nothing else ran again
+            with pytest.raises(ValueError, match="cover 1 clips, but the waveform of 1520000 samples takes 4"):
+                tiny_model.embed_inputs(ids, speech=[long_speech, short_speech], sound=[sound],
+                                        speech_frames=[speech_frames[1], None])
+            with pytest.raises(ValueError, match="1 precomputed encoder outputs for 2 waveforms"):
+                tiny_model.embed_inputs(ids, speech=[long_speech, short_speech], speech_frames=[None])
+    finally:
+        hook.remove()

@@ -34,7 +34,8 @@ from lyra.model import mlora
 from lyra.model.backbone import qwen2vl_config
 from lyra.model.lmme import RetentionRecord, context_types, lmme_decode, lmme_prefill
 from lyra.model.projector import FrameConcatProjector
-from lyra.model.speech import FrameCache, WhisperEncoder, encode_audio, load_whisper_encoder_state, waveform_tensor
+from lyra.model.speech import (FrameCache, WhisperEncoder, audio_frames, encode_audio, load_whisper_encoder_state,
+                               num_clips, waveform_tensor)
 from lyra.model.speechgen import SpeechGenerator
 from lyra.model.vocoder import UnitVocoder, check_vocoder
 from lyra.utils.io import move_into, replace_directory
@@ -197,21 +198,54 @@ class LyraForConditionalGeneration(nn.Module):
     def device(self) -> torch.device:
         return self.backbone.lm_head.weight.device
 
-    def encode_speech(self, waveforms: list[torch.Tensor], progress: bool = False) -> list[torch.Tensor]:
-        """Project `[T_i]` 16 kHz waveforms; returns one `[tokens_i, d_llm]` tensor each."""
-        return self._encode(waveforms, self.speech_encoder, self.speech_projector, progress)
+    def encode_speech(self, waveforms: list[torch.Tensor], progress: bool = False,
+                      frames: list[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
+        """Project `[T_i]` 16 kHz waveforms; returns one `[tokens_i, d_llm]` tensor each.
+        `frames[i]`, when given and not None, is waveform i's `audio_frames`, computed beforehand."""
+        return self._encode(waveforms, self._audio_encoder("speech"), self.speech_projector, progress, frames)
 
-    def encode_sound(self, waveforms: list[torch.Tensor]) -> list[torch.Tensor]:
+    def encode_sound(self, waveforms: list[torch.Tensor],
+                     frames: list[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
         self.config.check_sound_input()
-        encoder = self.sound_encoder if self.sound_encoder is not None else self.speech_encoder
-        return self._encode(waveforms, encoder, self.sound_projector, progress=False)
+        return self._encode(waveforms, self._audio_encoder("sound"), self.sound_projector, False, frames)
 
-    def _encode(self, waveforms, encoder: WhisperEncoder, projector: nn.Module, progress: bool) -> list[torch.Tensor]:
-        batch = self.config.speech.encode_batch_clips
-        trained = torch.is_grad_enabled() and any(p.requires_grad for p in encoder.parameters())
-        cache = None if trained else self._frame_cache
+    def audio_frames(self, kind: str, waveforms: list[torch.Tensor],
+                     max_clips: int | None = None) -> list[torch.Tensor | None]:
+        """The speech or sound (`kind`) encoder's output for each waveform, `[clips_i, n_audio_ctx,
+        d_enc]`, to pass to `prepare_inputs` as `speech_frames` / `sound_frames`: a server runs the
+        encoders in a thread of their own this way, while another one decodes. The projectors
+        (which an MLoRA adapter swaps) still run in `prepare_inputs`. With `max_clips`, waveforms
+        of more clips get None (`prepare_inputs` then encodes them, one batch of clips at a time,
+        instead of holding all their frames)."""
+        if kind == "sound":
+            self.config.check_sound_input()
+        encoder = self._audio_encoder(kind)
+        cache, batch = self._encoder_cache(encoder), self.config.speech.encode_batch_clips
         rule = self.config.speech.window_rule
-        return [encode_audio(waveform_tensor(w), encoder, projector, batch, progress, cache, rule) for w in waveforms]
+        frames: list[torch.Tensor | None] = []
+        for waveform in map(waveform_tensor, waveforms):
+            fits = max_clips is None or num_clips(waveform.shape[0], rule) <= max_clips
+            frames.append(audio_frames(waveform, encoder, batch, cache, rule) if fits else None)
+        return frames
+
+    def _audio_encoder(self, kind: str) -> WhisperEncoder:
+        if kind not in ("speech", "sound"):
+            raise ValueError(f"unknown audio kind {kind!r}; use 'speech' or 'sound'")
+        return self.sound_encoder if kind == "sound" and self.sound_encoder is not None else self.speech_encoder
+
+    def _encoder_cache(self, encoder: WhisperEncoder) -> FrameCache | None:
+        trained = torch.is_grad_enabled() and any(p.requires_grad for p in encoder.parameters())
+        return None if trained else self._frame_cache
+
+    def _encode(self, waveforms, encoder: WhisperEncoder, projector: nn.Module, progress: bool,
+                frames: list[torch.Tensor | None] | None) -> list[torch.Tensor]:
+        frames = frames if frames is not None else [None] * len(waveforms)
+        if len(frames) != len(waveforms):
+            raise ValueError(f"{len(frames)} precomputed encoder outputs for {len(waveforms)} waveforms")
+        batch, rule = self.config.speech.encode_batch_clips, self.config.speech.window_rule
+        cache = self._encoder_cache(encoder)
+        return [encode_audio(waveform_tensor(w), encoder, projector, batch, progress, cache, rule, f)
+                for w, f in zip(waveforms, frames)]
 
     def embed_inputs(
         self,
@@ -219,9 +253,12 @@ class LyraForConditionalGeneration(nn.Module):
         speech: list[torch.Tensor] | None = None,
         sound: list[torch.Tensor] | None = None,
         progress: bool = False,
+        speech_frames: list[torch.Tensor | None] | None = None,
+        sound_frames: list[torch.Tensor | None] | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Token embeddings `[B, L, d]` with speech/sound features at their pad tokens, and the
-        projected speech tokens of each waveform (for LCMR). `progress`: a bar while encoding."""
+        projected speech tokens of each waveform (for LCMR). `progress`: a bar while encoding;
+        `speech_frames` / `sound_frames`: encoder outputs computed beforehand (`audio_frames`)."""
         embeds = self.backbone.get_input_embeddings()(input_ids)
         speech_features: list[torch.Tensor] = []
         for name, waveforms, token_id in (("speech", speech, self.config.tokens.speech),
@@ -233,7 +270,10 @@ class LyraForConditionalGeneration(nn.Module):
                 if mask.any():
                     raise ValueError(f"input_ids hold {int(mask.sum())} {name} tokens but no {name} audio was given")
                 continue
-            features = self.encode_speech(waveforms, progress) if name == "speech" else self.encode_sound(waveforms)
+            if name == "speech":
+                features = self.encode_speech(waveforms, progress, speech_frames)
+            else:
+                features = self.encode_sound(waveforms, sound_frames)
             if name == "speech":
                 speech_features = features
             embeds = _scatter(embeds, mask, torch.cat(features), name)
@@ -251,11 +291,14 @@ class LyraForConditionalGeneration(nn.Module):
         video_grid_thw: torch.LongTensor | None = None,
         mm_token_type_ids: torch.Tensor | None = None,
         progress: bool = False,
+        speech_frames: list[torch.Tensor | None] | None = None,
+        sound_frames: list[torch.Tensor | None] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """Everything before the LLM layers: `[B, L, d]` input embeddings with image, video,
         speech and sound features spliced in, `[3, B, L]` M-RoPE position ids (padding
-        excluded; speech and sound count as text), and each speech input's projected tokens."""
-        embeds, speech_features = self.embed_inputs(input_ids, speech, sound, progress)
+        excluded; speech and sound count as text), and each speech input's projected tokens.
+        `speech_frames` / `sound_frames`: see `embed_inputs`."""
+        embeds, speech_features = self.embed_inputs(input_ids, speech, sound, progress, speech_frames, sound_frames)
         vision = self.backbone.model
         if pixel_values is not None:
             features = torch.cat(vision.get_image_features(pixel_values, image_grid_thw, return_dict=True).pooler_output)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import threading
 from collections import OrderedDict
 from pathlib import Path
 
@@ -181,28 +182,57 @@ class FrameCache:
 
     Training sets that repeat the same recordings (a small set of spoken questions
     asked many times, a fixed instruction read by several voices) then pay for Whisper once per recording.
+    Safe to share between threads (a server encodes in one and prefills in another); two threads
+    that miss on the same key at once both compute it.
     """
 
     def __init__(self, max_mib: float):
         self.max_bytes = int(max_mib * 2**20)
         self.entries: OrderedDict[tuple[str, int, int], torch.Tensor] = OrderedDict()
         self.size = 0
+        self._lock = threading.Lock()
 
     def frames(self, key: tuple[str, int, int], compute) -> torch.Tensor:
-        if key in self.entries:
-            self.entries.move_to_end(key)
-            return self.entries[key]
-        value = compute().detach()
-        self.entries[key] = value
-        self.size += value.numel() * value.element_size()
-        while self.size > self.max_bytes and self.entries:
-            _, evicted = self.entries.popitem(last=False)
-            self.size -= evicted.numel() * evicted.element_size()
+        with self._lock:
+            if key in self.entries:
+                self.entries.move_to_end(key)
+                return self.entries[key]
+        value = compute().detach()  # outside the lock: other threads' hits do not wait for the encoder
+        with self._lock:
+            if key not in self.entries:
+                self.entries[key] = value
+                self.size += value.numel() * value.element_size()
+            while self.size > self.max_bytes and self.entries:
+                _, evicted = self.entries.popitem(last=False)
+                self.size -= evicted.numel() * evicted.element_size()
         return value
 
 
 def audio_key(waveform: torch.Tensor) -> str:
     return hashlib.sha1(waveform.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def clip_frames(waveform: torch.Tensor, encoder: WhisperEncoder, first_clip: int, count: int,
+                cache: FrameCache | None = None, key: str | None = None) -> torch.Tensor:
+    """The encoder's output `[count, n_audio_ctx, d_enc]` for clips `first_clip ..
+    first_clip+count-1` of `[T]` samples, from `cache` (under the waveform's `audio_key`) when it
+    holds them."""
+    def run_encoder() -> torch.Tensor:
+        clips = clip_batch(waveform, first_clip, count).to(encoder.whisper.conv1.weight.device)
+        return encoder(log_mel(clips, encoder.config.n_mels))
+
+    return cache.frames((key, first_clip, count), run_encoder) if cache is not None else run_encoder()
+
+
+def audio_frames(waveform: torch.Tensor, encoder: WhisperEncoder, batch_clips: int, cache: FrameCache | None = None,
+                 window_rule: str = "ceil") -> torch.Tensor:
+    """The encoder's output for every clip of `[T]` samples, `batch_clips` at a time (the
+    batches `encode_audio` runs, so its `frames=` gives the same tokens):
+    `[num_clips, n_audio_ctx, d_enc]`."""
+    total_clips = num_clips(waveform.shape[0], window_rule)
+    key = audio_key(waveform) if cache is not None else None
+    return torch.cat([clip_frames(waveform, encoder, start, min(batch_clips, total_clips - start), cache, key)
+                      for start in range(0, total_clips, batch_clips)])
 
 
 def encode_audio(
@@ -213,6 +243,7 @@ def encode_audio(
     progress: bool = False,
     cache: FrameCache | None = None,
     window_rule: str = "ceil",
+    frames: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Encode audio of any length into LLM tokens.
 
@@ -220,23 +251,26 @@ def encode_audio(
         waveform: `[T]` 16 kHz mono samples.
         cache: reuse encoder outputs of audio seen before (only valid for a frozen encoder).
         window_rule: how many clips `T` samples take (`num_clips`).
+        frames: this waveform's `audio_frames`, computed beforehand (e.g. in another thread);
+            the encoder then does not run.
     Returns:
         `[num_clips * tokens_per_clip, d_llm]`, clips in order.
     """
     total_clips = num_clips(waveform.shape[0], window_rule)
-    device = encoder.whisper.conv1.weight.device
-    key = audio_key(waveform) if cache is not None else None
+    if frames is not None and frames.shape[0] != total_clips:
+        raise ValueError(f"precomputed encoder frames cover {frames.shape[0]} clips, but the waveform of "
+                         f"{waveform.shape[0]} samples takes {total_clips}")
+    key = audio_key(waveform) if cache is not None and frames is None else None
     output: torch.Tensor | None = None  # allocated once the token width is known
     position = 0
     starts = range(0, total_clips, batch_clips)
     for start in tqdm(starts, desc="encoding speech", unit="batch", disable=not progress):
         count = min(batch_clips, total_clips - start)
-        def run_encoder(start=start, count=count):
-            clips = clip_batch(waveform, start, count).to(device)
-            return encoder(log_mel(clips, encoder.config.n_mels))  # (n, 1500, d_enc)
-
-        frames = cache.frames((key, start, count), run_encoder) if cache is not None else run_encoder()
-        tokens = projector(frames).flatten(0, 1)  # (n * 300, d_llm)
+        if frames is not None:
+            batch = frames[start : start + count]
+        else:
+            batch = clip_frames(waveform, encoder, start, count, cache, key)  # (n, 1500, d_enc)
+        tokens = projector(batch).flatten(0, 1)  # (n * 300, d_llm)
         if output is None:
             per_clip = tokens.shape[0] // count
             output = tokens.new_empty(total_clips * per_clip, tokens.shape[-1])

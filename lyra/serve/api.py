@@ -226,7 +226,7 @@ class LyraAPI:
         for _ in range(self.prepare_threads):
             self._processors.put(LyraProcessor(copy.deepcopy(tokenizer), model.config, config.vision_limits))
         self.workers = ThreadPoolExecutor(self.prepare_threads, thread_name_prefix="lyra-prepare")
-        self.batcher = ContinuousBatcher(model, config.max_batch_size).start()
+        self.batcher = ContinuousBatcher(model, config.max_batch_size, config.encoder_thread).start()
         self.in_flight = 0  # requests holding a slot: being prepared, queued or generated
         self._slots_lock = threading.Lock()
         self.tokenizer_lock = threading.Lock()  # guards self.tokenizer, which decodes answers
@@ -259,7 +259,8 @@ class LyraAPI:
             "status": "ok" if alive else "unavailable", "model": self.model_id,
             "untrained": bool(self.info.get("untrained", False)), "device": self.info.get("device"),
             "can_speak": can_speak(self.model), "queued": self.batcher.queued, "in_flight": self.in_flight,
-            "max_batch_size": self.batcher.max_batch_size, "batches": self.batcher.stats.as_dict(),
+            "max_batch_size": self.batcher.max_batch_size,
+            "encoder_thread": self.batcher.encoder_thread, "batches": self.batcher.stats.as_dict(),
         }
 
     # ------------------------------------------------------------------ chat completions
@@ -745,6 +746,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override the vocoder the model records (a code HiFi-GAN folder, a Piper .onnx "
                              "voice or piper:<voice>); a model with a speech generator answers in speech when asked")
     parser.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size)
+    parser.add_argument("--no-encoder-thread", dest="encoder_thread", action="store_false",
+                        help="run the speech and sound encoders in the decode loop's thread, not in one of their "
+                             "own beside it (for a machine with one core)")
     parser.add_argument("--max-body-mb", type=float, default=defaults.max_body_mb)
     parser.add_argument("--max-text-chars", type=int, default=defaults.max_text_chars,
                         help="characters of text per request, checked before tokenising")
@@ -787,7 +791,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             raise ValueError(f"--media-root {root}: not a directory")
     return ServerConfig(
         host=args.host, port=args.port, api_key=args.api_key or None, served_model_name=args.served_model_name,
-        max_batch_size=args.max_batch_size, max_body_mb=args.max_body_mb,
+        max_batch_size=args.max_batch_size, encoder_thread=args.encoder_thread, max_body_mb=args.max_body_mb,
         max_text_chars=args.max_text_chars, max_audio_seconds=args.max_audio_seconds,
         max_image_pixels=args.max_image_pixels, max_video_seconds=args.max_video_seconds,
         default_max_tokens=args.default_max_tokens, max_tokens_limit=args.max_tokens_limit,

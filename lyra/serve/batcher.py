@@ -9,10 +9,15 @@ a running batch to end and a finished one frees its slot at once. The new jobs' 
 tokens come from the same LM head call as the running rows' next ones (with a large
 vocabulary that head is most of a small model's step).
 
+* Jobs with speech or sound go first to an encoder thread, which runs their audio encoders
+  (`LyraForConditionalGeneration.audio_frames`) while the worker decodes, then queues them;
+  jobs without audio are queued at once. Inputs longer than one encoder batch
+  (`speech.encode_batch_clips` clips) are encoded in the prefill instead, as is everything
+  with `encoder_thread=False`.
 * Every row gets its tokens as they are produced (for SSE) and its future is resolved
   as soon as it has produced its end-of-sequence token or its own `max_new_tokens`.
 * A request whose media only turns out to be unusable inside the model fails in its
-  own prefill, without touching the running rows.
+  own encoding or prefill, without touching the running rows.
 * Nothing a request does can stop the worker: every error ends up on that request's
   future (an error in a decode step, shared by the running rows, fails those rows).
 
@@ -98,6 +103,9 @@ class Job:
     postprocess: Callable[["Job", Completion], None] | None = None
     future: Future = field(default_factory=Future)
     tokens: list[int] = field(default_factory=list)  # produced so far
+    # the encoder thread's output for `sample.speech` / `sample.sound` (see `ContinuousBatcher`), until prefill
+    speech_frames: list[torch.Tensor | None] | None = None
+    sound_frames: list[torch.Tensor | None] | None = None
     _cancelled: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
     _on_cancel: Callable[["Job"], None] | None = field(default=None, init=False, repr=False)
 
@@ -128,7 +136,8 @@ class EngineStats:
     cancelled_requests: int = 0
     steps: int = 0  # decode steps: forward passes over the running batch
     row_steps: int = 0  # rows summed over decode steps
-    prefill_seconds: float = 0.0  # engine time in prompts (encoders and LLM), one job at a time
+    encode_seconds: float = 0.0  # encoder thread time in audio encoders, one job at a time
+    prefill_seconds: float = 0.0  # engine time in prompts (encoders not run ahead, and LLM), one job at a time
     decode_seconds: float = 0.0  # engine time in decode steps and their shared LM head call
     sizes: Counter = field(default_factory=Counter)
 
@@ -142,6 +151,7 @@ class EngineStats:
     def as_dict(self) -> dict[str, Any]:
         return {"requests": self.requests, "failed_requests": self.failed_requests,
                 "cancelled_requests": self.cancelled_requests, "steps": self.steps, "row_steps": self.row_steps,
+                "encode_seconds": round(self.encode_seconds, 4),
                 "prefill_seconds": round(self.prefill_seconds, 4), "decode_seconds": round(self.decode_seconds, 4),
                 "mean_batch_size": round(self.row_steps / self.steps, 2) if self.steps else None,
                 "max_batch_size_seen": max(self.sizes, default=0),
@@ -222,11 +232,12 @@ class ContinuousBatcher:
 
     Greedy answers are those of `model.generate` on each request alone: a job is
     prefilled alone, and a decode step differs from a lone one only by masked padding.
-    `max_batch_size` 1 runs one job at a time. Models with LMME (whose decode prunes the
-    cache per prompt) are not supported.
+    `max_batch_size` 1 runs one job at a time. `encoder_thread` runs audio encoders in a thread
+    of their own (both threads keep a core busy on a CPU; on one core, turn it off). Models
+    with LMME (whose decode prunes the cache per prompt) are not supported.
     """
 
-    def __init__(self, model, max_batch_size: int = 8):
+    def __init__(self, model, max_batch_size: int = 8, encoder_thread: bool = True):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         if model.lmme_settings(None) is not None:
@@ -237,12 +248,14 @@ class ContinuousBatcher:
             raise ValueError("continuous batching needs full-attention KV caches: set use_sliding_window to false")
         self.model = model
         self.max_batch_size = max_batch_size
+        self.encoder_thread = encoder_thread
         self.stats = EngineStats()
         self._stop = set(model.config.stop_token_ids)
-        self._queue: list[Job] = []
-        self._cond = threading.Condition()
+        self._queue: list[Job] = []  # ready to prefill
+        self._encoding: list[Job] = []  # waiting for the encoder thread
+        self._cond = threading.Condition()  # guards both lists and the stats' counts
         self._running = False
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
 
     # ------------------------------------------------------------------ control
     def start(self) -> "ContinuousBatcher":
@@ -250,36 +263,42 @@ class ContinuousBatcher:
             if self._running:
                 return self
             self._running = True
-        self._thread = threading.Thread(target=self._loop, name="lyra-engine", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._loop, name="lyra-engine", daemon=True)]
+        if self.encoder_thread:
+            self._threads.append(threading.Thread(target=self._encode_loop, name="lyra-encoder", daemon=True))
+        for thread in self._threads:
+            thread.start()
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop taking jobs, let the running rows finish, fail the queued ones."""
         with self._cond:
             self._running = False
-            pending, self._queue = self._queue, []
+            pending, self._queue, self._encoding = self._encoding + self._queue, [], []
             self._cond.notify_all()
         for job in pending:
             _fail(job, BatcherClosed("the server is shutting down"))
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout)
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(timeout)
 
     @property
     def alive(self) -> bool:
-        return self._running and self._thread is not None and self._thread.is_alive()
+        return self._running and bool(self._threads) and all(t.is_alive() for t in self._threads)
 
     @property
     def queued(self) -> int:
+        """Jobs waiting: for the encoder thread or to join a batch."""
         with self._cond:
-            return len(self._queue)
+            return len(self._queue) + len(self._encoding)
 
     def submit(self, job: Job) -> Future:
         with self._cond:
             if not self._running:
                 raise BatcherClosed("the batcher is not running")
             job._on_cancel = self._cancel_queued
-            self._queue.append(job)
+            audio = job.sample.speech or job.sample.sound
+            (self._encoding if self.encoder_thread and audio else self._queue).append(job)
             self._cond.notify_all()
         if job.cancelled:  # cancelled before the hook was set
             self._cancel_queued(job)
@@ -287,11 +306,13 @@ class ContinuousBatcher:
         return job.future
 
     def _cancel_queued(self, job: Job) -> None:
-        """`Job.cancel` hook: a queued job leaves now; a running one at the next step."""
+        """`Job.cancel` hook: a queued job leaves now; a running one at the next step (one in the
+        encoder, once encoded)."""
         with self._cond:
-            if job not in self._queue:
+            waiting = next((q for q in (self._queue, self._encoding) if job in q), None)
+            if waiting is None:
                 return
-            self._queue.remove(job)
+            waiting.remove(job)
             self.stats.cancelled_requests += 1
         _resolve(job, Completion(token_ids=[], finish_reason="cancelled", batch_size=0))
 
@@ -314,6 +335,50 @@ class ContinuousBatcher:
                 self._queue = [j for j in self._queue if j not in joining]
                 self.stats.requests += len(joining)
                 return key, joining
+
+    def _encode_loop(self) -> None:
+        """The encoder thread: audio encoders of the waiting jobs, oldest first."""
+        while True:
+            with self._cond:
+                while self._running and not self._encoding:
+                    self._cond.wait()
+                if not self._running:
+                    return
+                job = self._encoding.pop(0)
+            encoded = self._encode(job)
+            with self._cond:
+                if not encoded:
+                    continue
+                if not self._running:
+                    _fail(job, BatcherClosed("the server is shutting down"))
+                elif job.cancelled:  # while it was encoded: its hook found it in neither list
+                    self.stats.cancelled_requests += 1
+                    _resolve(job, Completion(token_ids=[], finish_reason="cancelled", batch_size=0))
+                else:
+                    self._queue.append(job)
+                    self._cond.notify_all()
+
+    @torch.no_grad()
+    def _encode(self, job: Job) -> bool:
+        """Run `job`'s audio encoders, keeping the frames on the job; False (the job failed) when
+        its audio cannot be encoded."""
+        model, sample = self.model, job.sample
+        max_clips = model.config.speech.encode_batch_clips
+        started = time.perf_counter()
+        try:
+            if sample.speech:
+                job.speech_frames = model.audio_frames("speech", sample.speech, max_clips)
+            if sample.sound:
+                job.sound_frames = model.audio_frames("sound", sample.sound, max_clips)
+        except Exception as error:  # e.g. sound given to a model without a sound projector
+            log.info("request failed in its encoders: %s", error)
+            with self._cond:
+                self.stats.failed_requests += 1
+            _fail(job, error)
+            return False
+        finally:
+            self.stats.encode_seconds += time.perf_counter() - started
+        return True
 
     def _loop(self) -> None:
         batch = _Batch(BatchKey())
@@ -386,7 +451,9 @@ class ContinuousBatcher:
         try:
             inputs = _to_device(collate([job.sample], model.config.tokens.pad, padding_side="left"), model.device)
             inputs.pop("labels", None)
-            embeds, positions, _ = model.prepare_inputs(**inputs)
+            embeds, positions, _ = model.prepare_inputs(**inputs, speech_frames=job.speech_frames,
+                                                        sound_frames=job.sound_frames)
+            job.speech_frames = job.sound_frames = None  # the prompt's cache holds what they gave
             cache = DynamicCache(config=model.backbone.config.text_config)
             hidden = model.backbone.model.language_model(
                 inputs_embeds=embeds, attention_mask=inputs["attention_mask"], position_ids=positions, cache=cache,

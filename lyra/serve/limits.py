@@ -27,6 +27,7 @@ class ServerConfig:
     api_key: str | None = None
     served_model_name: str | None = None  # default: the preset name or checkpoint directory name
     max_batch_size: int = 8
+    encoder_thread: bool = True  # audio encoders run in a thread of their own, beside the decode loop
     max_body_mb: float = 64.0
     max_text_chars: int = 262_144  # all text of a request together, checked before tokenising
     max_audio_seconds: float = 600.0  # per speech / sound input (the model config may cap lower)
