@@ -229,12 +229,15 @@ def targets(results: list[dict]) -> dict:
 
 
 def decode_free_bounds(results: list[dict]) -> dict:
-    """Per model (and encoder thread setting), the most continuous batching could give on the
-    mixed set at 8 clients. Each prompt is prefilled alone either way, and the encoder thread,
-    beside the engine, encodes one request at a time; one at a time, a request takes
-    max(prefill + decode, encode) per request of the one-at-a-time engine (P, D, E), and were
-    decode steps free, at least max(P, E): the bound is max(P + D, E) / max(P, E) (without the
-    encoder thread E is 0: (P + D) / P)."""
+    """Per model (and encoder thread setting), an estimate from the engine's own times of the
+    most continuous batching could give on the mixed set at 8 clients. Each prompt is
+    prefilled alone either way, and the encoder thread, beside the engine, encodes one request
+    at a time. With the one-at-a-time engine's prefill, decode and encode time per request
+    (P, D, E) and the two threads overlapping fully (a core each), a request takes
+    max(P + D, E) one at a time and, were decode steps free, still max(P, E): the estimate is
+    max(P + D, E) / max(P, E) (without the encoder thread E is 0: (P + D) / P). Compare
+    max(P + D, E) with the measured time per request of the one-at-a-time server to see how
+    well the overlap assumption holds."""
     bounds = {}
     for name, rows in _groups(results).items():
         r = rows.get(("mixed", "one-at-a-time", 8))

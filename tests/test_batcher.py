@@ -269,6 +269,8 @@ class EncoderCalls:
 def encoder_calls(model):
     calls = EncoderCalls(model)
     yield calls
+    if calls.gate is not None:  # a failed test must not leave the encoder thread blocked
+        calls.gate.set()
     calls.hook.remove()
 
 
@@ -285,7 +287,8 @@ def test_the_encoder_thread_encodes_ahead_and_answers_stay_the_same(model, proce
     for job in jobs:
         engine.submit(job)
     assert [outcome(j.result(60)) for j in jobs] == expected
-    assert encoder_calls.threads == ["lyra-encoder"] * 2 + ["lyra-engine"] * 2  # the 2 short inputs; 2 clips
+    # the 2 short inputs in the encoder thread; the long one's 2 clips in the prefill (it skips the encoder's queue)
+    assert sorted(encoder_calls.threads) == ["lyra-encoder"] * 2 + ["lyra-engine"] * 2
     assert engine.stats.encode_seconds > 0 and engine.queued == 0
     assert all(j.speech_frames is None for j in jobs)  # not held once prefilled
 
@@ -312,7 +315,7 @@ def test_an_encoder_failure_stays_with_its_job(model, samples, engine, encoder_c
     with pytest.raises(ValueError, match="audio the encoder rejects"):
         failing.result(60)
     assert outcome(other.result(60)) == alone(model, samples[3], 4)
-    assert engine.alive and engine.stats.failed_requests == 1 and engine.stats.requests == 1
+    assert engine.alive and engine.stats.failed_requests == 1 and engine.stats.requests == 2
 
 
 def test_stop_fails_jobs_waiting_for_the_encoder(model, samples, encoder_calls):
@@ -329,4 +332,30 @@ def test_stop_fails_jobs_waiting_for_the_encoder(model, samples, encoder_calls):
     with pytest.raises(BatcherClosed):
         in_encoder.result(30)
     batcher.stop()
-    assert not batcher.alive
+    assert not any(thread.is_alive() for thread in batcher._threads)
+
+
+def test_the_encoder_thread_waits_while_a_batch_of_encoded_jobs_is_queued(model, samples, encoder_calls):
+    """With one slot busy, the encoder thread encodes one job ahead and then waits: encoder
+    outputs are held for at most `max_batch_size` queued jobs."""
+    batcher = ContinuousBatcher(model, max_batch_size=1).start()
+    try:
+        started, gate = threading.Event(), threading.Event()
+        running = Job(sample=samples[0], max_new_tokens=3, on_token=lambda _t: (started.set(), gate.wait(30)))
+        speech = [Job(sample=samples[i], max_new_tokens=2) for i in (2, 3, 2)]
+        batcher.submit(running)
+        assert started.wait(30)
+        for job in speech:
+            batcher.submit(job)
+        deadline = time.monotonic() + 30
+        while len(encoder_calls.threads) < 1 or batcher.queued != 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(0.3)  # time enough to encode the other two, were it not waiting
+        assert len(encoder_calls.threads) == 1 and [j.speech_frames is not None for j in speech] == [True, False, False]
+        gate.set()
+        assert all(j.result(60).finish_reason in ("stop", "length") for j in [running] + speech)
+        assert encoder_calls.threads == ["lyra-encoder"] * 3
+    finally:
+        gate.set()
+        batcher.stop()

@@ -270,6 +270,8 @@ def test_frozen_encoder_cache_reuses_outputs(tiny_config):
     model.speech_encoder.register_forward_hook(lambda *args: calls.append(1))
     again, = model.encode_speech([speech.clone()])
     assert calls == [] and torch.equal(first, again)
+    frames, = model.audio_frames("speech", [speech])  # what a server's encoder thread asks: the same entries
+    assert calls == [] and torch.equal(model.encode_speech([speech], frames=[frames])[0], first)
     model.encode_speech([speech * 0.5])
     assert calls == [1]
     model.speech_encoder.requires_grad_(True)  # a trainable encoder is never cached

@@ -13,7 +13,8 @@ vocabulary that head is most of a small model's step).
   (`LyraForConditionalGeneration.audio_frames`) while the worker decodes, then queues them;
   jobs without audio are queued at once. Inputs longer than one encoder batch
   (`speech.encode_batch_clips` clips) are encoded in the prefill instead, as is everything
-  with `encoder_thread=False`.
+  with `encoder_thread=False`. The encoder thread waits while `max_batch_size` encoded jobs
+  are queued, so encoder outputs are held for at most that many jobs (and one being encoded).
 * Every row gets its tokens as they are produced (for SSE) and its future is resolved
   as soon as it has produced its end-of-sequence token or its own `max_new_tokens`.
 * A request whose media only turns out to be unusable inside the model fails in its
@@ -43,6 +44,7 @@ from transformers import DynamicCache, LogitsProcessorList
 
 from lyra.model import mlora
 from lyra.model.lyra import sampling_processors
+from lyra.model.speech import num_clips
 from lyra.processing import ProcessedSample, collate
 
 log = logging.getLogger(__name__)
@@ -90,7 +92,8 @@ class Job:
     fill `Completion.extra`; an exception there fails only this request.
 
     `cancel()` (from any thread) asks `ContinuousBatcher` to drop the job: a queued job
-    is removed at once, a running one leaves the batch within one decode step; either way
+    is removed at once, one in the encoder thread once its encoders return, a running one
+    leaves the batch within one decode step; either way
     its future gets `Completion(finish_reason="cancelled")` with the tokens so far. A
     client that cancels the future instead (`job.future.cancel()`) cancels the job the same
     way, once it was submitted.
@@ -131,7 +134,7 @@ class EngineStats:
     such steps) is replaced, never mutated, so other threads can read it while the
     worker counts."""
 
-    requests: int = 0  # jobs taken from the queue
+    requests: int = 0  # jobs taken from the queue, and jobs that failed in the encoder thread
     failed_requests: int = 0
     cancelled_requests: int = 0
     steps: int = 0  # decode steps: forward passes over the running batch
@@ -297,13 +300,22 @@ class ContinuousBatcher:
             if not self._running:
                 raise BatcherClosed("the batcher is not running")
             job._on_cancel = self._cancel_queued
-            audio = job.sample.speech or job.sample.sound
-            (self._encoding if self.encoder_thread and audio else self._queue).append(job)
+            (self._encoding if self.encoder_thread and self._encodes_ahead(job) else self._queue).append(job)
             self._cond.notify_all()
         if job.cancelled:  # cancelled before the hook was set
             self._cancel_queued(job)
         job.future.add_done_callback(lambda future: job.cancel() if future.cancelled() else None)
         return job.future
+
+    def _encodes_ahead(self, job: Job) -> bool:
+        """Whether the encoder thread has anything to run for `job`: an input of at most one
+        encoder batch of clips."""
+        speech = self.model.config.speech
+        return any(num_clips(len(w), speech.window_rule) <= speech.encode_batch_clips
+                   for w in job.sample.speech + job.sample.sound)
+
+    def _encoded_in_queue(self) -> int:
+        return sum(j.speech_frames is not None or j.sound_frames is not None for j in self._queue)
 
     def _cancel_queued(self, job: Job) -> None:
         """`Job.cancel` hook: a queued job leaves now; a running one at the next step (one in the
@@ -314,6 +326,7 @@ class ContinuousBatcher:
                 return
             waiting.remove(job)
             self.stats.cancelled_requests += 1
+            self._cond.notify_all()  # room in the queue for the encoder thread
         _resolve(job, Completion(token_ids=[], finish_reason="cancelled", batch_size=0))
 
     # ------------------------------------------------------------------ worker
@@ -334,29 +347,33 @@ class ContinuousBatcher:
                 joining = [j for j in self._queue if j.key == key][:room]
                 self._queue = [j for j in self._queue if j not in joining]
                 self.stats.requests += len(joining)
+                if joining:
+                    self._cond.notify_all()  # the encoder thread may wait for room in the queue
                 return key, joining
 
     def _encode_loop(self) -> None:
-        """The encoder thread: audio encoders of the waiting jobs, oldest first."""
+        """The encoder thread: audio encoders of the waiting jobs, oldest first, while fewer
+        than `max_batch_size` encoded jobs are queued."""
         while True:
             with self._cond:
-                while self._running and not self._encoding:
+                while self._running and (not self._encoding or self._encoded_in_queue() >= self.max_batch_size):
                     self._cond.wait()
                 if not self._running:
                     return
                 job = self._encoding.pop(0)
-            encoded = self._encode(job)
+            if not self._encode(job):
+                continue
             with self._cond:
-                if not encoded:
-                    continue
-                if not self._running:
-                    _fail(job, BatcherClosed("the server is shutting down"))
-                elif job.cancelled:  # while it was encoded: its hook found it in neither list
-                    self.stats.cancelled_requests += 1
-                    _resolve(job, Completion(token_ids=[], finish_reason="cancelled", batch_size=0))
-                else:
+                outcome = "closed" if not self._running else "cancelled" if job.cancelled else "queued"
+                if outcome == "queued":
                     self._queue.append(job)
                     self._cond.notify_all()
+                elif outcome == "cancelled":  # while it was encoded: its hook found it in neither list
+                    self.stats.cancelled_requests += 1
+            if outcome == "closed":
+                _fail(job, BatcherClosed("the server is shutting down"))
+            elif outcome == "cancelled":
+                _resolve(job, Completion(token_ids=[], finish_reason="cancelled", batch_size=0))
 
     @torch.no_grad()
     def _encode(self, job: Job) -> bool:
@@ -373,6 +390,7 @@ class ContinuousBatcher:
         except Exception as error:  # e.g. sound given to a model without a sound projector
             log.info("request failed in its encoders: %s", error)
             with self._cond:
+                self.stats.requests += 1
                 self.stats.failed_requests += 1
             _fail(job, error)
             return False
@@ -453,7 +471,7 @@ class ContinuousBatcher:
             inputs.pop("labels", None)
             embeds, positions, _ = model.prepare_inputs(**inputs, speech_frames=job.speech_frames,
                                                         sound_frames=job.sound_frames)
-            job.speech_frames = job.sound_frames = None  # the prompt's cache holds what they gave
+            job.speech_frames = job.sound_frames = None  # the prompt's KV cache holds what they gave
             cache = DynamicCache(config=model.backbone.config.text_config)
             hidden = model.backbone.model.language_model(
                 inputs_embeds=embeds, attention_mask=inputs["attention_mask"], position_ids=positions, cache=cache,
@@ -518,6 +536,7 @@ class ContinuousBatcher:
 
 
 def _resolve(job: Job, completion: Completion) -> None:
+    job.speech_frames = job.sound_frames = None
     try:
         job.future.set_result(completion)
     except InvalidStateError:  # cancelled by its client meanwhile
@@ -525,6 +544,7 @@ def _resolve(job: Job, completion: Completion) -> None:
 
 
 def _fail(job: Job, error: BaseException) -> None:
+    job.speech_frames = job.sound_frames = None
     try:
         job.future.set_exception(error)
     except InvalidStateError:
