@@ -34,13 +34,14 @@ def test_targets_and_the_bound_of_batching_decode_steps():
     assert checks["speedup_at_1"] == {"value": 0.95, "target": 1.0, "met": False}
     assert checks["p95_ms_at_8"] == {"value": 300.0, "target": 310.0, "met": True}
     assert "speedup_bound_at_8" not in checks
+    # continuous: prefill 12 ms per request, so at most 83.33 req/s, 8.33x the one-at-a-time 10 req/s
     assert bench.decode_free_bounds(rows) == {
-        "tiny": {"speedup_at_8": 4.0, "encode_ms": 0.0, "prefill_ms": 10.0, "decode_ms": 30.0}}
+        "tiny": {"speedup_at_8": 8.33, "requests_per_s": 83.33, "encode_ms": 0.0, "prefill_ms": 12.0}}
 
 
 def test_each_encoder_thread_setting_has_its_own_targets_and_bound():
-    """With the encoder thread, encoding overlaps the engine: one at a time a request takes
-    max(P + D, E), and at best max(P, E)."""
+    """With the encoder thread, the continuous server is bound by the slower of its two
+    threads' per-request work: max(prefill, encode)."""
     rows = [row("continuous", 8, 24.0, 300.0, 2.0, 5.0, encode=25.0),
             row("one-at-a-time", 8, 12.0, 310.0, 10.0, 30.0, encode=25.0),
             row("continuous", 8, 20.0, 300.0, 12.0, 4.0, encoder_thread=False),
@@ -49,5 +50,5 @@ def test_each_encoder_thread_setting_has_its_own_targets_and_bound():
     assert checks["tiny"]["speedup_at_8"]["value"] == 2.0
     assert checks["tiny (no encoder thread)"]["speedup_at_8"]["value"] == 2.0
     bounds = bench.decode_free_bounds(rows)
-    assert bounds["tiny"]["speedup_at_8"] == 1.6  # max(40, 25) / max(10, 25)
-    assert bounds["tiny (no encoder thread)"]["speedup_at_8"] == 1.86  # 65 / 35
+    assert bounds["tiny"]["speedup_at_8"] == 3.33  # 1000 / max(2, 25) = 40 req/s over 12
+    assert bounds["tiny (no encoder thread)"]["speedup_at_8"] == 8.33  # 1000 / 12 over 10
