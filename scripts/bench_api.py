@@ -7,25 +7,25 @@
 
 For each model, starts two `python -m lyra.serve.api` processes on 127.0.0.1 (a free port
 each), one with `--max-batch-size 8` (continuous batching) and one with `--max-batch-size 1`
-(one at a time), warms both up with one untimed pass at the highest concurrency, and sends
-both the same requests from 1, 4, 8 and 16 concurrent clients (threads, one keep-alive
-connection each). Mixes: "mixed" cycles text, image + text and speech requests, "text" is
+(one at a time); `--encoder-thread on,off` adds a pair started with `--no-encoder-thread`
+(audio encoders in the decode loop's thread). It warms each up with one untimed pass at the
+highest concurrency, and sends each the same requests from 1, 4, 8 and 16 concurrent clients
+(threads, one keep-alive connection each). Mixes: "mixed" cycles text, image + text and speech requests, "text" is
 text only; `max_tokens` cycles through `--max-tokens` (every kind of request gets every
 length; greedy). With `--audio fresh` (the default) every timed pass has clips of its own,
 so the speech encoder runs for every speech request; `--audio repeated` resends the same
-clips, which a preset with an encoder cache (nano) then encodes once. `--encoder-thread
-on,off` adds a pair of servers started with `--no-encoder-thread` (audio encoders in the decode
-loop's thread), measured in the same rounds. Each round runs every level on every server in turn, so load from other processes on a shared machine affects
-both alike. Reports requests/s (over all rounds, and per round), generated tokens/s,
+clips, which a preset with an encoder cache (nano) then encodes once. Each round runs every
+level on every server in turn, so load from other processes on a shared machine affects all
+alike. Reports requests/s (over all rounds, and per round), generated tokens/s,
 p50/p95 latency over every request, the mean number of rows per decode step, the server
 process's CPU time per request (psutil) and the engine's time per request in audio encoders
 (in the encoder thread), in prompts (prefill: LLM and the encoders not run ahead, one request
 at a time) and in decode steps; checks that greedy answers are the same on every server and
 whether the targets hold on the mixed set (continuous >= 3x one-at-a-time at 8 clients, no
 slower at 1 client, p95 at 8 clients no worse), with the most any batching of decode steps
-could give there (`decode_free_bounds`); prints a table and writes JSON. Bounded: a fixed request count, a
-per-request timeout and an overall time limit (levels past it are skipped). `--threads N`
-sets each server's torch threads.
+could give there (`decode_free_bounds`); prints a table and writes JSON. Bounded: a fixed
+request count, a per-request timeout and an overall time limit (levels past it are skipped).
+`--threads N` sets each server's torch threads.
 """
 
 from __future__ import annotations
@@ -195,13 +195,17 @@ def combine(rounds: list[dict]) -> dict:
     }
 
 
+def labelled(name: str, encoder_thread: bool) -> str:
+    """`name` (a model or a mode) as reported for a server with or without the encoder thread."""
+    return name if encoder_thread else f"{name} (no encoder thread)"
+
+
 def _groups(results: list[dict]) -> dict[str, dict]:
-    """The rows of each (model, encoder thread on or off), keyed (mix, mode, clients), under the
-    model's name (with " (no encoder thread)" for off)."""
+    """The rows of each (model, encoder thread on or off), keyed (mix, mode, clients), under
+    `labelled(model, ...)`."""
     groups: dict[str, dict] = {}
     for r in results:
-        threaded = r.get("encoder_thread", True)
-        name = r["model"] if threaded else f"{r['model']} (no encoder thread)"
+        name = labelled(r["model"], r.get("encoder_thread", True))
         groups.setdefault(name, {})[(r["mix"], r["mode"], r["clients"])] = r
     return groups
 
@@ -314,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
                     for level_index, clients in enumerate(levels):
                         requests = requests_for(1 + round_index * len(levels) + level_index)
                         for mode, _, threaded in modes:
-                            label = mode if threaded else f"{mode} (no encoder thread)"
+                            label = labelled(mode, threaded)
                             if time.monotonic() - started > args.time_limit:
                                 print(f"time limit reached; skipping {model} {mix} {label} x {clients}",
                                       file=sys.stderr)
@@ -367,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "models": models, "mixes": {m: ("1/3 text, 1/3 image (56-112 px) + text, 1/3 speech (1-2 s)" if m == "mixed"
                                         else "text only") for m in mixes},
-        "audio": args.audio, "encoder_thread": settings, "max_tokens": max_tokens, "requests_per_level": args.requests, "rounds": args.rounds,
+        "audio": args.audio, "encoder_thread": settings, "max_tokens": max_tokens,
+        "requests_per_level": args.requests, "rounds": args.rounds,
         "concurrency": levels, "server_threads": args.threads, "host": HOST, "command": "python scripts/bench_api.py " + " ".join(
             sys.argv[1:] if argv is None else argv),
         "machine": {"python": platform.python_version(), "processor": platform.processor() or platform.machine(),

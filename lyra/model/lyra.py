@@ -271,11 +271,9 @@ class LyraForConditionalGeneration(nn.Module):
                     raise ValueError(f"input_ids hold {int(mask.sum())} {name} tokens but no {name} audio was given")
                 continue
             if name == "speech":
-                features = self.encode_speech(waveforms, progress, speech_frames)
+                features = speech_features = self.encode_speech(waveforms, progress, speech_frames)
             else:
                 features = self.encode_sound(waveforms, sound_frames)
-            if name == "speech":
-                speech_features = features
             embeds = _scatter(embeds, mask, torch.cat(features), name)
         return embeds, speech_features
 

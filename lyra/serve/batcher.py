@@ -364,16 +364,15 @@ class ContinuousBatcher:
             if not self._encode(job):
                 continue
             with self._cond:
-                outcome = "closed" if not self._running else "cancelled" if job.cancelled else "queued"
-                if outcome == "queued":
+                running = self._running
+                if running and not job.cancelled:
                     self._queue.append(job)
                     self._cond.notify_all()
-                elif outcome == "cancelled":  # while it was encoded: its hook found it in neither list
-                    self.stats.cancelled_requests += 1
-            if outcome == "closed":
+                    continue
+            if not running:
                 _fail(job, BatcherClosed("the server is shutting down"))
-            elif outcome == "cancelled":
-                _resolve(job, Completion(token_ids=[], finish_reason="cancelled", batch_size=0))
+            else:  # cancelled while it was encoded: its hook found it in neither list
+                self._finish(job, "cancelled", 0)
 
     @torch.no_grad()
     def _encode(self, job: Job) -> bool:
